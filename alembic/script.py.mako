@@ -1,0 +1,1 @@
+../mqueue/migrations/script.py.mako

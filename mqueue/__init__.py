@@ -1,0 +1,21 @@
+"""mqueue: a task queue that lives in your application's SQL database.
+
+A job enqueued inside a transaction exists if and only if that transaction
+commits; a task's own writes commit together with its completion, once.
+"""
+
+from .config import init
+from .errors import (DatabaseUnavailableError, DuplicateTaskError, Fail, InvalidStateError,
+                     JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
+                     SchemaMissingError, UnknownTaskError)
+from .jobs import Job, current_job
+from .registry import Task, task
+from .session import Database, ctx, current_session, use_session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Database", "DatabaseUnavailableError", "DuplicateTaskError", "Fail", "InvalidStateError", "Job",
+    "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError", "Retry", "SchemaMissingError",
+    "Task", "UnknownTaskError", "ctx", "current_job", "current_session", "init", "task", "use_session",
+]

@@ -1,0 +1,219 @@
+"""Job-state transitions in portable SQLAlchemy Core; backends override what differs.
+
+Every write on a claimed row carries ``AND token = :token AND state =
+'running'`` (the fence): zero rows updated means the lease was lost and the
+caller must roll back and touch nothing.  ``token`` goes up by one at every
+claim, so a worker paused past its lease can never complete, fail, release
+or heartbeat a job that has since been claimed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from ..schema import FAILED, QUEUED, RUNNING, cron_table, task_table
+from .functions import utc_now
+
+t = task_table
+DEFAULT_MAX_RETRIES = 10
+
+#: Columns a worker needs to run a claimed job.
+CLAIM_COLUMNS = (t.c.id, t.c.queue, t.c.name, t.c.args, t.c.retries, t.c.max_retries,
+                 t.c.token, t.c.neg_priority, t.c.eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    queue: str
+    name: str
+    args: str
+    retries: int
+    max_retries: int | None
+    token: int
+    sort_key: tuple
+
+
+def _fence(job_id: int, token: int):
+    return and_(t.c.id == job_id, t.c.token == token, t.c.state == RUNNING)
+
+
+class Dialect:
+    """Portable defaults.  Subclasses: ``mysql.py``, ``postgresql.py``, ``sqlite.py``."""
+
+    name = "base"
+    #: Whether ``SELECT ... FOR UPDATE SKIP LOCKED`` exists (else writes are serialized).
+    skip_locked = True
+
+    # -- engine set-up ---------------------------------------------------
+    def engine_options(self, url) -> dict[str, Any]:
+        """Extra ``create_engine`` keyword arguments for this backend."""
+        return {"pool_pre_ping": True}
+
+    def configure_engine(self, engine: Engine) -> None:
+        """Install connection hooks (isolation, pragmas).  Default: nothing."""
+
+    # -- clock -------------------------------------------------------------
+    def db_now(self, conn: Connection):
+        """The database's current UTC time (naive datetime)."""
+        return conn.execute(select(utc_now())).scalar_one()
+
+    # -- enqueue -----------------------------------------------------------
+    def insert_job(self, conn, values: dict[str, Any]) -> int:
+        """Insert one job row; return its id.  Takes no lock beyond the new row."""
+        result = conn.execute(insert(t).values(**values))
+        return int(result.inserted_primary_key[0])
+
+    def insert_jobs(self, conn, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert many rows in one statement batch; ids in input order."""
+        if not rows:
+            return []
+        stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
+        return [int(row[0]) for row in conn.execute(stmt, list(rows))]
+
+    def insert_unique(self, conn, values: dict[str, Any]) -> int:
+        """Insert a job unless a live job holds ``unique_key``; return either id.
+
+        The UNIQUE index on ``unique_key`` decides, never a prior SELECT (which
+        races).  The insert runs in a savepoint so a duplicate leaves the
+        caller's transaction usable; the existing row is then read with a
+        locking read, which sees the latest committed version even under
+        REPEATABLE READ.  If that job finished in between, try again.
+        """
+        for _ in range(20):
+            try:
+                with conn.begin_nested():
+                    return self.insert_job(conn, values)
+            except IntegrityError:
+                existing = conn.execute(
+                    select(t.c.id).where(t.c.unique_key == values["unique_key"]).with_for_update()
+                ).scalar()
+                if existing is not None:
+                    return int(existing)
+        raise RuntimeError(f"could not enqueue unique_key {values['unique_key']!r}: it keeps changing")
+
+    # -- worker transitions --------------------------------------------------
+    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due jobs of ``queue`` in one round trip.
+
+        ``UPDATE ... WHERE id IN (SELECT ... ORDER BY neg_priority, eta, id
+        LIMIT n FOR UPDATE SKIP LOCKED) RETURNING``: the subquery walks the
+        claim index ``(queue, state, neg_priority, eta, id)`` in order and
+        locks only the rows it returns.
+        """
+        candidates = (select(t.c.id)
+                      .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
+                      .order_by(t.c.neg_priority, t.c.eta, t.c.id)
+                      .limit(limit))
+        if self.skip_locked:
+            candidates = candidates.with_for_update(skip_locked=True)
+        stmt = (update(t).where(t.c.id.in_(candidates.scalar_subquery()), t.c.state == QUEUED)
+                .values(**self._claim_values(owner, lease_seconds))
+                .returning(*CLAIM_COLUMNS))
+        return self._rows(conn.execute(stmt))
+
+    @staticmethod
+    def _claim_values(owner: str, lease_seconds: float) -> dict[str, Any]:
+        return dict(state=RUNNING, token=t.c.token + 1, owner=owner,
+                    lease_expires_at=utc_now(lease_seconds), started_at=utc_now())
+
+    @staticmethod
+    def _rows(result) -> list[ClaimedRow]:
+        rows = [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token,
+                           (r.neg_priority, r.eta, r.id)) for r in result]
+        rows.sort(key=lambda r: r.sort_key)
+        return rows
+
+    def heartbeat_jobs(self, conn, jobs: Iterable[tuple[int, int]], lease_seconds: float) -> list[int]:
+        """Extend the leases of ``(id, token)`` pairs; return the ids whose lease was lost.
+
+        One fenced UPDATE per job in one short transaction: a row lock each,
+        by primary key.
+        """
+        lost = []
+        for job_id, token in jobs:
+            result = conn.execute(update(t).where(_fence(job_id, token))
+                                  .values(lease_expires_at=utc_now(lease_seconds)))
+            if result.rowcount != 1:
+                lost.append(job_id)
+        return lost
+
+    def complete_job(self, conn, job_id: int, token: int) -> bool:
+        """Delete a finished job inside the task's own transaction (fenced, by primary key)."""
+        return conn.execute(delete(t).where(_fence(job_id, token))).rowcount == 1
+
+    def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
+        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay`` (fenced)."""
+        return conn.execute(update(t).where(_fence(job_id, token)).values(
+            state=QUEUED, retries=t.c.retries + 1, eta=utc_now(delay_seconds), last_error=error,
+            owner=None, lease_expires_at=None)).rowcount == 1
+
+    def fail_job(self, conn, job_id: int, token: int, error: str) -> bool:
+        """Mark ``failed`` for good (kept for inspection; frees its unique_key)."""
+        return conn.execute(update(t).where(_fence(job_id, token)).values(
+            state=FAILED, retries=t.c.retries + 1, last_error=error, unique_key=None,
+            owner=None, lease_expires_at=None)).rowcount == 1
+
+    def release_job(self, conn, job_id: int, token: int) -> bool:
+        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries (fenced)."""
+        return conn.execute(update(t).where(_fence(job_id, token)).values(
+            state=QUEUED, owner=None, lease_expires_at=None)).rowcount == 1
+
+    def rescue_expired(self, conn, queues: Sequence[str]) -> int:
+        """Re-queue running jobs whose lease expired (their worker died).
+
+        The lost run counts as a failed attempt, so a job that kills its
+        worker every time ends ``failed`` instead of looping forever.  Uses
+        the claim index prefix ``(queue, state)``; rows locked by a live
+        transaction are skipped where the backend can.
+        """
+        expired = (select(t.c.id)
+                   .where(t.c.queue.in_(list(queues)), t.c.state == RUNNING,
+                          t.c.lease_expires_at < utc_now()))
+        if self.skip_locked:
+            expired = expired.with_for_update(skip_locked=True)
+        ids = [row[0] for row in conn.execute(expired)]
+        if not ids:
+            return 0
+        exhausted = t.c.retries + 1 > func.coalesce(t.c.max_retries, DEFAULT_MAX_RETRIES)
+        result = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == RUNNING,
+                                              t.c.lease_expires_at < utc_now()).values(
+            state=case((exhausted, FAILED), else_=QUEUED),
+            unique_key=case((exhausted, None), else_=t.c.unique_key),
+            retries=t.c.retries + 1,
+            last_error="lease expired: the worker running this job stopped heartbeating (killed or stalled)",
+            owner=None, lease_expires_at=None))
+        return result.rowcount
+
+    def job_state(self, conn, job_id: int) -> tuple[str, int] | None:
+        """``(state, token)`` of a job, or None if the row is gone."""
+        row = conn.execute(select(t.c.state, t.c.token).where(t.c.id == job_id)).first()
+        return (row.state, row.token) if row else None
+
+    # -- crons -------------------------------------------------------------
+    def advance_cron(self, conn, name: str, expected_last_slot, new_slot, next_slot, job_id) -> bool:
+        """Compare-and-set a cron's last run; True for the one worker that wins the slot."""
+        expected = (cron_table.c.last_slot.is_(None) if expected_last_slot is None
+                    else cron_table.c.last_slot == expected_last_slot)
+        return conn.execute(update(cron_table).where(cron_table.c.name == name, expected).values(
+            last_slot=new_slot, next_slot=next_slot, last_job_id=job_id,
+            updated_at=utc_now())).rowcount == 1
+
+    # -- errors --------------------------------------------------------------
+    def is_transient(self, error: BaseException) -> bool:
+        """Deadlock, lock timeout, busy, serialization failure or lost connection."""
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        return False
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return False
+
+    def is_unreachable(self, error: BaseException) -> bool:
+        """The server could not be reached at all (refused, unknown host, timed out)."""
+        return False

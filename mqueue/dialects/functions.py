@@ -1,0 +1,64 @@
+"""SQL expressions whose text differs per backend, compiled in one place.
+
+``utc_now(offset_seconds)`` is the database's clock in UTC, optionally
+shifted.  mqueue judges due-ness and lease expiry by this clock only, never a
+worker's, so hosts with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import DateTime, literal
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+
+
+class utc_now(FunctionElement):
+    """The database's current UTC time plus ``offset`` seconds (a number or SQL expression)."""
+
+    type = DateTime()
+    inherit_cache = True
+    name = "utc_now"
+
+    def __init__(self, offset: float | ColumnElement | None = None) -> None:
+        if offset is None:
+            super().__init__()
+        else:
+            if not isinstance(offset, ColumnElement):
+                offset = literal(float(offset))
+            super().__init__(offset)
+
+
+def _offset(element, compiler, **kw) -> str | None:
+    clauses = list(element.clauses)
+    return compiler.process(clauses[0], **kw) if clauses else None
+
+
+@compiles(utc_now, "mysql")
+@compiles(utc_now, "mariadb")
+def _mysql_now(element, compiler, **kw):
+    offset = _offset(element, compiler, **kw)
+    if offset is None:
+        return "(UTC_TIMESTAMP(6))"
+    return f"TIMESTAMPADD(MICROSECOND, CAST(({offset}) * 1000000 AS SIGNED), UTC_TIMESTAMP(6))"
+
+
+@compiles(utc_now, "postgresql")
+def _postgresql_now(element, compiler, **kw):
+    offset = _offset(element, compiler, **kw)
+    # clock_timestamp(), not now(): now() is frozen at transaction start, and a
+    # long task transaction must not compute a lease that has already expired.
+    base = "(clock_timestamp() AT TIME ZONE 'utc')"
+    if offset is None:
+        return base
+    return f"({base} + make_interval(secs => CAST(({offset}) AS double precision)))"
+
+
+@compiles(utc_now, "sqlite")
+def _sqlite_now(element, compiler, **kw):
+    offset = _offset(element, compiler, **kw)
+    # Same text layout SQLAlchemy writes for datetimes (6 fraction digits),
+    # because SQLite compares times as text.  %f gives milliseconds only.
+    if offset is None:
+        return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+    return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', "
+            f"printf('%+.3f seconds', {offset})) || '000')")

@@ -1,0 +1,84 @@
+"""MySQL 8 / MariaDB 10.6+ through PyMySQL.
+
+* No ``UPDATE ... RETURNING``: the claim is ``SELECT ... FOR UPDATE SKIP
+  LOCKED`` then ``UPDATE ... WHERE id IN`` in one transaction.  The tokens
+  are the values read plus one, which the row locks make exact.
+* Every connection runs at READ COMMITTED: under REPEATABLE READ the claim
+  takes next-key locks that deadlock with inserts, and MariaDB 11.8's
+  snapshot isolation turns a heartbeat into ERROR 1020 on completion.
+* ``read_timeout``/``write_timeout`` bound every socket wait, so a half-open
+  network cannot hang a worker thread forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+
+from ..schema import QUEUED
+from .base import CLAIM_COLUMNS, ClaimedRow, Dialect, t
+from .functions import utc_now
+
+# Errors that say "try again", not "this task is broken".
+TRANSIENT_CODES = {
+    1205,  # lock wait timeout (rolls back the statement only: caller rolls back all)
+    1213,  # deadlock (whole transaction rolled back)
+    1020,  # record changed since last read (MariaDB snapshot isolation)
+    1053,  # server shutdown in progress (SQLAlchemy does not count it as a disconnect)
+    1927,  # connection was killed
+    2003, 2006, 2013, 2055,  # cannot connect / server gone / lost connection
+    4031,  # MySQL 8: disconnected by the server because of inactivity
+}
+UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
+MISSING_TABLE = 1146
+
+
+def error_code(error: BaseException) -> int | None:
+    orig = getattr(error, "orig", error)
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+class MySQLDialect(Dialect):
+    name = "mysql"
+
+    def engine_options(self, url) -> dict[str, Any]:
+        options = super().engine_options(url)
+        options["isolation_level"] = "READ COMMITTED"
+        if url.drivername.endswith("pymysql"):
+            connect_args = {"connect_timeout": 10, "read_timeout": 120, "write_timeout": 120}
+            if "charset" not in url.query:
+                connect_args["charset"] = "utf8mb4"
+            options["connect_args"] = connect_args
+        return options
+
+    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+        """SELECT ... FOR UPDATE SKIP LOCKED over the claim index, then UPDATE by primary key.
+
+        The ORDER BY matches ``ix_mqueue_task_queue_state_neg_priority_eta_id``
+        exactly, so InnoDB reads rows in index order and locks only the
+        ``limit`` rows it returns (a filesort would lock every candidate).
+        """
+        rows = conn.execute(
+            select(*CLAIM_COLUMNS)
+            .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
+            .order_by(t.c.neg_priority, t.c.eta, t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)).all()
+        if not rows:
+            return []
+        conn.execute(update(t).where(t.c.id.in_([r.id for r in rows]))
+                     .values(**self._claim_values(owner, lease_seconds)))
+        return [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + 1,
+                           (r.neg_priority, r.eta, r.id)) for r in rows]
+
+    def is_transient(self, error: BaseException) -> bool:
+        return super().is_transient(error) or error_code(error) in TRANSIENT_CODES
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return error_code(error) == MISSING_TABLE
+
+    def is_unreachable(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError) and error_code(error) in UNREACHABLE_CODES

@@ -1,0 +1,51 @@
+"""PostgreSQL through psycopg 3.
+
+The claim is the portable ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
+SKIP LOCKED) RETURNING`` in one round trip.  TCP keepalives bound how long a
+half-open connection can hang a worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from .base import Dialect
+
+# SQLSTATE classes and codes that mean "try again".
+TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03"}
+TRANSIENT_CLASSES = {"08"}  # connection exceptions
+MISSING_TABLE = "42P01"
+
+
+def sqlstate(error: BaseException) -> str | None:
+    orig = getattr(error, "orig", error)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+class PostgreSQLDialect(Dialect):
+    name = "postgresql"
+
+    def engine_options(self, url) -> dict[str, Any]:
+        options = super().engine_options(url)
+        if url.drivername.endswith("psycopg"):
+            options["connect_args"] = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                                       "keepalives_interval": 5, "keepalives_count": 3}
+        return options
+
+    def is_transient(self, error: BaseException) -> bool:
+        if super().is_transient(error):
+            return True
+        state = sqlstate(error)
+        if state is None:
+            # psycopg raises OperationalError without SQLSTATE when the socket dies.
+            return isinstance(error, DBAPIError) and type(error.orig).__name__ == "OperationalError"
+        return state in TRANSIENT_SQLSTATES or state[:2] in TRANSIENT_CLASSES
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return sqlstate(error) == MISSING_TABLE
+
+    def is_unreachable(self, error: BaseException) -> bool:
+        return (isinstance(error, DBAPIError) and sqlstate(error) is None
+                and type(error.orig).__name__ == "OperationalError")

@@ -1,0 +1,64 @@
+"""SQLite (3.35+ for RETURNING) in WAL mode.
+
+SQLite has one writer at a time and no row locks.  A deferred transaction
+that read and then writes after another connection committed fails with
+"database is locked" whatever the busy timeout, so every transaction opened
+through mqueue starts with ``BEGIN IMMEDIATE``: it takes the write lock at
+its first statement, waits for it up to the busy timeout, and never fails
+halfway.  The claim is one ``UPDATE ... WHERE id IN (SELECT ... LIMIT n)
+RETURNING``, serialized by that lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from .base import Dialect
+
+#: Longer than any heartbeat interval: a task holding the write lock must
+#: delay, not fail, other workers' heartbeats.
+BUSY_TIMEOUT_SECONDS = 60
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+    skip_locked = False
+
+    def engine_options(self, url) -> dict[str, Any]:
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
+
+    def configure_engine(self, engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection, _record):
+            # Let SQLAlchemy's begin event emit BEGIN instead of pysqlite.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def checkpoint(self, conn) -> None:
+        """Fold the WAL back into the database file so it does not grow forever."""
+        conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))
+
+    def is_transient(self, error: BaseException) -> bool:
+        if super().is_transient(error):
+            return True
+        message = str(getattr(error, "orig", error)).lower()
+        return isinstance(error, DBAPIError) and ("locked" in message or "busy" in message)
+
+    def is_missing_table(self, error: BaseException) -> bool:
+        return "no such table" in str(getattr(error, "orig", error)).lower()
+
+    def is_unreachable(self, error: BaseException) -> bool:
+        return "unable to open database" in str(getattr(error, "orig", error)).lower()

@@ -1,0 +1,349 @@
+"""``@task``: the process-wide registry of tasks by name, and enqueueing.
+
+A worker only ever runs a function found here under the row's name; a row
+never names a module to import.  ``discover(package)`` imports every module
+under the tasks package so their decorators run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import importlib
+import inspect
+import numbers
+import pkgutil
+import threading
+from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from . import wakeup
+from .config import settings
+from .dialects.functions import utc_now
+from .encoding import encode_args
+from .errors import DuplicateTaskError, NoSessionError, UnknownTaskError
+from .retry import Backoff, check_backoff
+from .session import peek_session, translate_error
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_MAX_RETRIES = 10
+ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key")
+
+_registry: dict[str, "Task"] = {}
+_registry_lock = threading.Lock()
+
+
+class Task(Generic[P, R]):
+    """A registered function.  Call it to run it here; ``enqueue`` it to run it in a worker."""
+
+    def __init__(self, fn: Callable[P, R], name: str, queue: str | None, priority: int,
+                 max_retries: int, backoff: Backoff, timeout: float | None) -> None:
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.priority = priority
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__module__ = getattr(fn, "__module__", None)
+        self.__qualname__ = getattr(fn, "__qualname__", name)
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<mqueue task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def options(self, **options: Any) -> "TaskCall":
+        """Per-call options: ``delay, eta, priority, queue, max_retries, unique_key``.
+
+        e.g.::
+
+            mail.options(delay=30, priority=5).enqueue(to="a@example.com")
+        """
+        return TaskCall(self, _check_options(options))
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
+        """Store a job for a worker; return its id.  Commits with the current session."""
+        return TaskCall(self, {}).enqueue(*args, **kwargs)
+
+    def enqueue_many(self, calls: Iterable[dict[str, Any]]) -> list[int]:
+        """Store one job per dict of keyword arguments in one batch; return the ids."""
+        return TaskCall(self, {}).enqueue_many(calls)
+
+    # -- used by the worker ------------------------------------------------
+    def bind_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Named arguments for storage; TypeError on a signature mismatch."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{self.name}: {error}") from None
+        named = {}
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            named[name] = list(value) if kind is inspect.Parameter.VAR_POSITIONAL else value
+        return named
+
+    def call_arguments(self, named: dict[str, Any]) -> tuple[list, dict]:
+        """Rebuild ``(args, kwargs)`` from stored named arguments, checking the signature."""
+        args: list = []
+        kwargs: dict = {}
+        positional = True
+        for name, param in self.signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                args.extend(named.get(name, ()))
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                kwargs.update(named.get(name, {}))
+            elif name not in named:
+                positional = False
+            elif param.kind is inspect.Parameter.POSITIONAL_ONLY or (
+                    positional and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+                args.append(named[name])
+            else:
+                kwargs[name] = named[name]
+        known = set(self.signature.parameters)
+        extra = [k for k in named if k not in known]
+        if extra and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self.signature.parameters.values()):
+            raise TypeError(f"{self.name}: unexpected argument(s) {', '.join(map(repr, extra))}")
+        self.signature.bind(*args, **kwargs)  # raises TypeError naming what is missing
+        return args, kwargs
+
+
+class TaskCall:
+    """A task with per-call options, made by ``Task.options(...)``."""
+
+    def __init__(self, task: Task, options: dict[str, Any]) -> None:
+        self.task = task
+        self.opts = options
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> int:
+        row = self._row(self.task.bind_arguments(args, kwargs))
+        return _store(lambda session: _insert_one(session, row), row["queue"])
+
+    def enqueue_many(self, calls: Iterable[dict[str, Any]]) -> list[int]:
+        rows = []
+        for number, call in enumerate(calls):
+            if not isinstance(call, dict):
+                raise TypeError(f"{self.task.name}.enqueue_many: item {number} must be a dict of "
+                                f"keyword arguments, got {type(call).__name__}")
+            rows.append(self._row(self.task.bind_arguments((), call)))
+        if not rows:
+            return []
+        if self.opts.get("unique_key") is not None:
+            raise ValueError("unique_key applies to one job; use enqueue() for each")
+        return _store(lambda session: _insert_many(session, rows), rows[0]["queue"])
+
+    def _row(self, named: dict[str, Any]) -> dict[str, Any]:
+        opts = self.opts
+        row = {
+            "queue": opts.get("queue") or self.task.queue or settings.queue,
+            "name": self.task.name,
+            "args": encode_args(named),
+            "priority": opts.get("priority", self.task.priority),
+            "max_retries": opts.get("max_retries", self.task.max_retries),
+        }
+        if opts.get("unique_key") is not None:
+            row["unique_key"] = opts["unique_key"]
+        if opts.get("eta") is not None:
+            row["eta"] = opts["eta"]
+        elif opts.get("delay") is not None:
+            row["delay"] = opts["delay"]
+        return row
+
+
+def _insert_one(session, row: dict[str, Any]) -> int:
+    from .dialects import dialect_for
+    values = dict(row)
+    delay = values.pop("delay", None)
+    if delay is not None:
+        values["eta"] = utc_now(delay)
+    dialect = dialect_for(session)
+    if "unique_key" in values:
+        return dialect.insert_unique(session, values)
+    return dialect.insert_job(session, values)
+
+
+def _insert_many(session, rows: list[dict[str, Any]]) -> list[int]:
+    from .dialects import dialect_for
+    dialect = dialect_for(session)
+    if any("delay" in row for row in rows):
+        now = dialect.db_now(session)
+        for row in rows:
+            row["eta"] = now + dt.timedelta(seconds=row.pop("delay"))
+    # executemany needs one key set for every row
+    keys = set().union(*rows)
+    if "eta" in keys:
+        default_now = dialect.db_now(session)
+        for row in rows:
+            row.setdefault("eta", default_now)
+    return dialect.insert_jobs(session, rows)
+
+
+def _store(write: Callable, queue: str):
+    """Run ``write(session)`` in the current session, else in the default database."""
+    session = peek_session()
+    if session is not None:
+        result = _translated(session, write)
+        wakeup.notify_after_commit(session, queue)
+        return result
+    database = settings.database
+    if database is None:
+        raise NoSessionError(
+            "enqueue needs a session: use 'with db.session():', 'with mqueue.use_session(session):' "
+            "or mqueue.init(queue, database=url) for enqueues outside a session")
+    with database.session() as session:
+        result = _translated(session, write)
+        wakeup.notify_after_commit(session, queue)
+    return result
+
+
+def _translated(session, write: Callable):
+    try:
+        return write(session)
+    except DBAPIError as error:
+        translated = translate_error(session, error)
+        if translated is error:
+            raise
+        raise translated from None
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    for key in options:
+        if key not in ENQUEUE_OPTIONS:
+            hint = difflib.get_close_matches(key, ENQUEUE_OPTIONS, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise TypeError(f"unknown enqueue option {key!r}{suggestion}; "
+                            f"options are {', '.join(ENQUEUE_OPTIONS)}")
+    out = dict(options)
+    if out.get("delay") is not None:
+        delay = out["delay"]
+        if isinstance(delay, dt.timedelta):
+            delay = delay.total_seconds()
+        if not isinstance(delay, numbers.Real) or isinstance(delay, bool) or delay < 0:
+            raise ValueError(f"delay must be seconds >= 0 or a timedelta, got {options['delay']!r}")
+        out["delay"] = float(delay)
+    if out.get("eta") is not None:
+        out["eta"] = to_naive_utc(out["eta"])
+    if out.get("delay") is not None and out.get("eta") is not None:
+        raise ValueError("give delay or eta, not both")
+    if "priority" in out:
+        _check_int("priority", out["priority"])
+    if "max_retries" in out:
+        _check_int("max_retries", out["max_retries"], minimum=0)
+    if out.get("queue") is not None and (not isinstance(out["queue"], str) or not out["queue"]):
+        raise ValueError(f"queue must be a non-empty string, got {out['queue']!r}")
+    if out.get("unique_key") is not None and (not isinstance(out["unique_key"], str)
+                                              or not 0 < len(out["unique_key"]) <= 255):
+        raise ValueError(f"unique_key must be a string of 1 to 255 characters, got {out['unique_key']!r}")
+    return out
+
+
+def to_naive_utc(value: dt.datetime) -> dt.datetime:
+    """An aware datetime converted to UTC, or a naive one taken as UTC already."""
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"eta must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+
+
+def task(fn: Callable | None = None, *, name: str | None = None, queue: str | None = None,
+         priority: int = 0, max_retries: int = DEFAULT_MAX_RETRIES, backoff: Backoff = None,
+         timeout: float | None = None):
+    """Register a function as a task, by default named ``module.qualname``.
+
+    e.g.::
+
+        @mqueue.task
+        def mail(to: str) -> None: ...
+
+        @mqueue.task(queue="reports", max_retries=3, backoff=[10, 60], timeout=300)
+        def report(day: datetime.date) -> None: ...
+    """
+    _check_int("priority", priority)
+    _check_int("max_retries", max_retries, minimum=0)
+    backoff = check_backoff(backoff)
+    if timeout is not None and (not isinstance(timeout, numbers.Real) or timeout <= 0):
+        raise ValueError(f"timeout must be seconds > 0, got {timeout!r}")
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+
+    def register(function: Callable) -> Task:
+        if isinstance(function, Task):
+            function = function.fn
+        task_name = name or f"{function.__module__}.{function.__qualname__}"
+        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout)
+        _add(registered)
+        return registered
+
+    return register(fn) if fn is not None else register
+
+
+def _add(new: Task) -> None:
+    with _registry_lock:
+        old = _registry.get(new.name)
+        if old is not None and not _same_definition(old.fn, new.fn):
+            raise DuplicateTaskError(
+                f"task name {new.name!r} is already registered by {old.fn.__module__}.{old.fn.__qualname__}; "
+                f"give one of them another name=")
+        _registry[new.name] = new
+
+
+def _same_definition(a: Callable, b: Callable) -> bool:
+    """The same function re-imported (e.g. a module reloaded) may register again."""
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+
+
+def get_task(name: str) -> Task:
+    """The task registered under ``name``; UnknownTaskError (with a suggestion) otherwise."""
+    try:
+        return _registry[name]
+    except KeyError:
+        pass
+    hint = difflib.get_close_matches(name, list(_registry), n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise UnknownTaskError(f"unknown task {name!r}{suggestion}")
+
+
+def registered_tasks() -> dict[str, Task]:
+    return dict(_registry)
+
+
+def unregister(name: str) -> None:
+    """Remove a task (tests)."""
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def discover(package: str) -> list[str]:
+    """Import ``package`` and every module under it; return the module names.
+
+    An import error names the module and is not swallowed: a worker must
+    not start with half its tasks missing.
+    """
+    try:
+        root = importlib.import_module(package)
+    except ModuleNotFoundError as error:
+        if error.name and package.startswith(error.name):
+            raise ModuleNotFoundError(
+                f"tasks package {package!r} not found (run from the directory that contains it, "
+                f"or pass --tasks PACKAGE)", name=error.name) from None
+        raise
+    imported = [package]
+    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=package + "."):
+        importlib.import_module(info.name)
+        imported.append(info.name)
+    return imported

@@ -1,0 +1,185 @@
+"""Database handles and the current-session context.
+
+The current session lives in a stdlib ``ContextVar``: every thread and every
+asyncio task sees only its own, so a web handler's enqueue can never land in
+another request's transaction.
+
+e.g.::
+
+    db = mqueue.Database("sqlite:///app.db")
+    with db.session():
+        tasks.mail.enqueue(to="a@example.com")   # commits with the block
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator
+
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .dialects import Dialect, dialect_for
+from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError
+
+DEFAULT_URL = "sqlite:///mqueue.db"
+
+_current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("mqueue_session", default=None)
+
+
+def safe_url(url: str | URL) -> str:
+    """A URL fit for printing: the password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable database URL>"
+
+
+class Database:
+    """An engine plus a session factory, configured for mqueue's needs on each backend.
+
+    e.g.::
+
+        db = mqueue.Database("mysql+pymysql://app:pw@127.0.0.1/app", pool_size=10)
+        with db.session() as session:
+            session.add(User(name="ada"))
+            tasks.welcome.enqueue(name="ada")
+    """
+
+    def __init__(self, url_or_engine: str | URL | Engine, **engine_kwargs: Any) -> None:
+        if isinstance(url_or_engine, Engine):
+            self.engine = url_or_engine
+            self.dialect: Dialect = dialect_for(self.engine)
+        else:
+            url = make_url(url_or_engine)
+            self.dialect = dialect_for(url.get_backend_name())
+            options = self.dialect.engine_options(url)
+            options.update(engine_kwargs)
+            self.engine = create_engine(url, **options)
+        self.dialect.configure_engine(self.engine)
+        self.Session = sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({self.safe_url!r})"
+
+    @property
+    def safe_url(self) -> str:
+        return safe_url(self.engine.url)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """Open a session, make it current, commit on success, roll back on error.
+
+        Inside another ``db.session()`` of the same database this joins the
+        outer session: the outer block decides commit or rollback.
+        """
+        outer = _current.get()
+        if outer is not None and outer.get_bind() is self.engine:
+            yield outer
+            return
+        session = self.Session()
+        reset = _current.set(session)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            _current.reset(reset)
+            session.close()
+
+    def create_all(self) -> None:
+        """Create mqueue's tables directly (tests); production uses ``python -m mqueue migrate``."""
+        from .schema import metadata
+        metadata.create_all(self.engine)
+
+    def drop_all(self) -> None:
+        from .schema import metadata
+        metadata.drop_all(self.engine)
+
+    def check_schema(self) -> None:
+        """Raise a clear error if the server is unreachable or mqueue's tables are missing."""
+        from .schema import metadata
+        try:
+            with self.engine.connect() as conn:
+                present = set(inspect(conn).get_table_names())
+        except DBAPIError as error:
+            raise self.translate(error) from None
+        missing = sorted(set(metadata.tables) - present)
+        if missing:
+            raise SchemaMissingError(
+                f"table {missing[0]} missing in {self.safe_url}; run: python -m mqueue migrate")
+
+    def translate(self, error: BaseException) -> BaseException:
+        """Turn a driver error into mqueue's one-line error where one applies."""
+        return translate_error(self.engine, error)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def translate_error(bind, error: BaseException) -> BaseException:
+    """A missing table or unreachable server as mqueue's one-line error; else ``error`` itself."""
+    engine = bind.get_bind() if hasattr(bind, "get_bind") else bind
+    dialect = dialect_for(engine)
+    where = safe_url(engine.url)
+    if dialect.is_missing_table(error):
+        return SchemaMissingError(f"mqueue tables missing in {where}; run: python -m mqueue migrate")
+    if dialect.is_unreachable(error):
+        cause = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        return DatabaseUnavailableError(f"cannot reach database {where}: {cause}")
+    return error
+
+
+def as_database(database: "Database | str | URL | Engine") -> Database:
+    """Accept a Database, URL string or Engine wherever the API takes a database."""
+    return database if isinstance(database, Database) else Database(database)
+
+
+def current_session() -> Session:
+    """The session of the enclosing ``db.session()`` / ``use_session()`` / running task."""
+    session = _current.get()
+    if session is None:
+        raise NoSessionError()
+    return session
+
+
+def peek_session() -> Session | None:
+    """The current session or None (no error)."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use_session(session: Session) -> Iterator[Session]:
+    """Make a caller-managed session current; mqueue never commits or closes it.
+
+    e.g.::
+
+        with mqueue.use_session(flask_db.session):
+            tasks.mail.enqueue(to=user.email)
+    """
+    reset = _current.set(session)
+    try:
+        yield session
+    finally:
+        _current.reset(reset)
+
+
+class _Context:
+    """``mqueue.ctx.session``: the current session as an attribute (MQueue's idiom)."""
+
+    @property
+    def session(self) -> Session:
+        return current_session()
+
+    @property
+    def job(self):
+        from .jobs import current_job
+        return current_job()
+
+
+ctx = _Context()
