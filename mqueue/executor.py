@@ -1,0 +1,238 @@
+"""Run one claimed job: fresh session, the task, then one fenced write.
+
+The executor decides (pure ``retry.decide``), the dialect writes.  On
+success the job row is deleted *inside the task's own transaction*, fenced
+by the lease token, so the task's writes and the job's completion commit
+together or not at all.  Nothing here raises into the worker loop: every
+path ends in an ``outcome`` string.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlalchemy.exc import DBAPIError
+
+from .dialects.base import ClaimedRow
+from .encoding import decode_args
+from .errors import Fail, JobTimeout, Retry, UnknownTaskError
+from .jobs import Job, reset_current_job, set_current_job
+from .registry import DEFAULT_MAX_RETRIES, get_task
+from .retry import decide
+from .session import Database, _current as _current_session
+
+log = logging.getLogger("mqueue.executor")
+
+SUCCEEDED, RETRIED, FAILED, LOST, RELEASED = "succeeded", "retried", "failed", "lost", "released"
+#: A task that hits a transient database error (deadlock, lock timeout,
+#: disconnect) is run again in place this many times before the job is
+#: handed back; such errors never count as a task failure.
+TRANSIENT_RERUNS = 3
+#: How long a fenced write keeps retrying through a database outage.
+WRITE_RETRY_SECONDS = 120
+
+
+@dataclass
+class Running:
+    """Book-keeping the worker keeps for one job it holds (claimed, maybe running)."""
+
+    row: ClaimedRow
+    timeout: float | None = None
+    started: float | None = None          # monotonic time the task began
+    thread_id: int | None = None
+    timed_out: bool = False
+    lost: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_task: bool = False
+
+
+def format_error(error: BaseException) -> str:
+    """The error and its traceback as stored on the row (bounded in size)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return text[-20000:]
+
+
+class Executor:
+    """Runs jobs for one worker; shared by its threads (it holds no per-job state)."""
+
+    def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool]) -> None:
+        self.db = db
+        self.dialect = db.dialect
+        self._heartbeat = heartbeat
+        self._stopping = stopping
+
+    # -- entry point -------------------------------------------------------
+    def execute(self, running: Running) -> str:
+        row = running.row
+        started = time.monotonic()
+        outcome = self._execute(running)
+        log.info("job=%s task=%s queue=%s duration=%.3fs outcome=%s", row.id, row.name, row.queue,
+                 time.monotonic() - started, outcome)
+        return outcome
+
+    def _execute(self, running: Running) -> str:
+        row = running.row
+        try:
+            task = get_task(row.name)
+            named = decode_args(row.args)
+            args, kwargs = task.call_arguments(named)
+        except (UnknownTaskError, ValueError, TypeError) as error:
+            message = f"{type(error).__name__}: {error}"
+            return self._write_failure(row, None, "fail", 0.0, message)
+        running.timeout = task.timeout
+        job = Job(id=row.id, name=row.name, queue=row.queue, args=named, retries=row.retries,
+                  token=row.token, max_retries=row.max_retries, _heartbeat=self._heartbeat)
+        for attempt in range(1, TRANSIENT_RERUNS + 1):
+            outcome = self._run_once(running, task, job, args, kwargs)
+            if outcome != "transient":
+                return outcome
+            if running.timed_out or running.lost:
+                return LOST
+            time.sleep(0.05 * attempt)
+        return self._release(row)
+
+    # -- one run ------------------------------------------------------------
+    def _run_once(self, running: Running, task, job: Job, args, kwargs) -> str:
+        row = running.row
+        session = self.db.Session()
+        session_token = _current_session.set(session)
+        job_token = set_current_job(job)
+        try:
+            try:
+                running.started = time.monotonic()
+                self._call(running, task.fn, args, kwargs)
+                if running.timed_out:
+                    raise JobTimeout()
+                if not self.dialect.complete_job(session, row.id, row.token):
+                    session.rollback()
+                    log.warning("job=%s lease lost before completion: its writes were rolled back", row.id)
+                    return LOST
+            except BaseException as error:  # noqa: B902 - a task may raise anything
+                session.rollback()
+                if running.timed_out:
+                    return LOST  # the watchdog already recorded the timeout
+                if isinstance(error, DBAPIError) and self.dialect.is_transient(error):
+                    log.warning("job=%s transient database error, running it again: %s", row.id,
+                                _first_line(error))
+                    return "transient"
+                if not isinstance(error, Exception):
+                    raise
+                return self._fail_run(row, task, error)
+            return self._commit(session, row)
+        finally:
+            reset_current_job(job_token)
+            _current_session.reset(session_token)
+            session.close()
+
+    def _call(self, running: Running, fn, args, kwargs) -> None:
+        """Call the task where the timeout watchdog may interrupt it, and nowhere else."""
+        with running.lock:
+            running.thread_id = threading.get_ident()
+            running.in_task = True
+        try:
+            fn(*args, **kwargs)
+        finally:
+            with running.lock:
+                running.in_task = False
+                # drop an interrupt that arrived just as the task returned
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id), None)
+
+    def _commit(self, session, row: ClaimedRow) -> str:
+        try:
+            session.commit()
+            return SUCCEEDED
+        except DBAPIError as error:
+            session.rollback()
+            if not self.dialect.is_transient(error):
+                log.error("job=%s completion failed: %s", row.id, _first_line(error))
+            # The COMMIT's outcome is unknown if the connection died: ask the database.
+            state = self._retrying(lambda conn: self.dialect.job_state(conn, row.id), row)
+            if state is None or state[1] != row.token or state[0] != "running":
+                return SUCCEEDED if state is None else LOST
+            log.warning("job=%s commit did not happen (%s); running it again", row.id, _first_line(error))
+            return "transient"
+
+    # -- failure paths --------------------------------------------------------
+    def _fail_run(self, row: ClaimedRow, task, error: Exception) -> str:
+        max_retries = row.max_retries if row.max_retries is not None else (
+            task.max_retries if task is not None else DEFAULT_MAX_RETRIES)
+        outcome = decide(error, row.retries, max_retries, task.backoff if task else None)
+        if isinstance(error, Fail):
+            message = f"Fail: {error}"
+        elif isinstance(error, Retry):
+            message = f"Retry: {error.reason}"
+        else:
+            message = format_error(error)
+        return self._write_failure(row, task, outcome.action, outcome.delay_seconds, message)
+
+    def _write_failure(self, row: ClaimedRow, task, action: str, delay: float, message: str) -> str:
+        if action == "retry":
+            ok = self._retrying(lambda c: self.dialect.retry_job(c, row.id, row.token, delay, message), row)
+            result = RETRIED
+        else:
+            ok = self._retrying(lambda c: self.dialect.fail_job(c, row.id, row.token, message), row)
+            result = FAILED
+        if ok is None:
+            return LOST  # gave up writing: the lease will expire and the job is rescued
+        if not ok:
+            log.warning("job=%s lease lost before its %s could be recorded", row.id, action)
+            return LOST
+        return result
+
+    def record_timeout(self, running: Running) -> None:
+        """Called by the watchdog: count a run that exceeded ``timeout=`` as failed."""
+        row = running.row
+        task = get_task(row.name)
+        error = JobTimeout(f"task {row.name} exceeded its timeout of {task.timeout} s")
+        max_retries = row.max_retries if row.max_retries is not None else task.max_retries
+        outcome = decide(error, row.retries, max_retries, task.backoff)
+        self._write_failure(row, task, outcome.action, outcome.delay_seconds, f"JobTimeout: {error}")
+        with running.lock:
+            running.timed_out = True
+            if running.in_task and running.thread_id is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id),
+                                                           ctypes.py_object(JobTimeout))
+
+    def _release(self, row: ClaimedRow) -> str:
+        ok = self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row)
+        return RELEASED if ok else LOST
+
+    def release(self, row: ClaimedRow) -> bool:
+        """Hand a job back unrun (shutdown); fenced."""
+        return bool(self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row,
+                                   give_up_seconds=5))
+
+    def _retrying(self, write, row: ClaimedRow, give_up_seconds: float = WRITE_RETRY_SECONDS):
+        """Run ``write(conn)`` in its own transaction, retrying transient errors.
+
+        Returns the write's result, or None after ``give_up_seconds`` of
+        failures (the lease then expires and another worker rescues the job).
+        """
+        deadline = time.monotonic() + give_up_seconds
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.db.engine.begin() as conn:
+                    return write(conn)
+            except DBAPIError as error:
+                if not self.dialect.is_transient(error) or time.monotonic() > deadline:
+                    log.error("job=%s could not record its outcome (attempt %d): %s", row.id, attempt,
+                              _first_line(error))
+                    return None
+                log.warning("job=%s database error recording outcome (attempt %d), retrying in %.2fs: %s",
+                            row.id, attempt, delay, _first_line(error))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__
