@@ -11,11 +11,12 @@ from .errors import (DatabaseUnavailableError, DuplicateTaskError, Fail, Invalid
 from .jobs import Job, current_job
 from .registry import Task, task
 from .session import Database, ctx, current_session, use_session
+from .worker import RunResult, Worker, start
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Database", "DatabaseUnavailableError", "DuplicateTaskError", "Fail", "InvalidStateError", "Job",
     "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError", "Retry", "SchemaMissingError",
-    "Task", "UnknownTaskError", "ctx", "current_job", "current_session", "init", "task", "use_session",
+    "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job", "current_session", "init", "start", "task", "use_session",
 ]

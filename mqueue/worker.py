@@ -93,6 +93,7 @@ class Worker:
         self._result = RunResult()
         self._signals = 0
         self._until_empty = False
+        self._scheduler_started = False
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -129,6 +130,7 @@ class Worker:
     # -- main loop -------------------------------------------------------------
     def _serve(self, install_signals: bool) -> None:
         self.db.check_schema()
+        self._start_scheduler()
         previous = self._install_signals() if install_signals else None
         wakeup.subscribe(self.queues, self._wake)
         threads = [threading.Thread(target=self._executor_loop, name=f"mqueue-exec-{n}", daemon=True)
@@ -146,6 +148,20 @@ class Worker:
             if previous:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+
+    def _start_scheduler(self) -> None:
+        from .scheduler import Scheduler
+        if self._scheduler_started:
+            return
+        self._scheduler_started = True
+        scheduler = Scheduler(self.db, self.queues)
+        if not scheduler.crons:
+            return
+
+        def tick() -> None:
+            if scheduler.tick():
+                self._wake.set()
+        self.periodic.append(tick)
 
     def _produce(self) -> None:
         idle = min(0.005, self.poll_seconds)

@@ -196,13 +196,49 @@ class Dialect:
         return (row.state, row.token) if row else None
 
     # -- crons -------------------------------------------------------------
-    def advance_cron(self, conn, name: str, expected_last_slot, new_slot, next_slot, job_id) -> bool:
-        """Compare-and-set a cron's last run; True for the one worker that wins the slot."""
-        expected = (cron_table.c.last_slot.is_(None) if expected_last_slot is None
-                    else cron_table.c.last_slot == expected_last_slot)
-        return conn.execute(update(cron_table).where(cron_table.c.name == name, expected).values(
-            last_slot=new_slot, next_slot=next_slot, last_job_id=job_id,
-            updated_at=utc_now())).rowcount == 1
+    def advance_cron(self, conn, name: str, expected_next_slot, slot, next_slot) -> bool:
+        """Compare-and-set: move a cron from ``expected_next_slot`` to ``next_slot``.
+
+        Exactly one of any number of concurrent workers updates the row (the
+        others wait on its row lock, then find ``next_slot`` changed and
+        update nothing); the caller enqueues the slot's job in the same
+        transaction, so the slot and its job commit together.
+        """
+        c = cron_table.c
+        return conn.execute(update(cron_table).where(c.name == name, c.next_slot == expected_next_slot).values(
+            last_slot=slot, next_slot=next_slot, updated_at=utc_now())).rowcount == 1
+
+    def set_cron_job(self, conn, name: str, job_id: int | None) -> None:
+        conn.execute(update(cron_table).where(cron_table.c.name == name).values(last_job_id=job_id))
+
+    def cron_rows(self, conn) -> dict[str, Any]:
+        """Every row of ``mqueue_cron`` by name."""
+        return {row.name: row for row in conn.execute(select(cron_table))}
+
+    def upsert_cron(self, conn, name: str, queue: str, schedule: str, tz: str, next_slot) -> None:
+        """Insert a cron row, or update its schedule if the code changed it (last run kept)."""
+        c = cron_table.c
+        updated = conn.execute(update(cron_table).where(c.name == name).values(
+            queue=queue, schedule=schedule, tz=tz, next_slot=next_slot, updated_at=utc_now())).rowcount
+        if not updated:
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(cron_table).values(name=name, queue=queue, schedule=schedule, tz=tz,
+                                                           next_slot=next_slot))
+            except IntegrityError:
+                pass  # another worker inserted it at the same moment: same code, same row
+
+    def delete_crons(self, conn, names: Sequence[str]) -> int:
+        if not names:
+            return 0
+        return conn.execute(delete(cron_table).where(cron_table.c.name.in_(list(names)))).rowcount
+
+    def job_is_live(self, conn, job_id: int | None) -> bool:
+        """True while the job is queued or running (for ``skip_if_scheduled``)."""
+        if job_id is None:
+            return False
+        return conn.execute(select(t.c.id).where(t.c.id == job_id, t.c.state.in_((QUEUED, RUNNING)))
+                            ).first() is not None
 
     # -- errors --------------------------------------------------------------
     def is_transient(self, error: BaseException) -> bool:

@@ -74,6 +74,14 @@ class MySQLDialect(Dialect):
         return [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + 1,
                            (r.neg_priority, r.eta, r.id)) for r in rows]
 
+    def insert_jobs(self, conn, rows):
+        """MariaDB 10.5+ batches with INSERT ... RETURNING; MySQL 8 has no RETURNING,
+        so there each row is inserted on its own (ids from LAST_INSERT_ID)."""
+        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
+        if bind.dialect.insert_returning:
+            return super().insert_jobs(conn, rows)
+        return [self.insert_job(conn, row) for row in rows]
+
     def is_transient(self, error: BaseException) -> bool:
         return super().is_transient(error) or error_code(error) in TRANSIENT_CODES
 

@@ -1,0 +1,154 @@
+"""Crons: ``@mqueue.cron`` registration, the last-run table kept in step with
+the code, and the compare-and-set enqueue of due slots.
+
+Each worker serving a cron's queue calls ``Scheduler.tick()`` about once a
+second.  A due slot is taken by one compare-and-set UPDATE of the cron's
+``next_slot`` and its job is inserted in the same transaction, so each
+scheduled time yields exactly one job however many workers run; the losers
+update nothing and insert nothing.  After downtime only the latest missed
+slot runs.  The scheduling decision takes ``now`` as an argument, so tests
+drive it with a fixed clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from typing import Callable, Sequence
+
+from .config import settings
+from .cron import Schedule, check_cron_function
+from .encoding import encode_args
+from .registry import Task, task as register_task
+from .session import Database
+
+log = logging.getLogger("mqueue.scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cron:
+    task: Task
+    schedule: Schedule
+    queue: str | None
+    skip_if_scheduled: bool
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def queue_name(self) -> str:
+        return self.queue or self.task.queue or settings.queue
+
+
+_crons: dict[str, Cron] = {}
+
+
+def cron(spec, *, tz: str = "UTC", queue: str | None = None, skip_if_scheduled: bool = True,
+         name: str | None = None, **task_options) -> Callable[[Callable], Task]:
+    """Run a no-argument function on a schedule; it is also an ordinary task.
+
+    e.g.::
+
+        @mqueue.cron("*/5 * * * *")
+        def sync_prices(): ...
+
+        @mqueue.cron(mqueue.Daily(hour=3), tz="Europe/Berlin", queue="reports")
+        def nightly_report(): ...
+
+    A bad expression or time zone, or a function that requires arguments,
+    raises ``ValueError`` here, at decoration time.
+    """
+    schedule = Schedule.parse(spec, tz=tz)
+
+    def register(fn: Callable) -> Task:
+        check_cron_function(fn.fn if isinstance(fn, Task) else fn)
+        registered = register_task(fn, name=name, queue=queue, **task_options)
+        _crons[registered.name] = Cron(registered, schedule, queue, skip_if_scheduled)
+        return registered
+
+    return register
+
+
+def registered_crons() -> dict[str, Cron]:
+    return dict(_crons)
+
+
+def unregister_cron(name: str) -> None:
+    """Forget a cron (tests)."""
+    _crons.pop(name, None)
+
+
+class Scheduler:
+    """Keeps ``mqueue_cron`` in step for ``queues`` and enqueues due slots."""
+
+    def __init__(self, db: Database, queues: Sequence[str], crons: dict[str, Cron] | None = None) -> None:
+        self.db = db
+        self.queues = list(queues)
+        every = registered_crons() if crons is None else crons
+        self.crons = {n: c for n, c in every.items() if c.queue_name() in self.queues}
+        self.synced = False
+
+    def sync(self, now: dt.datetime | None = None) -> None:
+        """Insert new crons, update changed schedules, delete rows of crons removed from the code."""
+        dialect = self.db.dialect
+        with self.db.engine.begin() as conn:
+            now = now or dialect.db_now(conn)
+            rows = dialect.cron_rows(conn)
+            for name, spec in self.crons.items():
+                row = rows.get(name)
+                wanted = (spec.queue_name(), spec.schedule.expression, spec.schedule.tz)
+                if row is not None and (row.queue, row.schedule, row.tz) == wanted and row.next_slot is not None:
+                    continue
+                dialect.upsert_cron(conn, name, *wanted, next_slot=spec.schedule.next_after(now))
+                log.info("cron %s scheduled %s (%s) on queue %s", name, wanted[1], wanted[2], wanted[0])
+            removed = [name for name, row in rows.items() if row.queue in self.queues and name not in self.crons]
+            if dialect.delete_crons(conn, removed):
+                log.info("removed cron row(s) no longer in the code: %s", ", ".join(removed))
+        self.synced = True
+
+    def tick(self, now: dt.datetime | None = None) -> list[int]:
+        """Enqueue every cron whose slot is due; return the new job ids."""
+        if not self.crons:
+            return []
+        if not self.synced:
+            self.sync(now)
+        dialect = self.db.dialect
+        with self.db.engine.connect() as conn:
+            if now is None:
+                now = dialect.db_now(conn)
+                conn.rollback()
+            rows = dialect.cron_rows(conn)
+        created = []
+        for name, spec in self.crons.items():
+            row = rows.get(name)
+            if row is None or row.next_slot is None:
+                self.synced = False  # someone deleted it: re-sync on the next tick
+                continue
+            if now < row.next_slot:
+                continue
+            job_id = self._take_slot(spec, row, now)
+            if job_id is not None:
+                created.append(job_id)
+        return created
+
+    def _take_slot(self, spec: Cron, row, now: dt.datetime) -> int | None:
+        """One transaction: CAS the cron row forward, then enqueue (unless skipped)."""
+        dialect = self.db.dialect
+        slot = spec.schedule.latest_at_or_before(now) or row.next_slot
+        if slot < row.next_slot:
+            slot = row.next_slot
+        next_slot = spec.schedule.next_after(max(slot, now))
+        with self.db.engine.begin() as conn:
+            if not dialect.advance_cron(conn, spec.name, row.next_slot, slot, next_slot):
+                return None  # another worker took this slot
+            if spec.skip_if_scheduled and dialect.job_is_live(conn, row.last_job_id):
+                log.info("cron %s slot %s skipped: job %s still queued or running", spec.name, slot,
+                         row.last_job_id)
+                return None
+            job_id = dialect.insert_job(conn, dict(
+                queue=spec.queue_name(), name=spec.name, args=encode_args({}),
+                priority=spec.task.priority, max_retries=spec.task.max_retries))
+            dialect.set_cron_job(conn, spec.name, job_id)
+        log.info("cron %s slot %s enqueued job %s", spec.name, slot, job_id)
+        return job_id

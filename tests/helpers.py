@@ -1,0 +1,106 @@
+"""Small helpers shared by the test suite.
+
+Import them as ``from helpers import wait_for`` (``tests/conftest.py`` puts
+this directory on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Call ``predicate`` until it returns something truthy and return that.
+
+    Raises ``AssertionError`` with ``message`` (a string, or a callable
+    producing one, evaluated only on failure) once ``timeout`` seconds have
+    passed. The predicate is always called at least once, and once more right
+    at the deadline, so a slow machine does not lose the last chance.
+    Exceptions raised by the predicate propagate unchanged.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(interval, remaining))
+    result = predicate()
+    if result:
+        return result
+    text = message() if callable(message) else message
+    raise AssertionError(f"timed out after {timeout:g}s: {text}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def python_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child Python: ours, plus ``env``, with the repo
+    root first on ``PYTHONPATH`` so ``import mqueue`` (and ``tasks_example``)
+    work without installation."""
+    result = dict(os.environ)
+    if env:
+        result.update(env)
+    paths = [str(REPO_ROOT)]
+    existing = result.get("PYTHONPATH")
+    if existing:
+        paths.extend(p for p in existing.split(os.pathsep) if p and p != str(REPO_ROOT))
+    result["PYTHONPATH"] = os.pathsep.join(paths)
+    result.setdefault("PYTHONUNBUFFERED", "1")
+    return result
+
+
+def run_python(
+    code_or_args: str | Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+    check: bool = False,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[str]:
+    """Run the current interpreter in a subprocess and wait for it.
+
+    ``code_or_args`` is either a string of Python code (run with ``-c``) or a
+    sequence of arguments for the interpreter (e.g. ``["-m", "mqueue",
+    "worker"]``). ``env`` entries are added to the current environment; the
+    repo root is put on ``PYTHONPATH``. ``cwd`` defaults to the repo root.
+    Output is captured as text; the result is a ``CompletedProcess``. Extra
+    keyword arguments (e.g. ``input=``) go to ``subprocess.run``.
+    """
+    if isinstance(code_or_args, str):
+        argv = [sys.executable, "-c", code_or_args]
+    else:
+        argv = [sys.executable, *code_or_args]
+    kwargs.setdefault("capture_output", True)
+    return subprocess.run(
+        argv,
+        env=python_env(env),
+        cwd=str(cwd) if cwd is not None else str(REPO_ROOT),
+        timeout=timeout,
+        check=check,
+        text=True,
+        **kwargs,
+    )
