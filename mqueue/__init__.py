@@ -5,17 +5,22 @@ commits; a task's own writes commit together with its completion, once.
 """
 
 from .config import init
+from .cron import (DAILY, HOURLY, MINUTELY, MONTHLY, WEEKLY, YEARLY, Daily, Days, Hourly, Hours, Minutely,
+                   Minutes, Monthly, Months, Weekday, Weekly, Yearly)
 from .errors import (DatabaseUnavailableError, DuplicateTaskError, Fail, InvalidStateError,
                      JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
                      SchemaMissingError, UnknownTaskError)
 from .jobs import Job, current_job
 from .registry import Task, task
+from .scheduler import cron
 from .session import Database, ctx, current_session, use_session
 from .worker import RunResult, Worker, start
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DAILY", "HOURLY", "MINUTELY", "MONTHLY", "WEEKLY", "YEARLY", "Daily", "Days", "Hourly", "Hours",
+    "Minutely", "Minutes", "Monthly", "Months", "Weekday", "Weekly", "Yearly", "cron",
     "Database", "DatabaseUnavailableError", "DuplicateTaskError", "Fail", "InvalidStateError", "Job",
     "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError", "Retry", "SchemaMissingError",
     "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job", "current_session", "init", "start", "task", "use_session",

@@ -2,27 +2,42 @@
 
 Every command goes through ``main``, which catches once: a known error
 becomes one line on stderr and a named exit code; the traceback is shown
-only with ``--log-level debug``.
+only with ``--log-level debug``.  The job commands (``enqueue``, ``list``,
+``show``, ``cancel``, ``retry``, ``stats``, ``crons``) parse, call
+``mqueue.admin`` and format; ``--json`` prints one JSON document instead.
+No output shows a database password.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import importlib.util
+import json
 import logging
 import os
 import sys
+from typing import Any, Sequence
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import config
-from .errors import MQueueError
+from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundError, MQueueError,
+                     SchemaMissingError, UnknownTaskError)
+from .schema import STATES
 from .session import Database, safe_url
 from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS
 
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_DATABASE = 3
+EXIT_ERROR = 1        # anything else (e.g. the tasks package fails to import)
+EXIT_USAGE = 2        # bad command line: option values, JSON arguments, unknown task name
+EXIT_DATABASE = 3     # database unreachable, tables missing, or a database error
+EXIT_NOT_FOUND = 4    # no job with that id
+EXIT_STATE = 5        # the job's state forbids it (cancel or retry of a running job)
+
+
+class UsageError(MQueueError, ValueError):
+    """Bad input on the command line; exits with ``EXIT_USAGE``."""
 
 
 def add_database_option(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="logging level (default info; debug also shows tracebacks)")
-    parser = argparse.ArgumentParser(prog="mqueue", description="A task queue in your SQL database.",
-                                     parents=[common])
+    parser = OneLineParser(prog="mqueue", description="A task queue in your SQL database.",
+                           parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_subparser(common))
     commands.required = True
 
@@ -58,7 +73,73 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade mqueue's tables")
     add_database_option(migrate)
     migrate.set_defaults(handler=cmd_migrate)
+    add_job_commands(commands)
     return parser
+
+
+def add_job_commands(commands) -> None:
+    """The operator's commands over ``mqueue.admin``."""
+    enqueue = commands.add_parser(
+        "enqueue", help="store a job for task NAME and print its id",
+        description="Store a job for task NAME and print only its id. ARGUMENTS is a JSON object of named "
+                    "arguments; typed values use the stored form, e.g. "
+                    '{"when": {"$type": "datetime", "$value": "2030-01-01T00:00:00"}}. '
+                    "With --tasks, or when a 'tasks' package is importable from the current directory, "
+                    "the name and arguments are checked against the registered task; otherwise the row "
+                    "is stored unchecked.")
+    enqueue.add_argument("name", metavar="NAME", help="task name, e.g. tasks.mail")
+    enqueue.add_argument("arguments", nargs="?", default="{}", metavar="ARGUMENTS",
+                         help="JSON object of named arguments (default {})")
+    enqueue.add_argument("--delay", type=non_negative_float, metavar="SECONDS",
+                         help="run no earlier than SECONDS from now (database clock)")
+    enqueue.add_argument("--priority", type=integer, metavar="N",
+                         help="higher runs first (default: the task's, else 0)")
+    enqueue.add_argument("--queue", type=queue_name, metavar="QUEUE",
+                         help=f"queue (default: the task's, else {config.settings.queue!r})")
+    enqueue.add_argument("--tasks", metavar="PACKAGE",
+                         help="import PACKAGE to check the task (default: tasks, if found)")
+    enqueue.set_defaults(handler=cmd_enqueue)
+
+    jobs = commands.add_parser("list", help="list jobs: running, then queued in claim order, then failed",
+                               description="List jobs in mqueue_task: running first, then queued in the order "
+                                           "workers claim them, then failed. Finished jobs are not kept.")
+    jobs.add_argument("--queue", type=queue_name, metavar="QUEUE", help="only this queue")
+    jobs.add_argument("--state", choices=STATES, help="only jobs in this state")
+    jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="at most N jobs (default 50)")
+    jobs.set_defaults(handler=cmd_list)
+
+    show = commands.add_parser("show", help="everything about one job, with its last traceback")
+    show.add_argument("id", type=positive_int, metavar="ID", help="job id (see: mqueue list)")
+    show.set_defaults(handler=cmd_show)
+
+    cancel = commands.add_parser("cancel", help="delete a queued or failed job (not a running one)")
+    cancel.add_argument("id", type=positive_int, metavar="ID", help="job id (see: mqueue list)")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    retry = commands.add_parser("retry", help="run a failed or waiting job now (failed: retries back to 0)",
+                                usage="%(prog)s [-h] (ID | --all-failed [--queue QUEUE]) [--database URL]")
+    retry.add_argument("id", nargs="?", type=positive_int, metavar="ID", help="the job to retry")
+    retry.add_argument("--all-failed", action="store_true", help="retry every failed job (of --queue, else all)")
+    retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
+    retry.set_defaults(handler=cmd_retry)
+
+    counts = commands.add_parser("stats", help="per queue: due, scheduled, running, failed, oldest due age")
+    counts.set_defaults(handler=cmd_stats)
+
+    crons = commands.add_parser("crons", help="registered crons with their last and next run")
+    crons.set_defaults(handler=cmd_crons)
+
+    for command in (enqueue, jobs, show, cancel, retry, counts, crons):
+        add_database_option(command)
+        if command not in (enqueue, cancel, retry):
+            command.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad command-line input is one line on stderr (no usage dump) and ``EXIT_USAGE``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -66,7 +147,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 def _subparser(common: argparse.ArgumentParser):
     """Every sub-command also accepts the common options (e.g. ``start q --log-level debug``)."""
-    class SubParser(argparse.ArgumentParser):
+    class SubParser(OneLineParser):
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("parents", [common])
             super().__init__(*args, **kwargs)
@@ -103,8 +184,32 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def queue_name(text: str) -> str:
+    if not 0 < len(text) <= 100:
+        raise argparse.ArgumentTypeError(f"expected a queue name of 1 to 100 characters, got {text!r}")
+    return text
+
+
 def open_database(args, **engine_kwargs) -> Database:
-    return Database(args.database or config.default_url(), **engine_kwargs)
+    url = args.database or config.default_url()
+    try:
+        return Database(url, **engine_kwargs)
+    except (SQLAlchemyError, ImportError, ValueError) as error:
+        raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
+
+
+def admin_database(args) -> Database:
+    """The database of a job command, checked first: unreachable or unmigrated is one clear line."""
+    db = open_database(args)
+    db.check_schema()
+    return db
 
 
 def cmd_start(args) -> int:
@@ -153,15 +258,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_library_tracebacks_as_one_line)
     try:
         return args.handler(args) or EXIT_OK
     except KeyboardInterrupt:
         return 130
-    except (MQueueError, DBAPIError, ValueError, TypeError, LookupError, ImportError, OSError) as error:
+    except (MQueueError, SQLAlchemyError, ValueError, TypeError, LookupError, ImportError, OSError) as error:
         if args.log_level == "debug":
             logging.getLogger("mqueue").exception("command failed")
         print(f"mqueue: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_DATABASE if isinstance(error, DBAPIError) else EXIT_ERROR
+        return exit_code(error)
+
+
+def _library_tracebacks_as_one_line(record: logging.LogRecord) -> bool:
+    """Below debug, another library's record with a traceback becomes one line.
+
+    e.g. SQLAlchemy's pool logs "Exception during reset or similar" with a
+    traceback when it discards a connection that died during an outage;
+    mqueue already logs that outage in its own one-line warnings.
+    """
+    if record.exc_info and record.exc_info[1] is not None and not record.name.startswith("mqueue"):
+        record.msg = f"{record.getMessage()}: {one_line(record.exc_info[1])}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+def exit_code(error: BaseException) -> int:
+    """The named exit code for an error that ends a command."""
+    if isinstance(error, (SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError)):
+        return EXIT_DATABASE
+    if isinstance(error, JobNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, InvalidStateError):
+        return EXIT_STATE
+    if isinstance(error, (UsageError, UnknownTaskError)):
+        return EXIT_USAGE
+    return EXIT_ERROR
 
 
 def one_line(error: BaseException) -> str:
@@ -174,3 +309,211 @@ def one_line(error: BaseException) -> str:
 def _mask_passwords(text: str) -> str:
     import re
     return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
+# -- job commands: parse, call mqueue.admin, format -------------------------------
+
+def cmd_enqueue(args) -> int:
+    from . import admin
+    from .registry import get_task
+    kwargs = parse_arguments(args.arguments)
+    checked = load_tasks(args.tasks)
+    if checked:
+        get_task(args.name)  # unknown task 'x' (did you mean 'y'?), before touching the database
+    db = admin_database(args)
+    try:
+        job_id = admin.enqueue_by_name(db, args.name, kwargs, delay=args.delay, priority=args.priority,
+                                       queue=args.queue, require_registered=checked)
+    except (TypeError, ValueError) as error:  # signature mismatch, unstorable value
+        raise UsageError(str(error)) from None
+    print(job_id)
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    from . import admin
+    jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit)
+    if args.json:
+        return print_json([job.to_dict() for job in jobs])
+    if not jobs:
+        filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state))
+                            if value)
+        print(f"no jobs{f' ({filters})' if filters else ''}")
+        return EXIT_OK
+    rows = [(job.id, job.queue, job.name, job.state, job.priority, format_time(job.eta), job.retries,
+             excerpt(job.error_summary or "", 60)) for job in jobs]
+    print_table(("ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ETA (UTC)", "RETRIES", "LAST ERROR"), rows)
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from . import admin
+    job = admin.get_job(admin_database(args), args.id)
+    if args.json:
+        return print_json(job.to_dict())
+    print("\n".join(describe_job(job)))
+    return EXIT_OK
+
+
+def describe_job(job) -> list[str]:
+    """``show``: every field, the decoded arguments one per line, the whole last traceback."""
+    fields = [("task", job.name), ("queue", job.queue), ("state", job.state), ("priority", job.priority),
+              ("eta", format_time(job.eta, " UTC")),
+              ("retries", f"{job.retries} (max {'default' if job.max_retries is None else job.max_retries})"),
+              ("unique key", job.unique_key or "-"), ("worker", job.owner or "-"),
+              ("started", format_time(job.started_at, " UTC")),
+              ("lease expires", format_time(job.lease_expires_at, " UTC")),
+              ("created", format_time(job.created_at, " UTC"))]
+    lines = [f"job {job.id}", *(f"  {label + ':':<15}{value}" for label, value in fields), "  arguments:"]
+    try:
+        arguments = [f"{name} = {value!r}" for name, value in job.decoded_args().items()] or ["(none)"]
+    except ValueError as error:
+        arguments = [f"(cannot be decoded: {error})", job.raw_args]
+    lines += [f"    {text}" for text in arguments]
+    lines.append("  last error:")
+    lines += [f"    {text}".rstrip() for text in (job.last_error.rstrip().splitlines() if job.last_error else ["-"])]
+    return lines
+
+
+def cmd_cancel(args) -> int:
+    from . import admin
+    job = admin.cancel_job(admin_database(args), args.id)
+    print(f"cancelled job {job.id} ({job.name}, was {job.state})")
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    from . import admin
+    if args.all_failed == (args.id is not None):
+        raise UsageError("give a job ID or --all-failed (see: mqueue retry --help)")
+    if args.queue is not None and not args.all_failed:
+        raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
+    db = admin_database(args)
+    if args.all_failed:
+        count = admin.retry_failed(db, args.queue)
+        print(f"retried {count} failed job{'' if count == 1 else 's'}"
+              f"{f' in queue {args.queue}' if args.queue else ''}")
+    else:
+        job = admin.retry_job(db, args.id)
+        print(f"job {job.id} ({job.name}) is queued, due {format_time(job.eta, ' UTC')}")
+    return EXIT_OK
+
+
+def cmd_stats(args) -> int:
+    from . import admin
+    queues = admin.stats(admin_database(args))
+    if args.json:
+        return print_json([queue.to_dict() for queue in queues])
+    if not queues:
+        print("no jobs")
+        return EXIT_OK
+    rows = [(q.queue, q.queued, q.scheduled, q.running, q.failed, format_age(q.oldest_due_seconds))
+            for q in queues]
+    print_table(("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OLDEST DUE"), rows)
+    return EXIT_OK
+
+
+def cmd_crons(args) -> int:
+    from . import admin
+    crons = admin.list_crons(admin_database(args))
+    if args.json:
+        return print_json([cron.to_dict() for cron in crons])
+    if not crons:
+        print("no crons (a worker registers its queues' crons when it starts)")
+        return EXIT_OK
+    rows = [(c.name, c.queue, c.schedule, c.tz, format_time(c.last_run), format_time(c.next_run))
+            for c in crons]
+    print_table(("NAME", "QUEUE", "SCHEDULE", "TZ", "LAST RUN (UTC)", "NEXT RUN (UTC)"), rows)
+    return EXIT_OK
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """The ARGUMENTS of ``enqueue``: a JSON object, typed values in their stored form."""
+    from .admin import json_kind
+    from .encoding import decode_args
+
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not valid JSON")
+    try:
+        raw = json.loads(text, parse_constant=reject)
+    except ValueError as error:
+        raise UsageError(f"invalid JSON for arguments: {error}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"arguments must be a JSON object of named arguments, e.g. '{{\"to\": \"a@b.c\"}}', "
+                         f"got {json_kind(raw)}")
+    try:
+        return decode_args(raw)
+    except ValueError as error:
+        raise UsageError(f"invalid arguments: {error}") from None
+
+
+def load_tasks(package: str | None) -> bool:
+    """Import the tasks package so enqueue can check names; False if there is none to import.
+
+    Without ``--tasks``, the default package is used only if it is found
+    from the current directory (or installed) as a real module or package.
+    """
+    from .registry import discover
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if package is None:
+        package = config.settings.package
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or spec.origin is None:  # absent, or a bare directory (namespace package)
+            return False
+    try:
+        discover(package)
+    except ModuleNotFoundError as error:
+        if str(error).startswith("tasks package"):
+            raise UsageError(str(error)) from None
+        raise ImportError(f"importing tasks package {package!r} failed: {error}") from None
+    except Exception as error:  # SyntaxError, a failing module body: name the package, not a traceback
+        raise ImportError(f"importing tasks package {package!r} failed: {type(error).__name__}: "
+                          f"{one_line(error)}") from None
+    return True
+
+
+def print_json(document: Any) -> int:
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Columns padded to their widest cell; numbers right-aligned; the last column unpadded."""
+    cells = [[str(value) for value in row] for row in rows]
+    numeric = [all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
+    widths = [max(len(str(title)), *(len(row[i]) for row in cells)) for i, title in enumerate(header)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [value.rjust(width) if number else value.ljust(width)
+                 for value, width, number in zip(values, widths, numeric)]
+        parts[-1] = values[-1].rjust(widths[-1]) if numeric[-1] else values[-1]
+        return "  ".join(parts).rstrip()
+
+    print(line(header))
+    for row in cells:
+        print(line(row))
+
+
+def format_time(value: dt.datetime | None, suffix: str = "") -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + suffix
+
+
+def format_age(seconds: float | None) -> str:
+    """``-``, ``0.4s``, ``42s``, ``3m04s``, ``2h05m``, ``3d04h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            return f"{whole // size}{unit}{whole % size // small_size:02d}{small}"
+    return f"{whole}s"
+
+
+def excerpt(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -106,5 +106,5 @@ def decode_args(text: str | bytes | dict | None) -> dict[str, Any]:
         raise ValueError(f"args must be a JSON object of named arguments, got {type(raw).__name__}")
     try:
         return {name: _decode(value) for name, value in raw.items()}
-    except (TypeError, ValueError, AttributeError) as error:
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as error:  # Decimal: InvalidOperation
         raise ValueError(f"args cannot be decoded: {error}") from None

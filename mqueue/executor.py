@@ -50,6 +50,8 @@ class Running:
     lost: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_task: bool = False
+    timeout_outcome: str | None = None    # what the watchdog recorded for a timed-out run
+    timeout_recorded: threading.Event = field(default_factory=threading.Event)
 
 
 def format_error(error: BaseException) -> str:
@@ -116,7 +118,9 @@ class Executor:
             except BaseException as error:  # noqa: B902 - a task may raise anything
                 session.rollback()
                 if running.timed_out:
-                    return LOST  # the watchdog already recorded the timeout
+                    # the watchdog records the timeout; report what it wrote
+                    running.timeout_recorded.wait()
+                    return running.timeout_outcome or LOST
                 if isinstance(error, DBAPIError) and self.dialect.is_transient(error):
                     log.warning("job=%s transient database error, running it again: %s", row.id,
                                 _first_line(error))
@@ -124,7 +128,7 @@ class Executor:
                 if not isinstance(error, Exception):
                     raise
                 return self._fail_run(row, task, error)
-            return self._commit(session, row)
+            return self._commit(session, row, task)
         finally:
             reset_current_job(job_token)
             _current_session.reset(session_token)
@@ -143,14 +147,15 @@ class Executor:
                 # drop an interrupt that arrived just as the task returned
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id), None)
 
-    def _commit(self, session, row: ClaimedRow) -> str:
+    def _commit(self, session, row: ClaimedRow, task) -> str:
         try:
             session.commit()
             return SUCCEEDED
         except DBAPIError as error:
             session.rollback()
             if not self.dialect.is_transient(error):
-                log.error("job=%s completion failed: %s", row.id, _first_line(error))
+                # e.g. a deferred constraint the task's writes broke: a task failure
+                return self._fail_run(row, task, error)
             # The COMMIT's outcome is unknown if the connection died: ask the database.
             state = self._retrying(lambda conn: self.dialect.job_state(conn, row.id), row)
             if state is None or state[1] != row.token or state[0] != "running":
@@ -192,12 +197,18 @@ class Executor:
         error = JobTimeout(f"task {row.name} exceeded its timeout of {task.timeout} s")
         max_retries = row.max_retries if row.max_retries is not None else task.max_retries
         outcome = decide(error, row.retries, max_retries, task.backoff)
-        self._write_failure(row, task, outcome.action, outcome.delay_seconds, f"JobTimeout: {error}")
+        # Interrupt the task before writing: on SQLite a task holding the write
+        # lock would otherwise block this write, then commit its late completion.
         with running.lock:
             running.timed_out = True
             if running.in_task and running.thread_id is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id),
                                                            ctypes.py_object(JobTimeout))
+        try:
+            running.timeout_outcome = self._write_failure(row, task, outcome.action, outcome.delay_seconds,
+                                                          f"JobTimeout: {error}")
+        finally:
+            running.timeout_recorded.set()
 
     def _release(self, row: ClaimedRow) -> str:
         ok = self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row)

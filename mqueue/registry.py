@@ -102,7 +102,11 @@ class Task(Generic[P, R]):
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
                 kwargs.update(named.get(name, {}))
             elif name not in named:
-                positional = False
+                if positional and param.kind is not inspect.Parameter.KEYWORD_ONLY \
+                        and param.default is not inspect.Parameter.empty:
+                    args.append(param.default)  # keeps later positional values in their places
+                else:
+                    positional = False
             elif param.kind is inspect.Parameter.POSITIONAL_ONLY or (
                     positional and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
                 args.append(named[name])
@@ -112,6 +116,7 @@ class Task(Generic[P, R]):
         extra = [k for k in named if k not in known]
         if extra and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self.signature.parameters.values()):
             raise TypeError(f"{self.name}: unexpected argument(s) {', '.join(map(repr, extra))}")
+        kwargs.update((k, named[k]) for k in extra)  # **kwargs given flat, e.g. in a row inserted by hand
         self.signature.bind(*args, **kwargs)  # raises TypeError naming what is missing
         return args, kwargs
 
@@ -276,7 +281,8 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
     _check_int("priority", priority)
     _check_int("max_retries", max_retries, minimum=0)
     backoff = check_backoff(backoff)
-    if timeout is not None and (not isinstance(timeout, numbers.Real) or timeout <= 0):
+    if timeout is not None and (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
+                                or not timeout > 0):  # also refuses NaN
         raise ValueError(f"timeout must be seconds > 0, got {timeout!r}")
     if queue is not None and (not isinstance(queue, str) or not queue):
         raise ValueError(f"queue must be a non-empty string, got {queue!r}")

@@ -69,6 +69,9 @@ task_table = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False, server_default=utc_now()),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
+    # SQLite reuses the largest rowid once that row is deleted (as a succeeded
+    # job's is); AUTOINCREMENT never does, so (id, token) fences never collide.
+    sqlite_autoincrement=True,
 )
 
 cron_table = Table(

@@ -105,11 +105,11 @@ class Database:
         """Raise a clear error if the server is unreachable or mqueue's tables are missing."""
         from .schema import metadata
         try:
-            with self.engine.connect() as conn:
+            with self.dialect.reader(self.engine).connect() as conn:  # never waits for a writer
                 present = set(inspect(conn).get_table_names())
         except DBAPIError as error:
             raise self.translate(error) from None
-        missing = sorted(set(metadata.tables) - present)
+        missing = [name for name in metadata.tables if name not in present]  # mqueue_task first
         if missing:
             raise SchemaMissingError(
                 f"table {missing[0]} missing in {self.safe_url}; run: python -m mqueue migrate")

@@ -58,6 +58,15 @@ class Dialect:
     def configure_engine(self, engine: Engine) -> None:
         """Install connection hooks (isolation, pragmas).  Default: nothing."""
 
+    def reader(self, engine: Engine) -> Engine:
+        """The engine (same pool) for read-only queries such as ``mqueue list`` and ``stats``.
+
+        Only SQLite differs: there every transaction takes the write lock
+        (``BEGIN IMMEDIATE``), so a plain read would wait behind any running
+        task that has written; its reader takes a snapshot instead.
+        """
+        return engine
+
     # -- clock -------------------------------------------------------------
     def db_now(self, conn: Connection):
         """The database's current UTC time (naive datetime)."""
@@ -112,7 +121,12 @@ class Dialect:
                       .limit(limit))
         if self.skip_locked:
             candidates = candidates.with_for_update(skip_locked=True)
-        stmt = (update(t).where(t.c.id.in_(candidates.scalar_subquery()), t.c.state == QUEUED)
+        # A materialized CTE runs once.  As a plain IN (subquery) PostgreSQL 15
+        # plans a nested-loop semi join that re-runs the LIMIT subquery for
+        # every outer row, SKIP LOCKED passing over the rows it just claimed:
+        # LIMIT 1 claimed every due job of the queue (measured).
+        chosen = candidates.cte("mqueue_claim").prefix_with("MATERIALIZED", dialect="postgresql")
+        stmt = (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED)
                 .values(**self._claim_values(owner, lease_seconds))
                 .returning(*CLAIM_COLUMNS))
         return self._rows(conn.execute(stmt))

@@ -61,18 +61,21 @@ class MySQLDialect(Dialect):
         exactly, so InnoDB reads rows in index order and locks only the
         ``limit`` rows it returns (a filesort would lock every candidate).
         """
-        rows = conn.execute(
-            select(*CLAIM_COLUMNS)
-            .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
-            .order_by(t.c.neg_priority, t.c.eta, t.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)).all()
+        rows = conn.execute(self.claim_select(queue, limit)).all()
         if not rows:
             return []
         conn.execute(update(t).where(t.c.id.in_([r.id for r in rows]))
                      .values(**self._claim_values(owner, lease_seconds)))
         return [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + 1,
                            (r.neg_priority, r.eta, r.id)) for r in rows]
+
+    def claim_select(self, queue: str, limit: int):
+        """The claim's ``SELECT ... FOR UPDATE SKIP LOCKED``, on its own so a test can EXPLAIN it."""
+        return (select(*CLAIM_COLUMNS)
+                .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
+                .order_by(t.c.neg_priority, t.c.eta, t.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True))
 
     def insert_jobs(self, conn, rows):
         """MariaDB 10.5+ batches with INSERT ... RETURNING; MySQL 8 has no RETURNING,

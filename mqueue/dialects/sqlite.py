@@ -22,6 +22,7 @@ from .base import Dialect
 #: Longer than any heartbeat interval: a task holding the write lock must
 #: delay, not fail, other workers' heartbeats.
 BUSY_TIMEOUT_SECONDS = 60
+READ_ONLY_OPTION = "mqueue_read_only"
 
 
 class SQLiteDialect(Dialect):
@@ -45,7 +46,13 @@ class SQLiteDialect(Dialect):
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read-only connection (``reader``) takes a WAL snapshot instead
+            # of the write lock, so ``mqueue list`` never waits for a task.
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    def reader(self, engine: Engine) -> Engine:
+        return engine.execution_options(**{READ_ONLY_OPTION: True})
 
     def checkpoint(self, conn) -> None:
         """Fold the WAL back into the database file so it does not grow forever."""

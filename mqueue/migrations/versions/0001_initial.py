@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime, nullable=False, server_default=utc_now()),
         sa.PrimaryKeyConstraint("id", name="pk_mqueue_task"),
         sa.UniqueConstraint("unique_key", name="uq_mqueue_task_unique_key"),
+        sqlite_autoincrement=True,  # ids are never reused: the (id, token) fence relies on it
     )
     op.create_index("ix_mqueue_task_queue_state_neg_priority_eta_id", "mqueue_task",
                     ["queue", "state", "neg_priority", "eta", "id"])

@@ -1,0 +1,413 @@
+"""What an operator does to jobs by hand: look, cancel, retry, count, enqueue.
+
+The CLI (``python -m mqueue list/show/cancel/retry/stats/crons/enqueue``)
+is a thin shell over these functions, and scripts can call them directly.
+Every function takes a ``Database`` or a URL string; given a URL it opens
+the database for the call and disposes of it afterwards.
+
+e.g.::
+
+    from mqueue import admin
+    for job in admin.list_jobs("sqlite:///app.db", state="failed"):
+        admin.retry_job("sqlite:///app.db", job.id)
+
+Writes are safe against workers claiming at the same moment: each is one
+UPDATE or DELETE whose WHERE clause names the state (and token) the job was
+just read in.  If a worker got there first, zero rows change, and the job is
+read again to say what happened instead of touching a running job.
+
+Finished jobs are not here: a job that succeeds is deleted from
+``mqueue_task`` in the transaction that completes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import numbers
+from typing import Any, Iterator
+
+from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from . import wakeup
+from .config import settings
+from .dialects.functions import utc_now
+from .encoding import decode_args, encode_args
+from .errors import InvalidStateError, JobNotFoundError
+from .registry import get_task, registered_tasks
+from .schema import FAILED, QUEUED, RUNNING, STATES, cron_table, task_table
+from .session import Database, as_database
+
+t = task_table
+
+#: Attempts at a cancel/retry whose row keeps changing under it (a worker
+#: claiming and handing it back); each attempt is one read and one write.
+_WRITE_ATTEMPTS = 5
+
+#: Running jobs first, then waiting ones in claim order, then failed ones.
+_STATE_ORDER = case({RUNNING: 0, QUEUED: 1, FAILED: 2}, value=t.c.state, else_=3)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    """A naive UTC time from the database as ISO 8601 with an explicit UTC offset."""
+    return None if value is None else value.replace(tzinfo=dt.timezone.utc).isoformat()
+
+
+# -- result types -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """One row of ``mqueue_task`` as an operator sees it.  Times are naive UTC.
+
+    ``raw_args`` is the stored JSON text; ``decoded_args()`` gives the named
+    arguments the task will be called with (ValueError if they cannot be
+    decoded, as the worker would find too).
+    """
+
+    id: int
+    queue: str
+    name: str
+    state: str
+    priority: int
+    eta: dt.datetime
+    retries: int
+    max_retries: int | None
+    raw_args: str
+    unique_key: str | None
+    owner: str | None
+    token: int
+    started_at: dt.datetime | None
+    lease_expires_at: dt.datetime | None
+    created_at: dt.datetime
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row) -> "JobInfo":
+        return cls(**{field.name: getattr(row, field.name)
+                      for field in dataclasses.fields(cls) if field.name != "raw_args"},
+                   raw_args=row.args)
+
+    def decoded_args(self) -> dict[str, Any]:
+        return decode_args(self.raw_args)
+
+    @property
+    def error_summary(self) -> str | None:
+        """The last non-blank line of the stored traceback (the exception itself)."""
+        if not self.last_error:
+            return None
+        lines = [line.strip() for line in self.last_error.splitlines() if line.strip()]
+        return lines[-1] if lines else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: ISO times; ``args`` is the stored JSON object (what ``enqueue`` takes)."""
+        out = dataclasses.asdict(self)
+        for key in ("eta", "started_at", "lease_expires_at", "created_at"):
+            out[key] = _iso(out[key])
+        raw = out.pop("raw_args")
+        try:
+            out["args"] = json.loads(raw)
+        except (TypeError, ValueError):
+            out["args"] = raw  # not JSON: shown as stored, the worker will fail it
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """Counts for one queue.  ``queued`` is due now; ``scheduled`` waits for a future eta.
+
+    ``oldest_due_seconds`` is how long the oldest due job has been waiting
+    past its eta, by the database's clock (None when nothing is due).
+    """
+
+    queue: str
+    queued: int
+    scheduled: int
+    running: int
+    failed: int
+    oldest_due_seconds: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CronInfo:
+    """One row of ``mqueue_cron``: the last slot enqueued and the next one due (naive UTC)."""
+
+    name: str
+    queue: str
+    schedule: str
+    tz: str
+    last_run: dt.datetime | None
+    next_run: dt.datetime | None
+    last_job_id: int | None
+    updated_at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("last_run", "next_run", "updated_at"):
+            out[key] = _iso(out[key])
+        return out
+
+
+# -- plumbing ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _opened(database: "Database | str") -> Iterator[Database]:
+    """``database`` as a Database (opened and disposed here if given as a URL).
+
+    A driver error that means "tables missing" or "server unreachable" comes
+    out as mqueue's one-line error.
+    """
+    db = as_database(database)
+    try:
+        yield db
+    except DBAPIError as error:
+        translated = db.translate(error)
+        if translated is error:
+            raise
+        raise translated from None
+    finally:
+        if db is not database:
+            db.dispose()
+
+
+@contextlib.contextmanager
+def _reading(database: "Database | str") -> Iterator[tuple[Database, Connection]]:
+    """One read-only transaction: a consistent snapshot that never waits for a writer."""
+    with _opened(database) as db, db.dialect.reader(db.engine).begin() as conn:
+        yield db, conn
+
+
+@contextlib.contextmanager
+def _writing(database: "Database | str") -> Iterator[tuple[Database, Session]]:
+    """A ``db.session()``: commits on success, and an enqueue inside it joins it."""
+    with _opened(database) as db, db.session() as session:
+        yield db, session
+
+
+def _check_id(job_id: Any) -> int:
+    if not isinstance(job_id, int) or isinstance(job_id, bool):
+        raise TypeError(f"job id must be an integer, got {job_id!r}")
+    return job_id
+
+
+def _read(session: Session | Connection, job_id: int) -> JobInfo | None:
+    row = session.execute(select(t).where(t.c.id == job_id)).first()
+    return JobInfo.from_row(row) if row is not None else None
+
+
+def _not_found(job_id: int) -> JobNotFoundError:
+    return JobNotFoundError(f"no job {job_id} (finished jobs are removed from mqueue_task)")
+
+
+def _running_error(job: JobInfo, action: str) -> InvalidStateError:
+    return InvalidStateError(
+        f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
+        f"wait for it to finish or for its lease to expire")
+
+
+# -- reading ----------------------------------------------------------------------
+
+def list_jobs(database: "Database | str", queue: str | None = None, state: str | None = None,
+              limit: int = 50) -> list[JobInfo]:
+    """Jobs in ``mqueue_task``, optionally of one queue and/or state, at most ``limit``.
+
+    Order: running jobs first, then queued ones in the order workers claim
+    them (highest priority, then oldest eta, then lowest id), then failed
+    ones in that same order.
+    """
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown state {state!r}; choose from {', '.join(STATES)}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    query = select(t).order_by(_STATE_ORDER, t.c.neg_priority, t.c.eta, t.c.id).limit(limit)
+    if queue is not None:
+        query = query.where(t.c.queue == queue)
+    if state is not None:
+        query = query.where(t.c.state == state)
+    with _reading(database) as (_db, conn):
+        return [JobInfo.from_row(row) for row in conn.execute(query)]
+
+
+def get_job(database: "Database | str", job_id: int) -> JobInfo:
+    """One job by id; ``JobNotFoundError`` if there is no such row (finished or never existed)."""
+    _check_id(job_id)
+    with _reading(database) as (_db, conn):
+        job = _read(conn, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    return job
+
+
+def stats(database: "Database | str") -> list[QueueStats]:
+    """Per queue, sorted by name: due, scheduled, running and failed counts, and the oldest due age.
+
+    "Due" is judged by the database's clock, read once, so the counts and the
+    age agree with each other and with what workers would claim.
+    """
+    with _reading(database) as (db, conn):
+        now = db.dialect.db_now(conn)
+        due = and_(t.c.state == QUEUED, t.c.eta <= now)
+        later = and_(t.c.state == QUEUED, t.c.eta > now)
+
+        def count(condition):
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        rows = conn.execute(
+            select(t.c.queue, count(due).label("queued"), count(later).label("scheduled"),
+                   count(t.c.state == RUNNING).label("running"), count(t.c.state == FAILED).label("failed"),
+                   func.min(case((due, t.c.eta))).label("oldest_due"))
+            .group_by(t.c.queue).order_by(t.c.queue)).all()
+    return [QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
+                       None if row.oldest_due is None else max(0.0, (now - row.oldest_due).total_seconds()))
+            for row in rows]
+
+
+def list_crons(database: "Database | str") -> list[CronInfo]:
+    """Every cron the workers have registered in ``mqueue_cron``, by queue then name.
+
+    The table is kept in step with the code by the workers serving each
+    cron's queue, so a cron appears here once such a worker has started.
+    """
+    c = cron_table.c
+    with _reading(database) as (_db, conn):
+        rows = conn.execute(select(cron_table).order_by(c.queue, c.name)).all()
+    return [CronInfo(row.name, row.queue, row.schedule, row.tz, row.last_slot, row.next_slot,
+                     row.last_job_id, row.updated_at) for row in rows]
+
+
+# -- writing ----------------------------------------------------------------------
+
+def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
+    """Delete a queued or failed job; return it as it was.
+
+    A running job raises ``InvalidStateError``: its task may already have
+    written, and only its worker can roll that back.  The DELETE names the
+    state and token just read, so a job claimed in between is never deleted.
+    """
+    _check_id(job_id)
+    with _writing(database) as (_db, session):
+        for _ in range(_WRITE_ATTEMPTS):
+            job = _read(session, job_id)
+            if job is None:
+                raise _not_found(job_id)
+            if job.state == RUNNING:
+                raise _running_error(job, "cancelled")
+            deleted = session.execute(delete(t).where(
+                t.c.id == job_id, t.c.state == job.state, t.c.token == job.token)).rowcount
+            if deleted == 1:
+                return job
+    raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
+
+
+def retry_job(database: "Database | str", job_id: int) -> JobInfo:
+    """Make a job run as soon as a worker is free; return it as it is now.
+
+    A failed job goes back to ``queued`` with ``retries`` reset to 0 (so it
+    gets its full retry budget again) and ``eta`` now; ``last_error`` is
+    kept until the next run.  A queued job that waits for a later eta is made
+    due now.  A running job raises ``InvalidStateError``.
+    """
+    _check_id(job_id)
+    with _writing(database) as (_db, session):
+        for _ in range(_WRITE_ATTEMPTS):
+            job = _read(session, job_id)
+            if job is None:
+                raise _not_found(job_id)
+            if job.state == RUNNING:
+                raise _running_error(job, "retried")
+            where = [t.c.id == job_id, t.c.state == job.state, t.c.token == job.token]
+            if job.state == FAILED:
+                values = dict(state=QUEUED, eta=utc_now(), retries=0)
+            else:
+                values = dict(eta=case((t.c.eta > utc_now(), utc_now()), else_=t.c.eta))
+            if session.execute(update(t).where(*where).values(**values)).rowcount == 1:
+                wakeup.notify_after_commit(session, job.queue)
+                return _read(session, job_id)
+    raise InvalidStateError(f"job {job_id} kept changing while being retried; try again")
+
+
+def retry_failed(database: "Database | str", queue: str | None) -> int:
+    """Put every failed job of ``queue`` (every queue if None) back to ``queued``, due now.
+
+    Same reset as ``retry_job``; returns how many jobs were retried.
+    """
+    where = [t.c.state == FAILED]
+    if queue is not None:
+        where.append(t.c.queue == queue)
+    with _writing(database) as (_db, session):
+        count = session.execute(update(t).where(*where).values(state=QUEUED, eta=utc_now(), retries=0)).rowcount
+        if count and queue is not None:
+            wakeup.notify_after_commit(session, queue)
+    return count
+
+
+def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any],
+                    delay: float | dt.timedelta | None = None, priority: int | None = None,
+                    queue: str | None = None, require_registered: bool = False) -> int:
+    """Insert a job for the task called ``name`` with named arguments ``kwargs``; return its id.
+
+    If the task is registered in this process (e.g. after
+    ``registry.discover("tasks")``) this is ``task.options(...).enqueue(**kwargs)``:
+    the arguments are checked against its signature and its default queue
+    and priority apply.  Otherwise the row is inserted as given, into
+    ``queue`` or the default queue; with ``require_registered=True`` an
+    unknown name raises ``UnknownTaskError`` (with a suggestion) instead.
+    ``delay`` counts from the database's clock.
+    """
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"arguments must be a JSON object of named arguments, got {json_kind(kwargs)}")
+    if not isinstance(name, str) or not 0 < len(name) <= 255:
+        raise ValueError(f"task name must be a string of 1 to 255 characters, got {name!r}")
+    options = {key: value for key, value in (("delay", delay), ("priority", priority), ("queue", queue))
+               if value is not None}
+    if name in registered_tasks() or require_registered:
+        task = get_task(name)  # UnknownTaskError with a "did you mean" if absent
+        with _writing(database):
+            return task.options(**options).enqueue(**kwargs)
+    bad = [key for key in kwargs if not isinstance(key, str)]
+    if bad:
+        raise TypeError(f"argument names must be strings, got {bad[0]!r}")
+    values: dict[str, Any] = {"name": name, "args": encode_args(kwargs),
+                              "queue": _check_queue(queue if queue is not None else settings.queue)}
+    if priority is not None:
+        values["priority"] = _check_priority(priority)
+    if delay is not None:
+        values["eta"] = utc_now(_check_delay(delay))
+    with _writing(database) as (db, session):
+        job_id = db.dialect.insert_job(session, values)
+        wakeup.notify_after_commit(session, values["queue"])
+    return job_id
+
+
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, for messages: "an array", "a string", ..."""
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    if type(value) in kinds:
+        return kinds[type(value)]
+    return "a number" if isinstance(value, numbers.Number) else type(value).__name__
+
+
+def _check_queue(queue: Any) -> str:
+    if not isinstance(queue, str) or not 0 < len(queue) <= 100:
+        raise ValueError(f"queue must be a string of 1 to 100 characters, got {queue!r}")
+    return queue
+
+
+def _check_priority(priority: Any) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    return priority
+
+
+def _check_delay(delay: Any) -> float:
+    seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else delay
+    if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
+        raise ValueError(f"delay must be seconds >= 0 or a timedelta, got {delay!r}")
+    return float(seconds)

@@ -1,0 +1,793 @@
+#!/usr/bin/env python3
+"""mqueue's benchmarks: what an enqueue costs, how fast daemons drain, how soon a job starts.
+
+    python scripts/bench.py {enqueue,drain,latency,all} [--backend sqlite|mariadb|postgresql|all]
+                            [--runs N] [--mariadb-url URL] [--postgresql-url URL]
+    python scripts/bench.py profile [--backend ...]    # cProfile of one 1x1 drain daemon
+
+It prints figures and judges them against the project's targets (PASS/MISS);
+it asserts nothing and the test suite never runs it.
+
+Each backend gets a fresh database: a SQLite file in a temporary directory,
+or ``mqueue_bench_<pid>`` created on the MariaDB / PostgreSQL server named by
+``--mariadb-url`` / ``--postgresql-url`` (the database part of those URLs is
+replaced) and dropped at the end.  It is migrated with
+``mqueue.migrate.upgrade``; tables are emptied between runs.  The daemons run
+tasks from a throwaway package written to the same temporary directory.
+
+enqueue
+    jobs/s of ``task.enqueue()`` with one ``db.session()`` commit per job,
+    against the floor: a plain SQLAlchemy insert of the same row into a
+    scratch table with the same columns and indexes, one Session commit per
+    row.  The two are interleaved in blocks so drift hits both alike.  Then
+    ``enqueue_many`` of one large batch in one transaction, and its per-job
+    speed-up over single enqueues.
+drain
+    no-op jobs enqueued beforehand, drained by ``python -m mqueue start``
+    daemons at 1x1, 1x4 and 2x4 (processes x threads).  ``wall`` counts from
+    starting the daemon (interpreter start-up included) until the table is
+    empty; ``steady`` from the first poll that sees a row gone until empty
+    (the row count is polled every 50 ms); targets are judged on ``steady``.
+    ``raw`` is the backend's commit rate over the same number of
+    connections in the same run: P processes x C threads, each looping
+    single-row INSERT + COMMIT for a few seconds through SQLAlchemy Core on an
+    engine configured by mqueue (so SQLite also pays BEGIN IMMEDIATE).
+latency
+    one idle daemon at default settings; jobs enqueued one at a time, a fixed
+    gap apart.  Latency runs from the enqueuing commit (the moment the job
+    exists) to the task's first line, which stamps ``time.time()`` into an
+    effect table in the job's own session.  Then the same with a
+    ``mqueue.Worker`` running in a thread of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table, create_engine,  # noqa: E402
+                        func, insert, select, text)
+from sqlalchemy.engine import URL, make_url  # noqa: E402
+
+import mqueue  # noqa: E402
+from mqueue.encoding import encode_args  # noqa: E402
+from mqueue.migrate import upgrade  # noqa: E402
+from mqueue.schema import NAMING_CONVENTION, task_table  # noqa: E402
+
+BACKENDS = ("sqlite", "mariadb", "postgresql")
+DEFAULT_URLS = {
+    "mariadb": "mysql+pymysql://root@127.0.0.1:3306/?charset=utf8mb4",
+    "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+}
+TASKS_PACKAGE = "mqueue_benchtasks"
+DRAIN_QUEUE = "bench"
+LATENCY_QUEUE = "bench_latency"
+DRAIN_CONFIGS = ((1, 1), (1, 4), (2, 4))   # (processes, threads per process)
+POLL_SECONDS = 0.05
+
+TARGETS = {
+    "enqueue_ratio": 1.3,        # enqueue cost / plain insert cost, at most
+    "many_speedup": 20.0,        # enqueue_many per-job speed-up over enqueue, at least
+    "drain_rate": 2000.0,        # jobs/s at 2x4, at least (every backend)
+    "drain_vs_raw": 0.35,        # drain / raw commit rate at 2x4, at least (servers only)
+    "latency_daemon_p50": 0.100,
+    "latency_inprocess_p50": 0.010,
+}
+
+# The scratch tables the bench writes to directly.
+scratch = MetaData(naming_convention=NAMING_CONVENTION)
+#: Same columns, defaults and indexes as mqueue_task: the floor for one enqueue.
+plain_table = Table("bench_plain", scratch, *[column._copy() for column in task_table.columns],
+                    Index(None, "queue", "state", "neg_priority", "eta", "id"), sqlite_autoincrement=True)
+#: A minimal row for the raw commit rate.
+raw_table = Table("bench_raw", scratch,
+                  Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                         autoincrement=True),
+                  Column("payload", String(100), nullable=False))
+
+TASKS_SOURCE = '''\
+"""Tasks for scripts/bench.py; written to a temporary directory for one bench run."""
+
+import os
+import time
+
+import mqueue
+from sqlalchemy import BigInteger, Column, Double, MetaData, Table, insert
+
+metadata = MetaData()
+started = Table("bench_started", metadata,
+                Column("job_id", BigInteger, primary_key=True, autoincrement=False),
+                Column("started", Double, nullable=False))
+
+
+@mqueue.task(name="bench.noop", queue="bench")
+def noop(n: int = 0) -> None:
+    pass
+
+
+@mqueue.task(name="bench.stamp", queue="bench_latency")
+def stamp() -> None:
+    now = time.time()
+    mqueue.current_session().execute(insert(started).values(job_id=mqueue.current_job().id, started=now))
+
+
+def _profile_every_thread(prefix: str) -> None:
+    """cProfile follows one thread only: give every thread of this daemon its own profiler."""
+    import atexit
+    import cProfile
+    import threading
+
+    profiles = []
+    main = cProfile.Profile()
+    profiles.append(("main", main))
+    run = threading.Thread.run
+
+    def profiled_run(self):
+        profiler = cProfile.Profile()
+        profiles.append((self.name, profiler))
+        profiler.enable()
+        try:
+            run(self)
+        finally:
+            profiler.disable()
+
+    def dump():
+        main.disable()
+        for number, (name, profiler) in enumerate(list(profiles)):
+            try:
+                profiler.dump_stats(f"{prefix}.{os.getpid()}.{number}.{name}")
+            except Exception:
+                pass
+
+    threading.Thread.run = profiled_run
+    atexit.register(dump)
+    main.enable()
+
+
+if os.environ.get("MQUEUE_BENCH_PROFILE"):
+    _profile_every_thread(os.environ["MQUEUE_BENCH_PROFILE"])
+'''
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def rate(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("PASS" if ok else "MISS")
+
+
+def at_least(value: float, target: float) -> bool | None:
+    return None if value is None or math.isnan(value) else value >= target
+
+
+def at_most(value: float, target: float) -> bool | None:
+    return None if value is None or math.isnan(value) else value <= target
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> str:
+    """Right-aligned columns (the first left-aligned)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells):
+        out = [str(cells[0]).ljust(widths[0])]
+        out += [str(cell).rjust(width) for cell, width in zip(cells[1:], widths[1:])]
+        return indent + "  ".join(out).rstrip()
+    return "\n".join([line(headers)] + [line(row) for row in rows])
+
+
+def say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = POLL_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# Databases
+# ---------------------------------------------------------------------------
+class BenchDatabase:
+    """A fresh, migrated database of one backend, dropped by ``close()``."""
+
+    def __init__(self, backend: str, server_url: str | None, workdir: Path) -> None:
+        self.backend = backend
+        self.name = f"mqueue_bench_{os.getpid()}"
+        self._admin = None
+        if backend == "sqlite":
+            self.url: URL = make_url(f"sqlite:///{workdir / 'bench.db'}")
+        else:
+            server = make_url(server_url or DEFAULT_URLS[backend])
+            admin_url = server.set(database="postgres") if backend == "postgresql" else server.set(database=None)
+            self._admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+            with self._admin.connect() as conn:
+                if backend == "postgresql":
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+                    conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+                else:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS `{self.name}`"))
+                    conn.execute(text(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4"))
+            self.url = server.set(database=self.name)
+        self.url_text = self.url.render_as_string(hide_password=False)
+        self.db = mqueue.Database(self.url_text)
+        upgrade(self.db)
+        # Reads for the bench's own bookkeeping: autocommit, no mqueue hooks
+        # (on SQLite the mqueue engine would take the write lock to count rows).
+        self.monitor = create_engine(self.url_text, isolation_level="AUTOCOMMIT")
+
+    def create_scratch(self, tasks_metadata: MetaData) -> None:
+        scratch.create_all(self.db.engine)
+        tasks_metadata.create_all(self.db.engine)
+
+    def count(self, table: Table = task_table) -> int:
+        with self.monitor.connect() as conn:
+            return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+    def clean(self, *tables: Table) -> None:
+        """Empty the given tables (TRUNCATE on servers: no dead rows carried into the next run)."""
+        with self.db.engine.begin() as conn:
+            for one in tables:
+                if self.backend == "sqlite":
+                    conn.execute(one.delete())
+                else:
+                    conn.execute(text(f"TRUNCATE TABLE {one.name}"))
+
+    def close(self) -> None:
+        self.db.dispose()
+        self.monitor.dispose()
+        if self._admin is not None:
+            with self._admin.connect() as conn:
+                if self.backend == "postgresql":
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+                else:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS `{self.name}`"))
+            self._admin.dispose()
+
+
+class Daemon:
+    """``python -m mqueue start ...`` in the background, its output in a log file."""
+
+    def __init__(self, bench: "Bench", queue: str, log_name: str, processes: int = 1, concurrency: int = 1,
+                 poll_interval: float | None = None, extra_env: dict[str, str] | None = None,
+                 python_args: list[str] | None = None) -> None:
+        argv = [sys.executable, *(python_args or []), "-m", "mqueue", "start", queue, "--tasks", TASKS_PACKAGE]
+        if processes != 1:
+            argv += ["--processes", str(processes)]
+        if concurrency != 1:
+            argv += ["--concurrency", str(concurrency)]
+        if poll_interval is not None:
+            argv += ["--poll-interval", str(poll_interval)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(bench.tasks_dir), str(REPO), env.get("PYTHONPATH", "")])
+        env["MQUEUE_DATABASE_URL"] = bench.database.url_text   # not on the command line: no password in ps
+        env.update(extra_env or {})
+        self.log_path = bench.workdir / log_name
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(argv, cwd=bench.tasks_dir, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"daemon exited with {code}: " + " | ".join(tail))
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------
+# The benchmarks of one backend
+# ---------------------------------------------------------------------------
+class Bench:
+    def __init__(self, backend: str, args, workdir: Path, tasks_dir: Path, tasks) -> None:
+        self.backend = backend
+        self.args = args
+        self.workdir = workdir
+        self.tasks_dir = tasks_dir
+        self.tasks = tasks
+        server_url = {"mariadb": args.mariadb_url, "postgresql": args.postgresql_url}.get(backend)
+        self.database = BenchDatabase(backend, server_url, workdir)
+        self.database.create_scratch(tasks.metadata)
+        self.db = self.database.db
+        self.all_tables = (task_table, plain_table, raw_table, tasks.started)
+
+    def close(self) -> None:
+        self.database.close()
+
+    def clean(self) -> None:
+        self.database.clean(*self.all_tables)
+
+    # -- enqueue ----------------------------------------------------------------
+    def enqueue(self) -> dict[str, float]:
+        jobs, batch = self.args.enqueue_jobs, self.args.many_jobs
+        noop = self.tasks.noop
+        db = self.db
+        plain_insert = insert(plain_table)
+
+        def enqueue_one(n: int) -> None:
+            with db.session():
+                noop.enqueue(n=n)
+
+        def insert_one(n: int) -> None:
+            # the row enqueue builds: same columns, same JSON text
+            values = {"queue": DRAIN_QUEUE, "name": noop.name, "args": encode_args({"n": n}),
+                      "priority": 0, "max_retries": noop.max_retries}
+            with db.Session() as session:
+                session.execute(plain_insert.values(**values)).inserted_primary_key[0]
+                session.commit()
+
+        self.clean()
+        for n in range(50):   # warm-up: connections, statement caches
+            enqueue_one(n)
+            insert_one(n)
+        self.clean()
+        enqueue_seconds = plain_seconds = 0.0
+        block = 250
+        for first in range(0, jobs, block):
+            numbers = range(first, min(first + block, jobs))
+            started = time.perf_counter()
+            for n in numbers:
+                insert_one(n)
+            plain_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            for n in numbers:
+                enqueue_one(n)
+            enqueue_seconds += time.perf_counter() - started
+        self.clean()
+        calls = [{"n": n} for n in range(batch)]
+        started = time.perf_counter()
+        with db.session():
+            ids = noop.enqueue_many(calls)
+        many_seconds = time.perf_counter() - started
+        if len(ids) != batch:
+            raise RuntimeError(f"enqueue_many returned {len(ids)} ids for {batch} jobs")
+        self.clean()
+        enqueue_rate = jobs / enqueue_seconds
+        plain_rate = jobs / plain_seconds
+        many_rate = batch / many_seconds
+        return {"enqueue": enqueue_rate, "plain": plain_rate, "ratio": plain_rate / enqueue_rate,
+                "many": many_rate, "speedup": many_rate / enqueue_rate}
+
+    # -- drain ------------------------------------------------------------------
+    def drain(self, run: int) -> dict[tuple[int, int], dict[str, float]]:
+        results = {}
+        for processes, threads in DRAIN_CONFIGS:
+            self.clean()
+            raw = self.raw_commit_rate(processes, threads, self.args.raw_seconds)
+            self.clean()
+            results[(processes, threads)] = dict(raw=raw, **self.drain_once(processes, threads, run))
+        self.clean()
+        return results
+
+    def raw_commit_rate(self, processes: int, threads: int, seconds: float) -> float:
+        """Commits/s of P processes x C threads looping single-row INSERT + COMMIT."""
+        start_at = time.time() + 1.5 + 0.3 * processes    # all connected before anyone starts
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   MQUEUE_DATABASE_URL=self.database.url_text)
+        children = [subprocess.Popen([sys.executable, __file__, "_raw", "--threads", str(threads),
+                                      "--seconds", str(seconds), "--start-at", repr(start_at)],
+                                     env=env, stdout=subprocess.PIPE, text=True)
+                    for _ in range(processes)]
+        commits = 0
+        for child in children:
+            out, _ = child.communicate(timeout=seconds + 120)
+            if child.returncode != 0:
+                raise RuntimeError(f"raw commit loop exited with {child.returncode}")
+            commits += json.loads(out.strip().splitlines()[-1])["commits"]
+        return commits / seconds
+
+    def drain_once(self, processes: int, threads: int, run: int, jobs: int | None = None,
+                   extra_env: dict[str, str] | None = None, python_args: list[str] | None = None,
+                   log_name: str | None = None) -> dict[str, float]:
+        jobs = jobs or self.args.drain_jobs
+        with self.db.session():
+            self.tasks.noop.enqueue_many([{"n": n} for n in range(jobs)])
+        if self.database.count() != jobs:
+            raise RuntimeError("enqueue_many did not store every job")
+        started = time.monotonic()
+        daemon = Daemon(self, DRAIN_QUEUE, log_name or f"drain-{self.backend}-{processes}x{threads}-{run}.log",
+                        processes=processes, concurrency=threads, poll_interval=POLL_SECONDS,
+                        extra_env=extra_env, python_args=python_args)
+        first_gone = None
+        try:
+            tick = started
+            while True:
+                left = self.database.count()
+                now = time.monotonic()
+                if first_gone is None and left < jobs:
+                    first_gone = now
+                if left == 0:
+                    finished = now
+                    break
+                daemon.check_alive()
+                if now - started > self.args.drain_timeout:
+                    raise RuntimeError(f"{left} of {jobs} jobs left after {self.args.drain_timeout:.0f}s")
+                tick += POLL_SECONDS
+                time.sleep(max(0.0, tick - time.monotonic()))
+        finally:
+            daemon.stop()
+        steady = max(finished - first_gone, POLL_SECONDS)
+        return {"wall": jobs / (finished - started), "steady": jobs / steady, "seconds": finished - started}
+
+    # -- latency ----------------------------------------------------------------
+    def latency(self, run: int) -> dict[str, float]:
+        self.clean()
+        daemon = Daemon(self, LATENCY_QUEUE, f"latency-{self.backend}-{run}.log")
+        try:
+            self._warm_up(daemon.check_alive)
+            daemon_latencies = self._measure_latency(daemon.check_alive)
+        finally:
+            daemon.stop()
+        self.clean()
+        worker = mqueue.Worker(self.db, queues=[LATENCY_QUEUE])
+        thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
+        thread.start()
+
+        def alive() -> None:
+            if not thread.is_alive():
+                raise RuntimeError("in-process worker thread died")
+        try:
+            self._warm_up(alive)
+            local_latencies = self._measure_latency(alive)
+        finally:
+            worker.stop()
+            thread.join(60)
+        self.clean()
+        return {"daemon_p50": percentile(daemon_latencies, 0.50), "daemon_p99": percentile(daemon_latencies, 0.99),
+                "local_p50": percentile(local_latencies, 0.50), "local_p99": percentile(local_latencies, 0.99)}
+
+    def _warm_up(self, alive: Callable[[], None]) -> None:
+        """One job end to end: the worker is up and idle when this returns."""
+        with self.db.session():
+            self.tasks.stamp.enqueue()
+
+        def done() -> bool:
+            alive()
+            return self.database.count(self.tasks.started) == 1
+        wait_until(done, 60, "the warm-up job")
+        time.sleep(1.0)   # let the idle poll back off to its longest interval
+        self.database.clean(self.tasks.started)
+
+    def _measure_latency(self, alive: Callable[[], None]) -> list[float]:
+        jobs, gap = self.args.latency_jobs, self.args.latency_gap
+        stamp = self.tasks.stamp
+        committed: dict[int, float] = {}
+        tick = time.monotonic()
+        for _ in range(jobs):
+            with self.db.session():
+                job_id = stamp.enqueue()
+            committed[job_id] = time.time()
+            tick += gap
+            time.sleep(max(0.0, tick - time.monotonic()))
+
+        def done() -> bool:
+            alive()
+            return self.database.count(self.tasks.started) >= jobs
+        wait_until(done, 60, f"{jobs} latency jobs")
+        with self.database.monitor.connect() as conn:
+            rows = conn.execute(select(self.tasks.started.c.job_id, self.tasks.started.c.started)).all()
+        return [started - committed[job_id] for job_id, started in rows]
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+def report_enqueue(args, runs: list[dict]) -> dict:
+    say(f"  enqueue: {args.enqueue_jobs:,} single enqueues (one db.session() commit each) vs the same rows "
+        f"by plain Session insert; enqueue_many of {args.many_jobs:,} in one transaction")
+    rows = []
+    for number, r in enumerate(runs, 1):
+        rows.append(_enqueue_row(str(number), r))
+    med = {key: median([r[key] for r in runs]) for key in runs[0]}
+    rows.append(_enqueue_row("median", med))
+    say(table(["run", "enqueue/s", "plain/s", f"cost ratio (<={TARGETS['enqueue_ratio']})", "",
+               "many/s", f"speed-up (>={TARGETS['many_speedup']:.0f}x)", ""], rows))
+    return med
+
+
+def _enqueue_row(label: str, r: dict) -> list[str]:
+    return [label, rate(r["enqueue"]), rate(r["plain"]), f"{r['ratio']:.2f}",
+            verdict(at_most(r["ratio"], TARGETS["enqueue_ratio"])), rate(r["many"]), f"{r['speedup']:.1f}x",
+            verdict(at_least(r["speedup"], TARGETS["many_speedup"]))]
+
+
+def report_drain(backend: str, args, runs: list[dict]) -> dict:
+    say(f"  drain: {args.drain_jobs:,} no-op jobs, daemons with --poll-interval {POLL_SECONDS}; "
+        f"raw = single-row INSERT+COMMIT over PxC connections for {args.raw_seconds:.0f}s; "
+        "targets (2x4) on steady")
+    rows = []
+    medians = {}
+    for config in DRAIN_CONFIGS:
+        for number, r in enumerate(runs, 1):
+            rows.append(_drain_row(backend, str(number), config, r[config]))
+        med = {key: median([r[config][key] for r in runs]) for key in runs[0][config]}
+        med["ratio"] = median([r[config]["steady"] / r[config]["raw"] for r in runs])
+        medians[config] = med
+        rows.append(_drain_row(backend, "median", config, med))
+    say(table(["run", "PxC", "raw/s", "wall/s", f"steady/s (>={TARGETS['drain_rate']:,.0f})", "",
+               f"steady/raw (>={TARGETS['drain_vs_raw']})", ""], rows))
+    return medians
+
+
+def _drain_row(backend: str, label: str, config: tuple[int, int], r: dict) -> list[str]:
+    judged = config == DRAIN_CONFIGS[-1]
+    ratio = r.get("ratio", r["steady"] / r["raw"] if r["raw"] else float("nan"))
+    rate_ok = at_least(r["steady"], TARGETS["drain_rate"]) if judged else None
+    ratio_ok = at_least(ratio, TARGETS["drain_vs_raw"]) if judged and backend != "sqlite" else None
+    return [label, f"{config[0]}x{config[1]}", rate(r["raw"]), rate(r["wall"]), rate(r["steady"]),
+            verdict(rate_ok), f"{ratio:.2f}", verdict(ratio_ok)]
+
+
+def report_latency(args, runs: list[dict]) -> dict:
+    say(f"  latency: {args.latency_jobs} jobs {args.latency_gap * 1000:.0f} ms apart, enqueue commit -> task "
+        "start; daemon at default settings, then a Worker in a thread of this process")
+    rows = []
+    for number, r in enumerate(runs, 1):
+        rows.append(_latency_row(str(number), r))
+    med = {key: median([r[key] for r in runs]) for key in runs[0]}
+    rows.append(_latency_row("median", med))
+    say(table(["run", f"daemon p50 (<{TARGETS['latency_daemon_p50'] * 1000:.0f}ms)", "", "daemon p99",
+               f"in-process p50 (<{TARGETS['latency_inprocess_p50'] * 1000:.0f}ms)", "", "in-process p99"], rows))
+    return med
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms"
+
+
+def _latency_row(label: str, r: dict) -> list[str]:
+    return [label, _ms(r["daemon_p50"]), verdict(r["daemon_p50"] < TARGETS["latency_daemon_p50"]),
+            _ms(r["daemon_p99"]), _ms(r["local_p50"]), verdict(r["local_p50"] < TARGETS["latency_inprocess_p50"]),
+            _ms(r["local_p99"])]
+
+
+def report_summary(summary: dict[str, dict[str, Any]]) -> None:
+    say("\n== summary (medians) " + "=" * 58)
+    rows = []
+    for backend, parts in summary.items():
+        if "enqueue" in parts:
+            e = parts["enqueue"]
+            rows.append([backend, "enqueue cost / plain insert", f"{e['ratio']:.2f}",
+                         f"<= {TARGETS['enqueue_ratio']}", verdict(at_most(e["ratio"], TARGETS["enqueue_ratio"]))])
+            rows.append([backend, "enqueue_many speed-up", f"{e['speedup']:.1f}x",
+                         f">= {TARGETS['many_speedup']:.0f}x",
+                         verdict(at_least(e["speedup"], TARGETS["many_speedup"]))])
+        if "drain" in parts:
+            d = parts["drain"][DRAIN_CONFIGS[-1]]
+            rows.append([backend, "drain 2x4 steady jobs/s", rate(d["steady"]), f">= {TARGETS['drain_rate']:,.0f}",
+                         verdict(at_least(d["steady"], TARGETS["drain_rate"]))])
+            rows.append([backend, "drain 2x4 steady / raw", f"{d['ratio']:.2f}",
+                         "-" if backend == "sqlite" else f">= {TARGETS['drain_vs_raw']}",
+                         "" if backend == "sqlite" else verdict(at_least(d["ratio"], TARGETS["drain_vs_raw"]))])
+        if "latency" in parts:
+            lat = parts["latency"]
+            rows.append([backend, "latency daemon p50", _ms(lat["daemon_p50"]),
+                         f"< {TARGETS['latency_daemon_p50'] * 1000:.0f}ms",
+                         verdict(lat["daemon_p50"] < TARGETS["latency_daemon_p50"])])
+            rows.append([backend, "latency in-process p50", _ms(lat["local_p50"]),
+                         f"< {TARGETS['latency_inprocess_p50'] * 1000:.0f}ms",
+                         verdict(lat["local_p50"] < TARGETS["latency_inprocess_p50"])])
+    say(table(["backend", "figure", "median", "target", ""], rows))
+
+
+# ---------------------------------------------------------------------------
+# Profile of one 1x1 drain daemon
+# ---------------------------------------------------------------------------
+def profile(bench: Bench, jobs: int) -> None:
+    import pstats
+    prefix = bench.workdir / f"profile-{bench.backend}"
+    bench.clean()
+    result = bench.drain_once(1, 1, 0, jobs=jobs, extra_env={"MQUEUE_BENCH_PROFILE": str(prefix)},
+                              log_name=f"profile-{bench.backend}.log")
+    files = sorted(str(p) for p in bench.workdir.glob(f"profile-{bench.backend}.*") if not str(p).endswith(".log"))
+    if not files:
+        say("  no profile written")
+        return
+    stats = pstats.Stats(files[0])
+    for name in files[1:]:
+        stats.add(name)
+    table_ = stats.stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+
+    def find(suffix: str, function: str) -> float:
+        return sum(v[3] for k, v in table_.items() if k[0].endswith(suffix) and k[2] == function)
+
+    work = find("mqueue/executor.py", "execute") + find("mqueue/worker.py", "_claim") \
+        + find("mqueue/worker.py", "_heartbeat_all") + find("mqueue/worker.py", "_rescue")
+    say(f"  {jobs:,} jobs drained at 1x1 under cProfile: {result['steady']:,.0f} jobs/s steady "
+        f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
+        f"= {work:.2f}s of profiled time")
+    mine = [(k, v) for k, v in table_.items() if "/mqueue/" in k[0] and "benchtasks" not in k[0]]
+    mine.sort(key=lambda kv: kv[1][3], reverse=True)
+    rows = []
+    skip = {"_serve", "run", "_produce", "_executor_loop", "_maintenance_loop", "main", "cmd_start", "<module>",
+            "start"}
+    for (path, line, function), (_cc, calls, tottime, cumtime, _callers) in mine:
+        if function in skip:
+            continue
+        rel = path.split("/mqueue/", 1)[1]
+        rows.append([f"{rel}:{line} {function}", f"{calls:,}", f"{cumtime:.3f}", f"{100 * cumtime / work:.1f}%",
+                     f"{tottime:.3f}"])
+        if len(rows) == 22:
+            break
+    say(table(["mqueue function", "calls", "cum s", "cum/work", "own s"], rows))
+    waits = ("acquire", "sleep", "wait", "select", "poll")   # idle threads, not work
+    leaves = [(k, v) for k, v in table_.items() if not (k[0] == "~" and any(w in k[2] for w in waits))]
+    leaves.sort(key=lambda kv: kv[1][2], reverse=True)
+    rows = []
+    for (path, line, function), (_cc, calls, tottime, cumtime, _callers) in leaves[:15]:
+        where = path.replace(str(REPO) + "/", "")
+        where = where.split("site-packages/", 1)[-1].split("python3.11/", 1)[-1]
+        rows.append([f"{where}:{line} {function}"[-80:], f"{calls:,}", f"{tottime:.3f}",
+                     f"{100 * tottime / work:.1f}%"])
+    say("  heaviest own time (thread waits left out):")
+    say(table(["function", "calls", "own s", "own/work"], rows))
+
+
+# ---------------------------------------------------------------------------
+# The raw commit loop (a child process of the drain benchmark)
+# ---------------------------------------------------------------------------
+def raw_child(threads: int, seconds: float, start_at: float) -> None:
+    url = os.environ["MQUEUE_DATABASE_URL"]
+    options = {} if url.startswith("sqlite") else {"pool_size": threads + 1}
+    db = mqueue.Database(url, **options)
+    statement = insert(raw_table)
+    counts = [0] * threads
+    end_at = start_at + seconds
+
+    def loop(slot: int) -> None:
+        with db.engine.connect() as conn:
+            with conn.begin():
+                conn.execute(statement, {"payload": "warm-up"})
+            time.sleep(max(0.0, start_at - time.time()))
+            done = 0
+            while time.time() < end_at:
+                with conn.begin():
+                    conn.execute(statement, {"payload": "x"})
+                done += 1
+            counts[slot] = done
+
+    workers = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    db.dispose()
+    print(json.dumps({"commits": sum(counts)}))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "all", "profile", "_raw"])
+    parser.add_argument("--backend", default="all", choices=[*BACKENDS, "all"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mariadb-url", default=None,
+                        help=f"MariaDB server (default {DEFAULT_URLS['mariadb']}); the database part is replaced")
+    parser.add_argument("--postgresql-url", default=None,
+                        help=f"PostgreSQL server (default {DEFAULT_URLS['postgresql']})")
+    sizes = parser.add_argument_group("sizes")
+    sizes.add_argument("--enqueue-jobs", type=int, default=2000)
+    sizes.add_argument("--many-jobs", type=int, default=10000)
+    sizes.add_argument("--drain-jobs", type=int, default=10000)
+    sizes.add_argument("--raw-seconds", type=float, default=3.0)
+    sizes.add_argument("--drain-timeout", type=float, default=180.0)
+    sizes.add_argument("--latency-jobs", type=int, default=200)
+    sizes.add_argument("--latency-gap", type=float, default=0.05)
+    sizes.add_argument("--profile-jobs", type=int, default=3000)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
+    # the raw commit loop's own options
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def tasks_package(workdir: Path) -> Iterator[tuple[Path, Any]]:
+    tasks_dir = workdir / "tasks"
+    (tasks_dir / TASKS_PACKAGE).mkdir(parents=True)
+    (tasks_dir / TASKS_PACKAGE / "__init__.py").write_text(TASKS_SOURCE)
+    sys.path.insert(0, str(tasks_dir))
+    try:
+        import importlib
+        yield tasks_dir, importlib.import_module(TASKS_PACKAGE)
+    finally:
+        sys.path.remove(str(tasks_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.benchmark == "_raw":
+        raw_child(args.threads, args.seconds, args.start_at)
+        return 0
+    chosen = ["enqueue", "drain", "latency"] if args.benchmark == "all" else [args.benchmark]
+    backends = BACKENDS if args.backend == "all" else (args.backend,)
+    began = time.monotonic()
+    summary: dict[str, dict[str, Any]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="mqueue-bench-"))
+    say(f"mqueue bench: {', '.join(chosen)} on {', '.join(backends)}, {args.runs} run(s); "
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    try:
+        with tasks_package(workdir) as (tasks_dir, tasks):
+            for backend in backends:
+                say(f"\n== {backend} " + "=" * (76 - len(backend)))
+                bench = Bench(backend, args, workdir, tasks_dir, tasks)
+                summary[backend] = {}
+                try:
+                    if args.benchmark == "profile":
+                        profile(bench, args.profile_jobs)
+                        continue
+                    if "enqueue" in chosen:
+                        runs = [bench.enqueue() for _ in range(args.runs)]
+                        summary[backend]["enqueue"] = report_enqueue(args, runs)
+                    if "drain" in chosen:
+                        runs = [bench.drain(run) for run in range(1, args.runs + 1)]
+                        summary[backend]["drain"] = report_drain(backend, args, runs)
+                    if "latency" in chosen:
+                        runs = [bench.latency(run) for run in range(1, args.runs + 1)]
+                        summary[backend]["latency"] = report_latency(args, runs)
+                finally:
+                    bench.close()
+        if args.benchmark != "profile" and len(chosen) + len(backends) > 2:
+            report_summary(summary)
+    finally:
+        if args.keep:
+            say(f"\ndaemon logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    say(f"\ntotal {time.monotonic() - began:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

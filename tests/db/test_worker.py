@@ -1,0 +1,409 @@
+"""The worker in-process, on every backend: outcomes, fencing, ordering, wake-up.
+
+Tasks write one row into ``effect`` (no unique constraint) through the job's
+own session, so a duplicate run shows up as a second row instead of hiding.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import threading
+import time
+
+import pytest
+from helpers import wait_for
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, insert, select
+
+import mqueue
+from mqueue.migrate import upgrade
+from mqueue.schema import task_table
+
+effect_metadata = MetaData()
+effect = Table(
+    "effect", effect_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("note", String(100), nullable=True),
+)
+
+#: What the tasks below saw, reset before every test.
+seen: list = []
+started: dict[int, float] = {}
+gate = threading.Event()
+
+
+def write_effect(note: str | None = None) -> None:
+    job = mqueue.current_job()
+    mqueue.current_session().execute(insert(effect).values(job_id=job.id, note=note))
+
+
+@mqueue.task(name="tw.ok", queue="tw")
+def ok(n: int) -> None:
+    seen.append(n)
+    write_effect(str(n))
+
+
+@mqueue.task(name="tw.boom", queue="tw")
+def boom(n: int) -> None:
+    write_effect("before the error")
+    raise RuntimeError(f"boom number {n}")
+
+
+@mqueue.task(name="tw.retry_later", queue="tw")
+def retry_later() -> None:
+    write_effect()
+    raise mqueue.Retry(30)
+
+
+@mqueue.task(name="tw.give_up", queue="tw")
+def give_up() -> None:
+    write_effect()
+    raise mqueue.Fail("customer deleted")
+
+
+@mqueue.task(name="tw.always_fails", queue="tw", max_retries=2, backoff=0)
+def always_fails() -> None:
+    seen.append(mqueue.current_job().retries)
+    write_effect()
+    raise ValueError("still broken")
+
+
+@mqueue.task(name="tw.timeout_then_write", queue="tw", timeout=0.3, max_retries=1, backoff=60)
+def timeout_then_write() -> None:
+    """Blocks past its timeout, swallows the interruption, then writes anyway."""
+    seen.append("start")
+    try:
+        gate.wait(1.0)
+    except BaseException:  # noqa: B902 - a careless task that hides the interruption
+        seen.append("interrupted")
+    try:
+        write_effect("late")
+    except BaseException:  # noqa: B902
+        seen.append("interrupted")
+        write_effect("late")
+
+
+@mqueue.task(name="tw.write_then_timeout", queue="tw", timeout=0.3, max_retries=0)
+def write_then_timeout() -> None:
+    """Writes first (holding its transaction open), then blocks past its timeout."""
+    write_effect("early")
+    seen.append("wrote")
+    try:
+        gate.wait(1.0)
+    except BaseException:  # noqa: B902
+        seen.append("interrupted")
+
+
+@mqueue.task(name="tw.introspect", queue="tw")
+def introspect(label: str, when: dt.date) -> None:
+    job = mqueue.current_job()
+    db = introspect_db[0]
+    with db.engine.connect() as conn:
+        before = conn.execute(select(task_table.c.lease_expires_at).where(task_table.c.id == job.id)).scalar()
+    time.sleep(0.02)  # let the database clock move on before extending the lease
+    job.heartbeat()
+    with db.engine.connect() as conn:
+        after = conn.execute(select(task_table.c.lease_expires_at).where(task_table.c.id == job.id)).scalar()
+    seen.append(dict(id=job.id, name=job.name, queue=job.queue, args=job.args, retries=job.retries,
+                     before=before, after=after, same_session=mqueue.ctx.session is mqueue.current_session()))
+    if job.retries == 0:
+        raise mqueue.Retry(0)
+    write_effect()
+
+
+introspect_db: list = []
+
+
+@mqueue.task(name="tw.record_order")
+def record_order(label: str) -> None:
+    seen.append(label)
+
+
+@mqueue.task(name="tw.fenced", queue="tw-fence")
+def fenced() -> None:
+    job = mqueue.current_job()
+    seen.append(("start", job.retries))
+    if job.retries == 0:
+        gate.wait(30)
+    write_effect(f"retries={job.retries}")
+
+
+@mqueue.task(name="tw.wake", queue="tw-wake")
+def wake(n: int) -> None:
+    started[n] = time.perf_counter()
+
+
+@pytest.fixture
+def db(database_url):
+    database = mqueue.Database(database_url)
+    upgrade(database)
+    effect_metadata.create_all(database.engine)
+    seen.clear()
+    started.clear()
+    gate.clear()
+    yield database
+    gate.set()
+    database.dispose()
+
+
+def effect_count(db, job_id=None) -> int:
+    query = select(func.count()).select_from(effect)
+    if job_id is not None:
+        query = query.where(effect.c.job_id == job_id)
+    with db.engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+def job_row(db, job_id):
+    with db.engine.connect() as conn:
+        return conn.execute(select(task_table).where(task_table.c.id == job_id)).first()
+
+
+def db_now(db) -> dt.datetime:
+    with db.engine.connect() as conn:
+        return db.dialect.db_now(conn)
+
+
+def worker(db, queues=("tw",), **options) -> mqueue.Worker:
+    options.setdefault("poll_interval", 0.05)
+    options.setdefault("lease", 5)
+    return mqueue.Worker(db, queues=list(queues), **options)
+
+
+# -- outcomes ------------------------------------------------------------------
+
+
+def test_run_until_empty_counts_outcomes(db):
+    with db.session():
+        for n in range(3):
+            ok.enqueue(n)
+        boom.enqueue(1)
+        boom.enqueue(2)
+        give_up.enqueue()
+    result = worker(db, concurrency=2).run_until_empty(timeout=30)
+    assert (result.succeeded, result.retried, result.failed) == (3, 2, 1)
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_success_commits_the_task_writes_with_the_completion(db):
+    with db.session():
+        job_id = ok.enqueue(7)
+    assert worker(db).run_until_empty(timeout=30).succeeded == 1
+    assert effect_count(db, job_id) == 1
+    assert job_row(db, job_id) is None
+
+
+def test_exception_rolls_back_the_task_writes_and_backs_off(db):
+    with db.session():
+        job_id = boom.enqueue(3)
+    result = worker(db).run_until_empty(timeout=30)
+    assert result.retried == 1
+    assert effect_count(db, job_id) == 0
+    row = job_row(db, job_id)
+    assert row.state == "queued"
+    assert row.retries == 1
+    # Default backoff: 60 s for the first retry, by the database's clock.
+    delay = (row.eta - db_now(db)).total_seconds()
+    assert 50 < delay <= 60, delay
+    assert "Traceback" in row.last_error
+    assert "RuntimeError: boom number 3" in row.last_error
+    assert row.owner is None and row.lease_expires_at is None
+
+
+def test_retry_asks_for_a_delay_and_fail_gives_up_at_once(db):
+    with db.session():
+        retry_id = retry_later.enqueue()
+        fail_id = give_up.enqueue()
+    result = worker(db).run_until_empty(timeout=30)
+    assert (result.succeeded, result.retried, result.failed) == (0, 1, 1)
+    assert effect_count(db) == 0
+    retried = job_row(db, retry_id)
+    assert (retried.state, retried.retries) == ("queued", 1)
+    delay = (retried.eta - db_now(db)).total_seconds()
+    assert 20 < delay <= 30, delay
+    failed = job_row(db, fail_id)
+    assert failed.state == "failed"
+    assert "customer deleted" in failed.last_error
+
+
+def test_max_retries_then_failed_and_unique_key_freed(db):
+    with db.session():
+        job_id = always_fails.options(unique_key="tw-key").enqueue()
+        assert always_fails.options(unique_key="tw-key").enqueue() == job_id
+    result = worker(db).run_until_empty(timeout=30)
+    assert (result.succeeded, result.retried, result.failed) == (0, 2, 1)
+    assert seen == [0, 1, 2]  # max_retries=2: three runs in all
+    row = job_row(db, job_id)
+    assert (row.state, row.retries, row.unique_key) == ("failed", 3, None)
+    assert "ValueError: still broken" in row.last_error
+    assert effect_count(db) == 0
+    with db.session():
+        again = always_fails.options(unique_key="tw-key").enqueue()
+    assert again != job_id
+
+
+def test_timeout_fails_the_run_and_refuses_its_late_completion(db):
+    with db.session():
+        job_id = timeout_then_write.enqueue()
+    started_at = time.monotonic()
+    result = worker(db).run_until_empty(timeout=30)
+    assert seen[0] == "start"
+    assert result.retried == 1, result
+    assert result.succeeded == 0
+    row = job_row(db, job_id)
+    assert (row.state, row.retries) == ("queued", 1)
+    assert "timeout" in row.last_error.lower()
+    assert effect_count(db, job_id) == 0
+    assert time.monotonic() - started_at < 10
+
+
+def test_timeout_refuses_a_run_that_wrote_before_blocking(db):
+    with db.session():
+        job_id = write_then_timeout.enqueue()
+    result = worker(db).run_until_empty(timeout=30)
+    assert seen[0] == "wrote"
+    assert result.failed == 1, result
+    row = job_row(db, job_id)
+    assert row is not None and row.state == "failed"
+    assert "timeout" in row.last_error.lower()
+    assert effect_count(db, job_id) == 0
+
+
+def test_unknown_task_and_bad_arguments_fail_and_the_worker_goes_on(db):
+    rows = [
+        dict(queue="tw", name="tw.no_such_task", args="{}"),
+        dict(queue="tw", name="tw.ok", args="{not json"),
+        dict(queue="tw", name="tw.ok", args='{"bogus": 1}'),
+        dict(queue="tw", name="tw.ok", args="[1, 2]"),
+        dict(queue="tw", name="tw.ok", args='{"n": 5}'),
+    ]
+    ids = []
+    with db.engine.begin() as conn:
+        for values in rows:
+            ids.append(conn.execute(insert(task_table).values(**values)).inserted_primary_key[0])
+    result = worker(db).run_until_empty(timeout=30)
+    assert (result.succeeded, result.retried, result.failed) == (1, 0, 4)
+    assert seen == [5]
+    assert job_row(db, ids[-1]) is None
+    errors = [job_row(db, job_id) for job_id in ids[:-1]]
+    assert all(row.state == "failed" for row in errors)
+    assert "unknown task 'tw.no_such_task'" in errors[0].last_error
+    for row in errors:
+        assert "\n" not in row.last_error.strip(), row.last_error  # one clear line, no traceback
+        assert len(row.last_error) < 500
+    assert "bogus" in errors[2].last_error
+
+
+# -- the running job -------------------------------------------------------------
+
+
+def test_current_job_inside_a_task_and_none_outside(db):
+    introspect_db[:] = [db]
+    assert mqueue.current_job() is None
+    with db.session():
+        job_id = introspect.enqueue("x", when=dt.date(2024, 2, 29))
+    result = worker(db, lease=30, heartbeat_interval=60).run_until_empty(timeout=30)
+    assert (result.succeeded, result.retried) == (1, 1)
+    assert mqueue.current_job() is None
+    assert [s["retries"] for s in seen] == [0, 1]
+    for snapshot in seen:
+        assert snapshot["id"] == job_id
+        assert snapshot["name"] == "tw.introspect"
+        assert snapshot["queue"] == "tw"
+        assert snapshot["args"] == {"label": "x", "when": dt.date(2024, 2, 29)}
+        assert snapshot["same_session"]
+        assert snapshot["after"] > snapshot["before"]  # heartbeat() extended the lease
+    assert effect_count(db, job_id) == 1
+
+
+def test_queues_named_first_are_served_first(db):
+    with db.session():
+        for n in range(3):
+            record_order.options(queue="tw-low").enqueue(f"low{n}")
+        for n in range(3):
+            record_order.options(queue="tw-high").enqueue(f"high{n}")
+    result = worker(db, queues=["tw-high", "tw-low"], prefetch=0).run_until_empty(timeout=30)
+    assert result.succeeded == 6
+    assert seen == ["high0", "high1", "high2", "low0", "low1", "low2"]
+
+
+def test_higher_priority_runs_first_then_oldest(db):
+    with db.session():
+        for priority, label in [(0, "p0-a"), (-1, "p-1"), (10, "p10"), (0, "p0-b"), (5, "p5")]:
+            record_order.options(queue="tw-prio", priority=priority).enqueue(label)
+    result = worker(db, queues=["tw-prio"], prefetch=0).run_until_empty(timeout=30)
+    assert result.succeeded == 5
+    assert seen == ["p10", "p5", "p0-a", "p0-b", "p-1"]
+
+
+# -- the fence ---------------------------------------------------------------------
+
+
+def test_a_worker_that_lost_its_lease_cannot_complete(db):
+    with db.session():
+        job_id = fenced.enqueue()
+    # Worker A never renews its 1 s lease (as if paused), and holds one job at most.
+    first = worker(db, queues=["tw-fence"], lease=1, heartbeat_interval=60, prefetch=0)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(a=first.run_until_empty(timeout=30)))
+    thread.start()
+    try:
+        wait_for(lambda: seen == [("start", 0)], timeout=10, message=lambda: f"first run: {seen}")
+        # Its lease expires and the job is handed out again, while A is still in the task.
+        wait_for(lambda: (job_row(db, job_id).state, job_row(db, job_id).retries) == ("queued", 1),
+                 timeout=10, message=lambda: f"job not re-queued: {job_row(db, job_id)}")
+        second = worker(db, queues=["tw-fence"], lease=5).run_until_empty(timeout=30)
+        assert second.succeeded == 1
+        assert seen[-1] == ("start", 1)
+        assert effect_count(db, job_id) == 1
+    finally:
+        gate.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert (outcome["a"].succeeded, outcome["a"].lost) == (0, 1)
+    assert effect_count(db, job_id) == 1
+    assert job_row(db, job_id) is None
+
+
+def test_job_ids_are_never_reused(db):
+    """The fence is (id, token): a stale worker must never meet a later job under its old id."""
+    with db.session():
+        first = ok.enqueue(1)
+    assert worker(db).run_until_empty(timeout=30).succeeded == 1
+    assert job_row(db, first) is None
+    with db.session():
+        second = ok.enqueue(2)
+    assert second > first
+
+
+# -- wake-up -------------------------------------------------------------------------
+
+
+def test_enqueue_in_the_workers_process_wakes_it_at_once(db):
+    # An idle worker polls at growing intervals (5 ms doubling up to
+    # poll_interval).  After 0.35 s idle its current wait runs from ~0.32 s to
+    # ~0.64 s, so polling alone would start a job enqueued at 0.35 s some
+    # 0.3 s later; only the in-process wake-up starts it within a few ms.
+    w = worker(db, queues=["tw-wake"], poll_interval=2.0)
+    thread = threading.Thread(target=w.run)
+    thread.start()
+    delays = []
+    try:
+        for n in range(20):
+            time.sleep(IDLE_GAP_SECONDS)  # let the worker go idle, on purpose
+            enqueued = time.perf_counter()
+            with db.session():
+                wake.enqueue(n)
+            wait_for(lambda: n in started, timeout=5, interval=0.002, message=f"job {n} did not start")
+            delays.append(started[n] - enqueued)
+    finally:
+        w.stop()
+        thread.join(30)
+    median = statistics.median(delays)
+    print(f"\n[{db.dialect.name}] in-process enqueue-to-start: median {median * 1000:.1f} ms, "
+          f"max {max(delays) * 1000:.1f} ms over {len(delays)} jobs")
+    assert median < 0.2, [round(d, 3) for d in delays]
+
+
+IDLE_GAP_SECONDS = 0.35

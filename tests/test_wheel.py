@@ -1,0 +1,90 @@
+"""The built wheel works on its own: installed in a fresh virtualenv, it migrates every backend.
+
+The repository is copied and built into a wheel once per test session; the
+virtualenv sees the system's packages (SQLAlchemy, Alembic, drivers) but not
+the repository, so the migrations must come from inside the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO_ROOT
+from sqlalchemy import create_engine, inspect, text
+
+BUILD_TIMEOUT = 300
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                     ".pytest_cache", ".benchmarks", "*.db", "*.db-wal", "*.db-shm")
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without anything that would put the repository on sys.path."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH", "VIRTUAL_ENV",
+                        "MQUEUE_DATABASE_URL")}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def run(argv, cwd: Path, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in argv], cwd=str(cwd), env=clean_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``(venv_python, venv_dir, work_dir)`` with the freshly built wheel installed."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    # A copy, so the build never writes build/ or egg-info into the shared working tree.
+    shutil.copytree(REPO_ROOT, source, ignore=COPY_IGNORE, symlinks=True)
+    dist = root / "dist"
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, source], cwd=root)
+    wheels = list(dist.glob("mqueue-*.whl"))
+    assert len(wheels) == 1, wheels
+
+    venv = root / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=root)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    # The system's pip, running in the venv's interpreter, installs into the venv.
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheels[0]], cwd=root)
+    work = root / "work"
+    work.mkdir()
+    return python, venv, work
+
+
+def test_installed_wheel_migrates_a_fresh_database(installed, database_url, backend):
+    python, venv, work = installed
+
+    where = run([python, "-c", "import mqueue, sys; print(mqueue.__file__); print(sys.prefix)"], cwd=work)
+    location, prefix = where.stdout.split()
+    assert Path(prefix).resolve() == venv.resolve()
+    assert venv.resolve() in Path(location).resolve().parents, location
+    assert REPO_ROOT not in Path(location).resolve().parents
+
+    engine = create_engine(database_url)
+    try:
+        assert inspect(engine).get_table_names() == []
+        first = run([python, "-m", "mqueue", "migrate", "--database", database_url], cwd=work, timeout=120)
+        assert "Traceback" not in first.stderr
+        # Again, through the console script: nothing to do, still fine.
+        script = python.parent / "mqueue"
+        run([script, "migrate", "--database", database_url], cwd=work, timeout=120)
+
+        assert set(inspect(engine).get_table_names()) == {"mqueue_task", "mqueue_cron", "mqueue_alembic_version"}
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM mqueue_alembic_version")).scalars().all()
+        from mqueue.migrate import alembic_config
+        from alembic.script import ScriptDirectory
+        assert versions == [ScriptDirectory.from_config(alembic_config()).get_current_head()]
+    finally:
+        engine.dispose()
+    if backend == "sqlite":
+        assert not (work / "mqueue.db").exists()  # the --database URL was used, not the default
