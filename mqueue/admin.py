@@ -177,18 +177,14 @@ def _opened(database: "Database | str") -> Iterator[Database]:
             db.dispose()
 
 
-@contextlib.contextmanager
-def _reading(database: "Database | str") -> Iterator[tuple[Database, Connection]]:
-    """One read-only transaction: a consistent snapshot that never waits for a writer."""
-    with _opened(database) as db, db.dialect.reader(db.engine).begin() as conn:
-        yield db, conn
+def _reading(db: Database) -> "contextlib.AbstractContextManager[Connection]":
+    """One read-only transaction: a consistent view that never waits for a writer."""
+    return db.dialect.reader(db.engine).begin()
 
 
-@contextlib.contextmanager
-def _writing(database: "Database | str") -> Iterator[tuple[Database, Session]]:
+def _writing(db: Database) -> "contextlib.AbstractContextManager[Session]":
     """A ``db.session()``: commits on success, and an enqueue inside it joins it."""
-    with _opened(database) as db, db.session() as session:
-        yield db, session
+    return db.session()
 
 
 def _check_id(job_id: Any) -> int:
@@ -206,10 +202,25 @@ def _not_found(job_id: int) -> JobNotFoundError:
     return JobNotFoundError(f"no job {job_id} (finished jobs are removed from mqueue_task)")
 
 
-def _running_error(job: JobInfo, action: str) -> InvalidStateError:
-    return InvalidStateError(
-        f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
-        f"wait for it to finish or for its lease to expire")
+def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
+    """The job if it exists and is not running; else the error that says why not."""
+    if job is None:
+        raise _not_found(job_id)
+    if job.state == RUNNING:
+        raise InvalidStateError(
+            f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
+            f"wait for it to finish or for its lease to expire")
+    return job
+
+
+def _check_not_running(db: Database, job_id: int, action: str) -> None:
+    """Refuse a missing or running job from a snapshot, before waiting for any lock.
+
+    On SQLite a write transaction waits for a running task's own
+    transaction to end; this answers "it is running" at once instead.
+    """
+    with _reading(db) as conn:
+        _checked(_read(conn, job_id), job_id, action)
 
 
 # -- reading ----------------------------------------------------------------------
@@ -231,14 +242,14 @@ def list_jobs(database: "Database | str", queue: str | None = None, state: str |
         query = query.where(t.c.queue == queue)
     if state is not None:
         query = query.where(t.c.state == state)
-    with _reading(database) as (_db, conn):
+    with _opened(database) as db, _reading(db) as conn:
         return [JobInfo.from_row(row) for row in conn.execute(query)]
 
 
 def get_job(database: "Database | str", job_id: int) -> JobInfo:
     """One job by id; ``JobNotFoundError`` if there is no such row (finished or never existed)."""
     _check_id(job_id)
-    with _reading(database) as (_db, conn):
+    with _opened(database) as db, _reading(db) as conn:
         job = _read(conn, job_id)
     if job is None:
         raise _not_found(job_id)
@@ -251,7 +262,7 @@ def stats(database: "Database | str") -> list[QueueStats]:
     "Due" is judged by the database's clock, read once, so the counts and the
     age agree with each other and with what workers would claim.
     """
-    with _reading(database) as (db, conn):
+    with _opened(database) as db, _reading(db) as conn:
         now = db.dialect.db_now(conn)
         due = and_(t.c.state == QUEUED, t.c.eta <= now)
         later = and_(t.c.state == QUEUED, t.c.eta > now)
@@ -276,7 +287,7 @@ def list_crons(database: "Database | str") -> list[CronInfo]:
     cron's queue, so a cron appears here once such a worker has started.
     """
     c = cron_table.c
-    with _reading(database) as (_db, conn):
+    with _opened(database) as db, _reading(db) as conn:
         rows = conn.execute(select(cron_table).order_by(c.queue, c.name)).all()
     return [CronInfo(row.name, row.queue, row.schedule, row.tz, row.last_slot, row.next_slot,
                      row.last_job_id, row.updated_at) for row in rows]
@@ -292,17 +303,15 @@ def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
     state and token just read, so a job claimed in between is never deleted.
     """
     _check_id(job_id)
-    with _writing(database) as (_db, session):
-        for _ in range(_WRITE_ATTEMPTS):
-            job = _read(session, job_id)
-            if job is None:
-                raise _not_found(job_id)
-            if job.state == RUNNING:
-                raise _running_error(job, "cancelled")
-            deleted = session.execute(delete(t).where(
-                t.c.id == job_id, t.c.state == job.state, t.c.token == job.token)).rowcount
-            if deleted == 1:
-                return job
+    with _opened(database) as db:
+        _check_not_running(db, job_id, "cancelled")
+        with _writing(db) as session:
+            for _ in range(_WRITE_ATTEMPTS):
+                job = _checked(_read(session, job_id), job_id, "cancelled")
+                deleted = session.execute(delete(t).where(
+                    t.c.id == job_id, t.c.state == job.state, t.c.token == job.token)).rowcount
+                if deleted == 1:
+                    return job
     raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
 
 
@@ -315,21 +324,20 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
     due now.  A running job raises ``InvalidStateError``.
     """
     _check_id(job_id)
-    with _writing(database) as (_db, session):
-        for _ in range(_WRITE_ATTEMPTS):
-            job = _read(session, job_id)
-            if job is None:
-                raise _not_found(job_id)
-            if job.state == RUNNING:
-                raise _running_error(job, "retried")
-            where = [t.c.id == job_id, t.c.state == job.state, t.c.token == job.token]
-            if job.state == FAILED:
-                values = dict(state=QUEUED, eta=utc_now(), retries=0)
-            else:
-                values = dict(eta=case((t.c.eta > utc_now(), utc_now()), else_=t.c.eta))
-            if session.execute(update(t).where(*where).values(**values)).rowcount == 1:
-                wakeup.notify_after_commit(session, job.queue)
-                return _read(session, job_id)
+    with _opened(database) as db:
+        _check_not_running(db, job_id, "retried")
+        with _writing(db) as session:
+            for _ in range(_WRITE_ATTEMPTS):
+                job = _checked(_read(session, job_id), job_id, "retried")
+                if job.state == FAILED:
+                    values = dict(state=QUEUED, eta=utc_now(), retries=0)
+                else:
+                    values = dict(eta=case((t.c.eta > utc_now(), utc_now()), else_=t.c.eta))
+                updated = session.execute(update(t).where(
+                    t.c.id == job_id, t.c.state == job.state, t.c.token == job.token).values(**values)).rowcount
+                if updated == 1:
+                    wakeup.notify_after_commit(session, job.queue)
+                    return _read(session, job_id)
     raise InvalidStateError(f"job {job_id} kept changing while being retried; try again")
 
 
@@ -341,7 +349,7 @@ def retry_failed(database: "Database | str", queue: str | None) -> int:
     where = [t.c.state == FAILED]
     if queue is not None:
         where.append(t.c.queue == queue)
-    with _writing(database) as (_db, session):
+    with _opened(database) as db, _writing(db) as session:
         count = session.execute(update(t).where(*where).values(state=QUEUED, eta=utc_now(), retries=0)).rowcount
         if count and queue is not None:
             wakeup.notify_after_commit(session, queue)
@@ -369,7 +377,7 @@ def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any
                if value is not None}
     if name in registered_tasks() or require_registered:
         task = get_task(name)  # UnknownTaskError with a "did you mean" if absent
-        with _writing(database):
+        with _opened(database) as db, _writing(db):
             return task.options(**options).enqueue(**kwargs)
     bad = [key for key in kwargs if not isinstance(key, str)]
     if bad:
@@ -380,7 +388,7 @@ def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any
         values["priority"] = _check_priority(priority)
     if delay is not None:
         values["eta"] = utc_now(_check_delay(delay))
-    with _writing(database) as (db, session):
+    with _opened(database) as db, _writing(db) as session:
         job_id = db.dialect.insert_job(session, values)
         wakeup.notify_after_commit(session, values["queue"])
     return job_id

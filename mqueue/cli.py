@@ -217,12 +217,8 @@ def cmd_start(args) -> int:
         from .supervisor import Supervisor, child_command
         argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
         return Supervisor(child_command(_without_processes(argv)), args.processes).run()
-    from .registry import discover
     from .worker import Worker
-    package = args.tasks or config.settings.package
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    discover(package)
+    load_tasks(args.tasks or config.settings.package)
     db = open_database(args, **({} if (args.database or config.default_url()).startswith("sqlite")
                                 else {"pool_size": args.concurrency + 4, "max_overflow": 4}))
     Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,

@@ -92,6 +92,8 @@ class Executor:
                   token=row.token, max_retries=row.max_retries, _heartbeat=self._heartbeat)
         for attempt in range(1, TRANSIENT_RERUNS + 1):
             outcome = self._run_once(running, task, job, args, kwargs)
+            if outcome == "disconnected":
+                break  # no point re-running against a database that is away: hand it back
             if outcome != "transient":
                 return outcome
             if running.timed_out or running.lost:
@@ -122,6 +124,10 @@ class Executor:
                     running.timeout_recorded.wait()
                     return running.timeout_outcome or LOST
                 if isinstance(error, DBAPIError) and self.dialect.is_transient(error):
+                    if error.connection_invalidated or self.dialect.is_unreachable(error):
+                        log.warning("job=%s database connection lost, handing the job back: %s", row.id,
+                                    _first_line(error))
+                        return "disconnected"
                     log.warning("job=%s transient database error, running it again: %s", row.id,
                                 _first_line(error))
                     return "transient"

@@ -18,7 +18,7 @@ import logging
 from typing import Callable, Sequence
 
 from .config import settings
-from .cron import Schedule, check_cron_function
+from .cron import Schedule, _naive_utc, check_cron_function
 from .encoding import encode_args
 from .registry import Task, task as register_task
 from .session import Database
@@ -93,31 +93,39 @@ class Scheduler:
         """Insert new crons, update changed schedules, delete rows of crons removed from the code."""
         dialect = self.db.dialect
         with self.db.engine.begin() as conn:
-            now = now or dialect.db_now(conn)
+            now = dialect.db_now(conn) if now is None else _naive_utc(now)
             rows = dialect.cron_rows(conn)
             for name, spec in self.crons.items():
                 row = rows.get(name)
                 wanted = (spec.queue_name(), spec.schedule.expression, spec.schedule.tz)
                 if row is not None and (row.queue, row.schedule, row.tz) == wanted and row.next_slot is not None:
                     continue
-                dialect.upsert_cron(conn, name, *wanted, next_slot=spec.schedule.next_after(now))
-                log.info("cron %s scheduled %s (%s) on queue %s", name, wanted[1], wanted[2], wanted[0])
+                first = spec.schedule.next_after(now)
+                dialect.upsert_cron(conn, name, *wanted, next_slot=first)
+                log.info("cron=%s queue=%s schedule=%r tz=%s next=%s outcome=%s", name, wanted[0], wanted[1],
+                         wanted[2], first, "added" if row is None else "changed")
             removed = [name for name, row in rows.items() if row.queue in self.queues and name not in self.crons]
             if dialect.delete_crons(conn, removed):
                 log.info("removed cron row(s) no longer in the code: %s", ", ".join(removed))
         self.synced = True
 
     def tick(self, now: dt.datetime | None = None) -> list[int]:
-        """Enqueue every cron whose slot is due; return the new job ids."""
-        if not self.crons:
-            return []
+        """Enqueue every cron whose slot is due; return the new job ids.
+
+        The first tick syncs the table, also when no cron serves these
+        queues any more: that is how the rows of removed crons go away.
+        """
         if not self.synced:
             self.sync(now)
+        if not self.crons:
+            return []
         dialect = self.db.dialect
         with self.db.engine.connect() as conn:
             if now is None:
                 now = dialect.db_now(conn)
                 conn.rollback()
+            else:
+                now = _naive_utc(now)
             rows = dialect.cron_rows(conn)
         created = []
         for name, spec in self.crons.items():
@@ -143,12 +151,12 @@ class Scheduler:
             if not dialect.advance_cron(conn, spec.name, row.next_slot, slot, next_slot):
                 return None  # another worker took this slot
             if spec.skip_if_scheduled and dialect.job_is_live(conn, row.last_job_id):
-                log.info("cron %s slot %s skipped: job %s still queued or running", spec.name, slot,
-                         row.last_job_id)
+                log.info("cron=%s queue=%s slot=%s job=%s outcome=skipped (still queued or running)",
+                         spec.name, spec.queue_name(), slot, row.last_job_id)
                 return None
             job_id = dialect.insert_job(conn, dict(
                 queue=spec.queue_name(), name=spec.name, args=encode_args({}),
                 priority=spec.task.priority, max_retries=spec.task.max_retries))
             dialect.set_cron_job(conn, spec.name, job_id)
-        log.info("cron %s slot %s enqueued job %s", spec.name, slot, job_id)
+        log.info("cron=%s queue=%s slot=%s job=%s outcome=enqueued", spec.name, spec.queue_name(), slot, job_id)
         return job_id

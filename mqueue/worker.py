@@ -154,9 +154,7 @@ class Worker:
         if self._scheduler_started:
             return
         self._scheduler_started = True
-        scheduler = Scheduler(self.db, self.queues)
-        if not scheduler.crons:
-            return
+        scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
 
         def tick() -> None:
             if scheduler.tick():
@@ -172,6 +170,9 @@ class Worker:
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
                 continue
+            # Counted before claiming: a job still held may be about to be
+            # retried with eta=now, so "empty" needs a claim that came after it.
+            idle_before_claim = self._held_count() == 0
             try:
                 claimed = self._claim(free)
                 outage = 0
@@ -185,7 +186,7 @@ class Worker:
             if claimed:
                 idle = min(0.005, self.poll_seconds)
                 continue
-            if self._until_empty and self._held_count() == 0:
+            if self._until_empty and idle_before_claim:
                 return
             self._wake.wait(idle)
             self._wake.clear()

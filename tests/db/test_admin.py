@@ -123,6 +123,8 @@ def test_accepts_a_url_and_explains_missing_tables(db, database_url, backend):
 def test_reads_do_not_wait_for_an_open_write_transaction(db):
     """On SQLite every write transaction holds the database lock; reads take a snapshot instead."""
     visible = add(db)
+    running = add(db, queue="busy")
+    claim(db, "busy")
     holding, release = threading.Event(), threading.Event()
 
     def writer():
@@ -137,15 +139,17 @@ def test_reads_do_not_wait_for_an_open_write_transaction(db):
         assert holding.wait(10)
         started = time.monotonic()
         db.check_schema()  # what every CLI job command does first
-        assert [job.id for job in admin.list_jobs(db)] == [visible]
+        assert [job.id for job in admin.list_jobs(db)] == [running, visible]
         assert admin.get_job(db, visible).id == visible
-        assert [s.queued for s in admin.stats(db)] == [1]
+        assert [(s.queued, s.running) for s in admin.stats(db)] == [(0, 1), (1, 0)]
         assert admin.list_crons(db) == []
+        with pytest.raises(InvalidStateError, match="is running"):
+            admin.cancel_job(db, running)  # refused from the snapshot, without waiting for the lock
         assert time.monotonic() - started < 5
     finally:
         release.set()
         thread.join(10)
-    assert len(admin.list_jobs(db)) == 2
+    assert len(admin.list_jobs(db)) == 3
 
 
 # -- show ------------------------------------------------------------------------

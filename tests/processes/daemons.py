@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from helpers import python_env, wait_for
@@ -362,7 +361,3 @@ def first_start(tasks: Tasks, job_id: int, timeout: float = 20.0, daemons: Daemo
 
 def stopped(pid: int) -> bool:
     return process_state(pid) == "T"
-
-
-def seconds_since(moment: float) -> float:
-    return time.time() - moment
