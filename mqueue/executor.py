@@ -150,8 +150,13 @@ class Executor:
         finally:
             with running.lock:
                 running.in_task = False
-                # drop an interrupt that arrived just as the task returned
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id), None)
+                # Drop an interrupt that arrived just as the task returned.  Only
+                # if one was sent: on CPython 3.11 clearing with NULL leaves the
+                # interpreter's async-exception flag set for good, and any
+                # sys.setprofile/settrace user (cProfile, coverage, pdb) then
+                # spins forever on the next job (scripts/bench.py profile).
+                if running.timed_out:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id), None)
 
     def _commit(self, session, row: ClaimedRow, task) -> str:
         try:

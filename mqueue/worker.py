@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 from sqlalchemy.exc import DBAPIError
 
 from . import wakeup
-from .dialects.base import ClaimedRow
 from .errors import LeaseLostError
 from .executor import FAILED, LOST, RETRIED, SUCCEEDED, Executor, Running
 from .jobs import Job

@@ -480,3 +480,18 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
             pytrace=False,
         )
     yield db.url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Any]:
+    """A ``mqueue.Database`` on an empty database of ``backend``, migrated to the latest schema.
+
+    Test modules that need more (their own tables) override it by asking for ``db`` itself.
+    """
+    import mqueue
+    from mqueue.migrate import upgrade
+
+    database = mqueue.Database(database_url)
+    upgrade(database)
+    yield database
+    database.dispose()

@@ -20,21 +20,12 @@ from mqueue import admin
 from mqueue.dialects.functions import utc_now
 from mqueue.encoding import encode_args
 from mqueue.errors import InvalidStateError, JobNotFoundError, SchemaMissingError, UnknownTaskError
-from mqueue.migrate import upgrade
 from mqueue.registry import unregister
 from mqueue.schema import FAILED, QUEUED, RUNNING, cron_table, task_table
 from mqueue.worker import Worker
 
 TRACEBACK = ('Traceback (most recent call last):\n  File "tasks.py", line 3, in send\n'
              '    raise ValueError("smtp down")\nValueError: smtp down\n')
-
-
-@pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def db_now(db) -> dt.datetime:

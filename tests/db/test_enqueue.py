@@ -92,12 +92,9 @@ def clean_state():
 
 
 @pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    note_metadata.create_all(database.engine)
-    yield database
-    database.dispose()
+def db(db):
+    note_metadata.create_all(db.engine)
+    return db
 
 
 @pytest.fixture

@@ -31,12 +31,9 @@ def noop(label: str) -> None:
 
 
 @pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    note_metadata.create_all(database.engine)
-    yield database
-    database.dispose()
+def db(db):
+    note_metadata.create_all(db.engine)
+    return db
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from helpers import wait_for
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, insert, select
 
 import mqueue
-from mqueue.migrate import upgrade
 from mqueue.schema import task_table
 
 effect_metadata = MetaData()
@@ -135,16 +134,13 @@ def wake(n: int) -> None:
 
 
 @pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    effect_metadata.create_all(database.engine)
+def db(db):
+    effect_metadata.create_all(db.engine)
     seen.clear()
     started.clear()
     gate.clear()
-    yield database
+    yield db
     gate.set()
-    database.dispose()
 
 
 def effect_count(db, job_id=None) -> int:
