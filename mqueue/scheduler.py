@@ -17,6 +17,8 @@ import datetime as dt
 import logging
 from typing import Callable, Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from .config import settings
 from .cron import Schedule, _naive_utc, check_cron_function
 from .encoding import encode_args
@@ -57,14 +59,30 @@ def cron(spec, *, tz: str = "UTC", queue: str | None = None, skip_if_scheduled: 
         def nightly_report(): ...
 
     A bad expression or time zone, or a function that requires arguments,
-    raises ``ValueError`` here, at decoration time.
+    raises ``ValueError`` here, at decoration time.  Over ``@mqueue.task``
+    the task keeps its name and options unless given here too.  One task
+    has one schedule: a second, different ``@mqueue.cron`` on the same
+    name raises ``ValueError`` (give it another ``name=``).
     """
     schedule = Schedule.parse(spec, tz=tz)
 
     def register(fn: Callable) -> Task:
-        check_cron_function(fn.fn if isinstance(fn, Task) else fn)
-        registered = register_task(fn, name=name, queue=queue, **task_options)
-        _crons[registered.name] = Cron(registered, schedule, queue, skip_if_scheduled)
+        options = dict(task_options)
+        task_name, task_queue = name, queue
+        if isinstance(fn, Task):
+            options = {"priority": fn.priority, "max_retries": fn.max_retries, "backoff": fn.backoff,
+                       "timeout": fn.timeout, **options}
+            task_name, task_queue = name or fn.name, queue or fn.queue
+            fn = fn.fn
+        check_cron_function(fn)
+        wanted_name = task_name or f"{fn.__module__}.{fn.__qualname__}"
+        existing = _crons.get(wanted_name)
+        if existing is not None and (existing.schedule, existing.queue, existing.skip_if_scheduled) != \
+                (schedule, task_queue, skip_if_scheduled):
+            raise ValueError(f"task {wanted_name!r} already has the cron schedule {existing.schedule.expression!r} "
+                             f"({existing.schedule.tz}); a second schedule needs its own task: give it name=")
+        registered = register_task(fn, name=task_name, queue=task_queue, **options)
+        _crons[registered.name] = Cron(registered, schedule, task_queue, skip_if_scheduled)
         return registered
 
     return register
@@ -101,9 +119,9 @@ class Scheduler:
                 if row is not None and (row.queue, row.schedule, row.tz) == wanted and row.next_slot is not None:
                     continue
                 first = spec.schedule.next_after(now)
-                dialect.upsert_cron(conn, name, *wanted, next_slot=first)
-                log.info("cron=%s queue=%s schedule=%r tz=%s next=%s outcome=%s", name, wanted[0], wanted[1],
-                         wanted[2], first, "added" if row is None else "changed")
+                if dialect.upsert_cron(conn, name, *wanted, next_slot=first):
+                    log.info("cron=%s queue=%s schedule=%r tz=%s next=%s outcome=%s", name, wanted[0],
+                             wanted[1], wanted[2], first, "added" if row is None else "changed")
             removed = [name for name, row in rows.items() if row.queue in self.queues and name not in self.crons]
             if dialect.delete_crons(conn, removed):
                 log.info("removed cron row(s) no longer in the code: %s", ", ".join(removed))
@@ -120,12 +138,8 @@ class Scheduler:
         if not self.crons:
             return []
         dialect = self.db.dialect
-        with self.db.engine.connect() as conn:
-            if now is None:
-                now = dialect.db_now(conn)
-                conn.rollback()
-            else:
-                now = _naive_utc(now)
+        with dialect.reader(self.db.engine).connect() as conn:  # a plain read: no write lock on SQLite
+            now = dialect.db_now(conn) if now is None else _naive_utc(now)
             rows = dialect.cron_rows(conn)
         created = []
         for name, spec in self.crons.items():
@@ -135,7 +149,15 @@ class Scheduler:
                 continue
             if now < row.next_slot:
                 continue
-            job_id = self._take_slot(spec, row, now)
+            try:
+                job_id = self._take_slot(spec, row, now)
+            except DBAPIError as error:
+                if dialect.is_transient(error) or dialect.is_unreachable(error):
+                    raise  # the caller retries the whole tick
+                # one broken cron must not keep the others from running
+                log.error("cron=%s queue=%s slot due at %s could not be enqueued: %s", name, spec.queue_name(),
+                          row.next_slot, str(getattr(error, "orig", error)).strip().splitlines()[0])
+                continue
             if job_id is not None:
                 created.append(job_id)
         return created

@@ -51,8 +51,8 @@ class Database:
 
     def __init__(self, url_or_engine: str | URL | Engine, **engine_kwargs: Any) -> None:
         if isinstance(url_or_engine, Engine):
-            self.engine = url_or_engine
-            self.dialect: Dialect = dialect_for(self.engine)
+            self.dialect: Dialect = dialect_for(url_or_engine)
+            self.engine = self.dialect.adopt_engine(url_or_engine)
         else:
             url = make_url(url_or_engine)
             self.dialect = dialect_for(url.get_backend_name())
@@ -77,7 +77,7 @@ class Database:
         outer session: the outer block decides commit or rollback.
         """
         outer = _current.get()
-        if outer is not None and outer.get_bind() is self.engine:
+        if outer is not None and outer.get_bind().pool is self.engine.pool:
             yield outer
             return
         session = self.Session()

@@ -18,6 +18,12 @@ import time
 
 log = logging.getLogger("mqueue.supervisor")
 
+#: Set in each child's environment.  A supervised worker treats every signal
+#: after the first as a repeat (systemd's default KillMode signals the whole
+#: control group, then the supervisor forwards its own): the supervisor, not
+#: the child, decides when to kill at once.
+SUPERVISED_ENV = "MQUEUE_SUPERVISED"
+
 #: A child that dies sooner than this after starting is restarted with backoff.
 FAST_DEATH_SECONDS = 5.0
 MAX_RESTART_DELAY_SECONDS = 30.0
@@ -67,7 +73,8 @@ class Supervisor:
         return 0
 
     def _spawn(self, slot: int) -> None:
-        child = subprocess.Popen(self.child_argv, start_new_session=True)
+        env = dict(os.environ, **{SUPERVISED_ENV: "1"})
+        child = subprocess.Popen(self.child_argv, start_new_session=True, env=env)
         self.children[slot] = child
         self.started_at[slot] = time.monotonic()
         log.info("started worker process %d", child.pid)

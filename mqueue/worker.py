@@ -334,6 +334,8 @@ class Worker:
 
     def _on_signal(self, signum, _frame) -> None:
         self._signals += 1
+        if self._signals > 1 and os.environ.get("MQUEUE_SUPERVISED") == "1":
+            return  # a repeat from the cgroup or the supervisor; it sends SIGKILL to force
         if self._signals > 1:
             os.write(2, b"mqueue: second signal, exiting at once (leases will expire)\n")
             os._exit(1)

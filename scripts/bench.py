@@ -34,10 +34,11 @@ drain
     engine configured by mqueue (so SQLite also pays BEGIN IMMEDIATE).
 latency
     one idle daemon at default settings; jobs enqueued one at a time, a fixed
-    gap apart.  Latency runs from the enqueuing commit (the moment the job
-    exists) to the task's first line, which stamps ``time.time()`` into an
-    effect table in the job's own session.  Then the same with a
-    ``mqueue.Worker`` running in a thread of this process.
+    gap apart, each in its own ``db.session()``.  Latency runs from the
+    enqueue call (so it includes the enqueuing INSERT and COMMIT) to the
+    task's first line, which stamps ``time.time()`` into an effect table in
+    the job's own session.  Then the same with a ``mqueue.Worker`` running in
+    a thread of this process.
 """
 
 from __future__ import annotations
@@ -492,18 +493,19 @@ class Bench:
             alive()
             return self.database.count(self.tasks.started) == 1
         wait_until(done, 60, "the warm-up job")
-        time.sleep(1.0)   # let the idle poll back off to its longest interval
+        time.sleep(0.5)   # let the idle poll back off to its longest interval (0.2 s)
         self.database.clean(self.tasks.started)
 
     def _measure_latency(self, alive: Callable[[], None]) -> list[float]:
         jobs, gap = self.args.latency_jobs, self.args.latency_gap
         stamp = self.tasks.stamp
-        committed: dict[int, float] = {}
+        called_at: dict[int, float] = {}
         tick = time.monotonic()
         for _ in range(jobs):
+            called = time.time()
             with self.db.session():
                 job_id = stamp.enqueue()
-            committed[job_id] = time.time()
+            called_at[job_id] = called
             tick += gap
             time.sleep(max(0.0, tick - time.monotonic()))
 
@@ -513,7 +515,7 @@ class Bench:
         wait_until(done, 60, f"{jobs} latency jobs")
         with self.database.monitor.connect() as conn:
             rows = conn.execute(select(self.tasks.started.c.job_id, self.tasks.started.c.started)).all()
-        return [started - committed[job_id] for job_id, started in rows]
+        return [started - called_at[job_id] for job_id, started in rows]
 
 
 # ---------------------------------------------------------------------------
@@ -566,7 +568,7 @@ def _drain_row(backend: str, label: str, config: tuple[int, int], r: dict) -> li
 
 
 def report_latency(args, runs: list[dict]) -> dict:
-    say(f"  latency: {args.latency_jobs} jobs {args.latency_gap * 1000:.0f} ms apart, enqueue commit -> task "
+    say(f"  latency: {args.latency_jobs} jobs {args.latency_gap * 1000:.0f} ms apart, enqueue call -> task "
         "start; daemon at default settings, then a Worker in a thread of this process")
     rows = []
     for number, r in enumerate(runs, 1):
@@ -745,8 +747,16 @@ def tasks_package(workdir: Path) -> Iterator[tuple[Path, Any]]:
         sys.path.remove(str(tasks_dir))
 
 
+def _interrupted(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (and SIGINT even when started in the background) unwind through
+    # the finally blocks: daemons stopped, bench databases dropped.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     if args.benchmark == "_raw":
         raw_child(args.threads, args.seconds, args.start_at)
         return 0
@@ -755,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     summary: dict[str, dict[str, Any]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="mqueue-bench-"))
-    say(f"mqueue bench: {', '.join(chosen)} on {', '.join(backends)}, {args.runs} run(s); "
+    runs = "" if args.benchmark == "profile" else f", {args.runs} run(s)"
+    say(f"mqueue bench: {', '.join(chosen)} on {', '.join(backends)}{runs}; "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     try:
         with tasks_package(workdir) as (tasks_dir, tasks):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -54,6 +54,10 @@ class Dialect:
     def engine_options(self, url) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this backend."""
         return {"pool_pre_ping": True}
+
+    def adopt_engine(self, engine: Engine) -> Engine:
+        """An application's own engine, with the options mqueue needs (same pool)."""
+        return engine
 
     def configure_engine(self, engine: Engine) -> None:
         """Install connection hooks (isolation, pragmas).  Default: nothing."""
@@ -229,18 +233,29 @@ class Dialect:
         """Every row of ``mqueue_cron`` by name."""
         return {row.name: row for row in conn.execute(select(cron_table))}
 
-    def upsert_cron(self, conn, name: str, queue: str, schedule: str, tz: str, next_slot) -> None:
-        """Insert a cron row, or update its schedule if the code changed it (last run kept)."""
+    def upsert_cron(self, conn, name: str, queue: str, schedule: str, tz: str, next_slot) -> bool:
+        """Insert a cron row, or update its schedule if the code changed it (last run kept).
+
+        True if this call wrote the row, False if it was already as wanted.
+
+        The UPDATE only matches a row that still differs: when two workers
+        deploy the same change at once, the later one waits for the
+        earlier's row lock and then leaves the row alone, so it cannot move
+        back a ``next_slot`` that the earlier one has already advanced.
+        """
         c = cron_table.c
-        updated = conn.execute(update(cron_table).where(c.name == name).values(
+        differs = or_(c.queue != queue, c.schedule != schedule, c.tz != tz, c.next_slot.is_(None))
+        updated = conn.execute(update(cron_table).where(c.name == name, differs).values(
             queue=queue, schedule=schedule, tz=tz, next_slot=next_slot, updated_at=utc_now())).rowcount
-        if not updated:
-            try:
-                with conn.begin_nested():
-                    conn.execute(insert(cron_table).values(name=name, queue=queue, schedule=schedule, tz=tz,
-                                                           next_slot=next_slot))
-            except IntegrityError:
-                pass  # another worker inserted it at the same moment: same code, same row
+        if updated:
+            return True
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(cron_table).values(name=name, queue=queue, schedule=schedule, tz=tz,
+                                                       next_slot=next_slot))
+            return True
+        except IntegrityError:
+            return False  # the row exists as wanted, or another worker inserted it at the same moment
 
     def delete_crons(self, conn, names: Sequence[str]) -> int:
         if not names:

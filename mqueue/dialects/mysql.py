@@ -54,6 +54,10 @@ class MySQLDialect(Dialect):
             options["connect_args"] = connect_args
         return options
 
+    def adopt_engine(self, engine):
+        """READ COMMITTED for mqueue's sessions on an application's engine (its own sessions keep theirs)."""
+        return engine.execution_options(isolation_level="READ COMMITTED")
+
     def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
         """SELECT ... FOR UPDATE SKIP LOCKED over the claim index, then UPDATE by primary key.
 

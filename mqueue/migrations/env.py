@@ -34,7 +34,10 @@ connection = config.attributes.get("connection")
 if connection is not None:
     run(connection)
 else:
-    engine = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
-                                poolclass=pool.NullPool)
+    section = config.get_section(config.config_ini_section, {})
+    url = context.get_x_argument(as_dictionary=True).get("url")  # alembic -x url=... overrides the ini
+    if url:
+        section["sqlalchemy.url"] = url
+    engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with engine.begin() as conn:
         run(conn)

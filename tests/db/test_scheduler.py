@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import threading
 from zoneinfo import ZoneInfo
 
 import pytest
-from helpers import run_python
+from helpers import run_python, wait_for
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, insert, select
 
 import mqueue
 from mqueue import admin
 from mqueue.cron import Schedule
 from mqueue.errors import JobNotFoundError, UnknownTaskError
-from mqueue.migrate import upgrade
-from mqueue.registry import get_task
-from mqueue.scheduler import Scheduler, registered_crons
+from mqueue.registry import get_task, unregister
+from mqueue.scheduler import Scheduler, registered_crons, unregister_cron
 from mqueue.schema import FAILED, QUEUED, RUNNING, cron_table, task_table
 
 MINUTE = dt.timedelta(minutes=1)
@@ -110,17 +110,24 @@ def cli_report() -> None:
     pass
 
 
+@mqueue.cron(mqueue.Minutely, queue="tsc_broken", name="tsc.broken_priority", priority=2 ** 40)
+def broken_priority() -> None:
+    """Its job cannot be stored: the priority does not fit the column (server backends)."""
+
+
+@mqueue.cron(mqueue.Minutely, queue="tsc_broken", name="tsc.fine_neighbour")
+def fine_neighbour() -> None:
+    pass
+
+
 # -- helpers ------------------------------------------------------------------------
 
 @pytest.fixture
-def edb(database_url):
-    """A migrated database of the backend under test, plus the ``effect`` table."""
-    db = mqueue.Database(database_url)
-    upgrade(db)
+def edb(db):
+    """The migrated database of the backend under test, plus the ``effect`` table."""
     effect_metadata.create_all(db.engine)
     flaky_state["failing"] = True
-    yield db
-    db.dispose()
+    return db
 
 
 def cron_row(db, name: str):
@@ -192,10 +199,40 @@ def test_cron_is_also_a_task_and_defaults_are_fine():
         assert (spec.schedule.expression, spec.schedule.tz, spec.queue_name()) == \
             ("0 * * * *", "Europe/Berlin", "tsc_nowhere")
     finally:
-        from mqueue.registry import unregister
-        from mqueue.scheduler import unregister_cron
         unregister_cron("tsc.defaults_ok")
         unregister("tsc.defaults_ok")
+
+
+def test_cron_over_task_keeps_the_task_name_and_options():
+    def nightly() -> None:
+        pass
+
+    inner = mqueue.task(name="tsc.stacked", queue="tsc_stacked", priority=5, max_retries=2, backoff=[1, 2])(nightly)
+    registered = mqueue.cron("0 4 * * *", tz="Europe/Berlin")(inner)
+    try:
+        assert registered.name == "tsc.stacked" and get_task("tsc.stacked") is registered
+        assert (registered.queue, registered.priority, registered.max_retries, registered.backoff) == \
+            ("tsc_stacked", 5, 2, (1.0, 2.0))
+        assert registered_crons()["tsc.stacked"].queue_name() == "tsc_stacked"
+    finally:
+        unregister_cron("tsc.stacked")
+        unregister("tsc.stacked")
+
+
+def test_one_task_has_one_schedule():
+    def twice() -> None:
+        pass
+
+    mqueue.cron(mqueue.HOURLY, name="tsc.twice")(twice)
+    try:
+        assert mqueue.cron("0 * * * *", name="tsc.twice")(twice) is not None  # the same again: a re-import
+        with pytest.raises(ValueError) as caught:
+            mqueue.cron(mqueue.DAILY, name="tsc.twice")(twice)
+        assert "tsc.twice" in str(caught.value) and "'0 * * * *'" in str(caught.value)
+        assert registered_crons()["tsc.twice"].schedule == Schedule.parse("0 * * * *")
+    finally:
+        unregister_cron("tsc.twice")
+        unregister("tsc.twice")
 
 
 # -- sync ---------------------------------------------------------------------------
@@ -282,6 +319,83 @@ def test_rows_of_crons_removed_from_the_code_are_deleted_for_served_queues_only(
     assert cron_names(edb) == {"elsewhere.report"}
 
 
+def cron_updates_in_progress(db) -> int:
+    """Statements ``UPDATE mqueue_cron ...`` running right now in this database (server backends).
+
+    (MariaDB's ``information_schema.innodb_trx`` was seen not to list such a
+    waiting statement as ``LOCK WAIT``; the process list always shows it.)
+    """
+    if db.engine.dialect.name == "postgresql":
+        query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                 "AND state = 'active' AND query LIKE 'UPDATE mqueue_cron%%'")
+    else:
+        query = ("SELECT count(*) FROM information_schema.processlist WHERE db = DATABASE() "
+                 "AND command = 'Query' AND info LIKE 'UPDATE mqueue_cron%%'")
+    with db.engine.connect() as conn:
+        return conn.exec_driver_sql(query).scalar_one()
+
+
+@pytest.mark.backends("mariadb", "postgresql")
+def test_a_late_sync_of_the_same_change_cannot_move_the_next_slot_back(edb):
+    """Two workers deploy the same schedule change at once; the first also takes a slot.
+
+    The second read the old row before the first committed, so it wants to
+    write the change too.  Its write waits for the first's row lock and must
+    then find the change made: were it to reset ``next_slot`` from its older
+    ``now``, the slot just taken would be enqueued a second time.
+    """
+    spec = dataclasses.replace(registered_crons()["tsc.sync_minutely"], skip_if_scheduled=False)
+    with edb.engine.begin() as conn:  # what the old code left behind: an hourly schedule
+        conn.execute(insert(cron_table).values(name=spec.name, queue="tsc_sync", schedule="0 * * * *", tz="UTC",
+                                               next_slot=dt.datetime(2031, 1, 1, 1, 0)))
+    slot = dt.datetime(2031, 1, 1, 0, 1)
+    errors: list[BaseException] = []
+    late = Scheduler(edb, ["tsc_sync"], crons={spec.name: spec})
+
+    def late_sync() -> None:
+        try:
+            late.sync(now=slot - dt.timedelta(seconds=1))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    with edb.engine.connect() as first:
+        with first.begin():
+            # the first worker's sync and its tick, not yet committed: the minutely schedule, slot 00:01 taken
+            first.execute(cron_table.update().where(cron_table.c.name == spec.name).values(
+                schedule="* * * * *", last_slot=slot, next_slot=slot + MINUTE, last_job_id=12345))
+            thread = threading.Thread(target=late_sync)
+            thread.start()
+            # it has read the old row and now waits for the first's row lock
+            wait_for(lambda: cron_updates_in_progress(edb) >= 1 or not thread.is_alive(), timeout=20,
+                     message="the late sync never tried to write")
+            assert thread.is_alive(), f"the late sync did not wait for the row lock: {errors}"
+        thread.join(30)
+    assert not thread.is_alive() and not errors, errors
+    row = cron_row(edb, spec.name)
+    assert (row.schedule, row.last_slot, row.next_slot) == ("* * * * *", slot, slot + MINUTE)
+    assert late.tick(now=slot + dt.timedelta(seconds=1)) == []  # the slot is not enqueued again
+
+
+def test_a_worker_whose_code_has_no_crons_left_deletes_their_rows(edb):
+    with edb.engine.begin() as conn:
+        conn.execute(insert(cron_table), [
+            dict(name="tsc.retired", queue="tsc_orphan", schedule="0 0 * * *", tz="UTC",
+                 next_slot=dt.datetime(2031, 1, 2)),
+            dict(name="elsewhere.report", queue="tsc_elsewhere", schedule="0 0 * * *", tz="UTC",
+                 next_slot=dt.datetime(2031, 1, 2)),
+        ])
+    worker = mqueue.Worker(edb, queues=["tsc_orphan"], lease=2, poll_interval=0.05)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: cron_names(edb) == {"elsewhere.report"}, timeout=10,
+                 message=lambda: f"cron rows left: {cron_names(edb)}")
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 # -- exactly one job per scheduled time ---------------------------------------------
 
 @pytest.mark.parametrize("schedulers", [3, 8])
@@ -348,6 +462,18 @@ def test_catch_up_after_three_hours_of_downtime_enqueues_one_job(edb):
         assert later.tick(now=dt.datetime(2031, 1, 1, 4, minute)) == []
     assert len(later.tick(now=dt.datetime(2031, 1, 1, 5, 0))) == 1
     assert len(jobs_of(edb, "tsc.catchup")) == 3
+
+
+@pytest.mark.backends("mariadb", "postgresql")
+def test_a_cron_whose_job_cannot_be_stored_does_not_stop_the_others(edb, caplog):
+    scheduler = Scheduler(edb, ["tsc_broken"])
+    scheduler.sync(now=T0)
+    with caplog.at_level(logging.ERROR, logger="mqueue.scheduler"):
+        ids = scheduler.tick(now=T0 + MINUTE)
+    assert [admin.get_job(edb, job_id).name for job_id in ids] == ["tsc.fine_neighbour"]
+    assert "cron=tsc.broken_priority" in caplog.text and "could not be enqueued" in caplog.text
+    row = cron_row(edb, "tsc.broken_priority")  # rolled back: tried again on the next tick
+    assert (row.last_slot, row.next_slot) == (None, T0 + MINUTE - dt.timedelta(seconds=30))
 
 
 # -- skip_if_scheduled -----------------------------------------------------------------

@@ -229,7 +229,7 @@ class Daemon:
         self.out_path = tasks.root / f"{name}.out"
         self.err_path = tasks.root / f"{name}.err"
         argv = [sys.executable, "-m", "mqueue", "start", *queues, "--database", url,
-                "--tasks", TASKS_PACKAGE, "--concurrency", str(concurrency), "--processes", str(processes),
+                "--tasks", getattr(tasks, "package", TASKS_PACKAGE), "--concurrency", str(concurrency), "--processes", str(processes),
                 "--lease", str(lease), "--poll-interval", str(poll_interval)]
         if grace is not None:
             argv += ["--grace", str(grace)]

@@ -6,6 +6,11 @@
     proxy.refuse()       # nothing listens: new connections are refused
     proxy.blackhole()    # bytes stop flowing (held, not lost); new connections hang
     proxy.passthrough()  # back to normal; held bytes flow on
+    proxy.delay(0.2)     # every chunk waits 0.2 s before it is forwarded (a slow link)
+    proxy.hold_commit(after=b"DELETE FROM mqueue_task")
+                         # the next COMMIT of a transaction that sent those bytes
+                         # reaches the server, its reply is held, then both ends
+                         # get a RST: the client cannot know whether it committed
 
 One thread accepts; each connection has one thread pumping both directions.
 Modes apply to connections already open as well as new ones.
@@ -17,6 +22,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 PASS, BLACKHOLE, REFUSE = "pass", "blackhole", "refuse"
 _TICK = 0.02
@@ -43,6 +49,7 @@ class _Pair:
         self.upstream: socket.socket | None = None
         self.reset = threading.Event()
         self.done = threading.Event()
+        self.saw_pattern = False
 
     def run(self) -> None:
         try:
@@ -79,10 +86,34 @@ class _Pair:
                     data = key.fileobj.recv(65536)
                     if not data:
                         return  # one side closed: close both
+                    if self.proxy.delay_seconds:
+                        time.sleep(self.proxy.delay_seconds)
+                    if key.fileobj is self.client and self._hold_this_commit(data):
+                        key.data.sendall(data)  # the server gets the COMMIT...
+                        self.reset.wait(self.proxy.hold_seconds)  # ...its reply never leaves here
+                        self.reset.set()
+                        return
                     key.data.sendall(data)
         finally:
             if selector is not None:
                 selector.close()
+
+
+    def _hold_this_commit(self, data: bytes) -> bool:
+        pattern = self.proxy.hold_pattern
+        if pattern is None:
+            return False
+        if pattern in data:
+            self.saw_pattern = True
+        if self.saw_pattern and _is_commit(data):
+            self.saw_pattern = False
+            return self.proxy._take_hold()
+        return False
+
+
+def _is_commit(data: bytes) -> bool:
+    """A lone COMMIT statement: MySQL COM_QUERY (11 bytes) or a PostgreSQL Query message (12)."""
+    return len(data) < 40 and b"COMMIT" in data.upper()
 
 
 class Proxy:
@@ -99,6 +130,11 @@ class Proxy:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self.connections_made = 0
+        self.delay_seconds = 0.0
+        self.hold_pattern: bytes | None = None
+        self.hold_seconds = 0.0
+        self.holds_left = 0
+        self.commits_held = 0
 
     # -- life cycle
     def start(self) -> "Proxy":
@@ -135,6 +171,29 @@ class Proxy:
         self.mode = REFUSE
         with self._lock:
             self._unlisten()
+
+    def delay(self, seconds: float) -> None:
+        """Forward every chunk ``seconds`` late (0 to stop)."""
+        self.delay_seconds = float(seconds)
+
+    def hold_commit(self, after: bytes = b"", count: int = 1, hold_seconds: float = 1.0) -> None:
+        """Arm: the next ``count`` COMMITs, each of a transaction that sent ``after``
+        (any transaction if empty), reach the server, their replies are held
+        for ``hold_seconds``, then both ends of the connection get a RST."""
+        with self._lock:
+            self.hold_pattern = after if count > 0 else None
+            self.holds_left = count
+            self.hold_seconds = hold_seconds
+
+    def _take_hold(self) -> bool:
+        with self._lock:
+            if self.holds_left <= 0:
+                return False
+            self.holds_left -= 1
+            self.commits_held += 1
+            if self.holds_left == 0:
+                self.hold_pattern = None
+            return True
 
     def reset(self) -> int:
         """RST every open connection, both ways; return how many there were."""

@@ -1,0 +1,142 @@
+"""SIGKILL at each point of a job's life, and a COMMIT whose reply never arrives.
+
+Points not covered by ``tests/processes`` (which kills mid-task): after the
+claim but before the task starts, after the task's writes just before the
+worker commits, while the worker's COMMIT reply is held by the proxy, and
+while a heartbeat waits on a lock.  After each: lost 0, duplicate and
+phantom effects 0, the orphaned job runs again within lease + 5 s (unless
+it had committed), and no daemon log holds a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from helpers import wait_for
+from jobs import (block_job, drained_and_checked, lease_expired, proxied, rerun, state_owner, work_effects,
+                  work_jobs)
+from ledger import log_problems
+from sqlalchemy import select, text
+
+from mqueue.schema import task_table
+
+LEASE = 2.0
+RECOVERY_BAR = LEASE + 5
+
+
+def kill(daemon) -> float:
+    daemon.send(signal.SIGKILL)
+    killed_at = time.time()
+    assert daemon.wait(5) == -signal.SIGKILL
+    return killed_at
+
+
+def no_tracebacks(daemons):
+    for daemon in daemons.started:
+        assert log_problems(daemon.stderr()) == [], daemon.stderr()[-3000:]
+
+
+def test_sigkill_after_claim_before_the_task_starts(backend, fdb, harness, fdaemons):
+    victim = fdaemons.start(concurrency=1, lease=LEASE)
+    victim.wait_serving()
+    blocker = block_job(fdb, harness, "start")
+    wait_for(lambda: harness.reached(blocker, "start"), timeout=15, message=fdaemons.output)
+    # The worker holds one job beyond its running one (prefetch): claimed, not started.
+    (waiting,) = work_jobs(fdb, harness, 1)
+    wait_for(lambda: state_owner(fdb, waiting) == ("running", victim.pid) or
+             (state_owner(fdb, waiting) or ("", ""))[1] and f":{victim.pid}:" in state_owner(fdb, waiting)[1],
+             timeout=10, message=lambda: f"{state_owner(fdb, waiting)}\n{fdaemons.output()}")
+    assert harness.starts(waiting) == []
+    rescuer = fdaemons.start(concurrency=2, lease=LEASE)
+    rescuer.wait_serving()
+
+    killed_at = kill(victim)
+    first = wait_for(lambda: next(iter(harness.starts(waiting)), None), timeout=RECOVERY_BAR + 5,
+                     message=fdaemons.output)
+    print(f"\n[{backend}] claimed-not-started job started {first[4] - killed_at:.2f}s after the kill")
+    assert first[2] == rescuer.pid
+    assert first[4] - killed_at < RECOVERY_BAR
+    rerun(harness, blocker, fdaemons, timeout=RECOVERY_BAR)
+    drained_and_checked(fdb, harness, fdaemons)
+    assert len(harness.starts(waiting)) == 1
+    no_tracebacks(fdaemons)
+
+
+def test_sigkill_after_the_writes_before_commit(backend, fdb, harness, fdaemons):
+    victim = fdaemons.start(concurrency=1, lease=LEASE)
+    victim.wait_serving()
+    job_id = block_job(fdb, harness, "end")
+    wait_for(lambda: harness.reached(job_id, "end"), timeout=15, message=fdaemons.output)
+    rescuer = fdaemons.start(concurrency=1, lease=LEASE)
+    rescuer.wait_serving()
+
+    killed_at = kill(victim)
+    again = rerun(harness, job_id, fdaemons, timeout=RECOVERY_BAR + 5)
+    print(f"\n[{backend}] SIGKILL before COMMIT: ran again {again[4] - killed_at:.2f}s after the kill")
+    assert again[2] == rescuer.pid and again[4] - killed_at < RECOVERY_BAR
+    drained_and_checked(fdb, harness, fdaemons)
+    assert [(r.job_id, r.pid) for r in work_effects(fdb)] == [(job_id, rescuer.pid)]
+    no_tracebacks(fdaemons)
+
+
+def test_sigkill_during_a_heartbeat(backend, fdb, harness, fdaemons):
+    """The test locks the job's row (SQLite: the database) so the victim's heartbeat waits; then SIGKILL."""
+    victim = fdaemons.start(concurrency=1, lease=LEASE)
+    victim.wait_serving()
+    job_id = block_job(fdb, harness, "start")
+    wait_for(lambda: harness.reached(job_id, "start"), timeout=15, message=fdaemons.output)
+    rescuer = fdaemons.start(concurrency=1, lease=LEASE)
+    rescuer.wait_serving()
+
+    with fdb.engine.connect() as conn:
+        with conn.begin():
+            if backend == "sqlite":
+                conn.execute(text("UPDATE mqueue_task SET priority = priority WHERE id = :id"), {"id": job_id})
+            else:
+                conn.execute(select(task_table.c.id).where(task_table.c.id == job_id).with_for_update())
+            # Heartbeats run every lease/4; the lease can only run out if they are stuck on our lock.
+            wait_for(lambda: lease_expired(fdb, job_id), timeout=LEASE + 5,
+                     message=lambda: f"the heartbeat was not blocked\n{fdaemons.output()}")
+            killed_at = kill(victim)
+    again = rerun(harness, job_id, fdaemons, timeout=RECOVERY_BAR + 5)
+    print(f"\n[{backend}] SIGKILL during a heartbeat: ran again {again[4] - killed_at:.2f}s after the kill")
+    assert again[2] == rescuer.pid and again[4] - killed_at < RECOVERY_BAR
+    drained_and_checked(fdb, harness, fdaemons)
+    no_tracebacks(fdaemons)
+
+
+@pytest.mark.backends("mariadb", "postgresql")
+@pytest.mark.parametrize("then_kill", [False, True], ids=["unknown-outcome", "sigkill-while-held"])
+def test_commit_reply_held(backend, database_url, fdb, harness, fdaemons, proxy, then_kill):
+    """The task's COMMIT reaches the server but its reply is held, then the connection is reset.
+
+    The job did commit: its effect counts once and it never runs again,
+    whether the worker learns the outcome by asking again (unknown outcome)
+    or is killed while waiting for the reply.
+    """
+    victim = fdaemons.start(url=proxied(database_url, proxy), concurrency=1, lease=LEASE)
+    victim.wait_serving()
+    job_id = block_job(fdb, harness, "end")
+    wait_for(lambda: harness.reached(job_id, "end"), timeout=15, message=fdaemons.output)
+    rescuer = fdaemons.start(concurrency=1, lease=LEASE)
+    rescuer.wait_serving()
+    proxy.hold_commit(after=b"DELETE FROM mqueue_task", hold_seconds=30 if then_kill else 1.0)
+    harness.go(job_id)
+    wait_for(lambda: proxy.commits_held == 1, timeout=10, message=fdaemons.output)
+    wait_for(lambda: state_owner(fdb, job_id) is None, timeout=10, message="the server did not commit")
+    if then_kill:
+        kill(victim)
+        proxy.reset()
+    else:
+        outcome = wait_for(lambda: next((line for line in victim.stderr().splitlines()
+                                         if f"job={job_id} task=" in line and "outcome=" in line), None),
+                           timeout=15, message=victim.stderr)
+        assert outcome.endswith("outcome=succeeded"), victim.stderr()
+    # A wrong decision would leave the row for a rescue; the server already deleted it.
+    assert state_owner(fdb, job_id) is None
+    drained_and_checked(fdb, harness, fdaemons)
+    assert [r.job_id for r in work_effects(fdb)] == [job_id]
+    assert len(harness.starts(job_id)) == 1
+    no_tracebacks(fdaemons)
