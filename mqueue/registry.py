@@ -30,6 +30,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_MAX_RETRIES = 10
+MAX_NAME_LENGTH = 255   # width of mqueue_task.name
+MAX_QUEUE_LENGTH = 100  # width of mqueue_task.queue
 ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key")
 
 _registry: dict[str, "Task"] = {}
@@ -242,12 +244,19 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         _check_int("priority", out["priority"])
     if "max_retries" in out:
         _check_int("max_retries", out["max_retries"], minimum=0)
-    if out.get("queue") is not None and (not isinstance(out["queue"], str) or not out["queue"]):
-        raise ValueError(f"queue must be a non-empty string, got {out['queue']!r}")
+    if out.get("queue") is not None:
+        check_queue_name(out["queue"])
     if out.get("unique_key") is not None and (not isinstance(out["unique_key"], str)
                                               or not 0 < len(out["unique_key"]) <= 255):
         raise ValueError(f"unique_key must be a string of 1 to 255 characters, got {out['unique_key']!r}")
     return out
+
+
+def check_queue_name(queue: Any) -> str:
+    """Queue names are 1 to 100 characters (the width of ``mqueue_task.queue``)."""
+    if not isinstance(queue, str) or not 0 < len(queue) <= MAX_QUEUE_LENGTH:
+        raise ValueError(f"queue must be a string of 1 to {MAX_QUEUE_LENGTH} characters, got {queue!r}")
+    return queue
 
 
 def to_naive_utc(value: dt.datetime) -> dt.datetime:
@@ -284,13 +293,15 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
     if timeout is not None and (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
                                 or not timeout > 0):  # also refuses NaN
         raise ValueError(f"timeout must be seconds > 0, got {timeout!r}")
-    if queue is not None and (not isinstance(queue, str) or not queue):
-        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+    if queue is not None:
+        check_queue_name(queue)
 
     def register(function: Callable) -> Task:
         if isinstance(function, Task):
             function = function.fn
         task_name = name or f"{function.__module__}.{function.__qualname__}"
+        if not isinstance(task_name, str) or not 0 < len(task_name) <= MAX_NAME_LENGTH:
+            raise ValueError(f"task name must be a string of 1 to {MAX_NAME_LENGTH} characters, got {task_name!r}")
         registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout)
         _add(registered)
         return registered
