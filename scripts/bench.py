@@ -130,19 +130,24 @@ def stamp() -> None:
     mqueue.current_session().execute(insert(started).values(job_id=mqueue.current_job().id, started=now))
 
 
-def _profile_every_thread(prefix: str) -> None:
-    """cProfile follows one thread only: give every thread of this daemon its own profiler."""
+def _profile_every_thread(prefix: str, clock: str) -> None:
+    """cProfile follows one thread only: give every thread of this daemon its own profiler.
+
+    ``clock`` "wall" counts time waiting on the database too; "cpu" counts
+    each thread's own CPU time only (time.thread_time).
+    """
     import atexit
     import cProfile
     import threading
 
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     profiles = []
-    main = cProfile.Profile()
+    main = cProfile.Profile(timer)
     profiles.append(("main", main))
     run = threading.Thread.run
 
     def profiled_run(self):
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(timer)
         profiles.append((self.name, profiler))
         profiler.enable()
         try:
@@ -164,7 +169,7 @@ def _profile_every_thread(prefix: str) -> None:
 
 
 if os.environ.get("MQUEUE_BENCH_PROFILE"):
-    _profile_every_thread(os.environ["MQUEUE_BENCH_PROFILE"])
+    _profile_every_thread(os.environ["MQUEUE_BENCH_PROFILE"], os.environ.get("MQUEUE_BENCH_PROFILE_CLOCK", "wall"))
 '''
 
 
@@ -463,7 +468,7 @@ class Bench:
         daemon = Daemon(self, LATENCY_QUEUE, f"latency-{self.backend}-{run}.log")
         try:
             self._warm_up(daemon.check_alive)
-            daemon_latencies = self._measure_latency(daemon.check_alive)
+            daemon_latencies, _ = self._measure_latency(daemon.check_alive)
         finally:
             daemon.stop()
         self.clean()
@@ -476,13 +481,14 @@ class Bench:
                 raise RuntimeError("in-process worker thread died")
         try:
             self._warm_up(alive)
-            local_latencies = self._measure_latency(alive)
+            local_latencies, enqueue_seconds = self._measure_latency(alive)
         finally:
             worker.stop()
             thread.join(60)
         self.clean()
         return {"daemon_p50": percentile(daemon_latencies, 0.50), "daemon_p99": percentile(daemon_latencies, 0.99),
-                "local_p50": percentile(local_latencies, 0.50), "local_p99": percentile(local_latencies, 0.99)}
+                "local_p50": percentile(local_latencies, 0.50), "local_p99": percentile(local_latencies, 0.99),
+                "enqueue_p50": percentile(enqueue_seconds, 0.50)}
 
     def _warm_up(self, alive: Callable[[], None]) -> None:
         """One job end to end: the worker is up and idle when this returns."""
@@ -496,15 +502,18 @@ class Bench:
         time.sleep(0.5)   # let the idle poll back off to its longest interval (0.2 s)
         self.database.clean(self.tasks.started)
 
-    def _measure_latency(self, alive: Callable[[], None]) -> list[float]:
+    def _measure_latency(self, alive: Callable[[], None]) -> tuple[list[float], list[float]]:
+        """Enqueue-to-start latencies, and how long each enqueue call itself took."""
         jobs, gap = self.args.latency_jobs, self.args.latency_gap
         stamp = self.tasks.stamp
         called_at: dict[int, float] = {}
+        enqueue_seconds = []
         tick = time.monotonic()
         for _ in range(jobs):
             called = time.time()
             with self.db.session():
                 job_id = stamp.enqueue()
+            enqueue_seconds.append(time.time() - called)
             called_at[job_id] = called
             tick += gap
             time.sleep(max(0.0, tick - time.monotonic()))
@@ -515,7 +524,7 @@ class Bench:
         wait_until(done, 60, f"{jobs} latency jobs")
         with self.database.monitor.connect() as conn:
             rows = conn.execute(select(self.tasks.started.c.job_id, self.tasks.started.c.started)).all()
-        return [started - called_at[job_id] for job_id, started in rows]
+        return [started - called_at[job_id] for job_id, started in rows], enqueue_seconds
 
 
 # ---------------------------------------------------------------------------
@@ -576,7 +585,8 @@ def report_latency(args, runs: list[dict]) -> dict:
     med = {key: median([r[key] for r in runs]) for key in runs[0]}
     rows.append(_latency_row("median", med))
     say(table(["run", f"daemon p50 (<{TARGETS['latency_daemon_p50'] * 1000:.0f}ms)", "", "daemon p99",
-               f"in-process p50 (<{TARGETS['latency_inprocess_p50'] * 1000:.0f}ms)", "", "in-process p99"], rows))
+               f"in-process p50 (<{TARGETS['latency_inprocess_p50'] * 1000:.0f}ms)", "", "in-process p99",
+               "enqueue call p50"], rows))
     return med
 
 
@@ -587,7 +597,7 @@ def _ms(seconds: float) -> str:
 def _latency_row(label: str, r: dict) -> list[str]:
     return [label, _ms(r["daemon_p50"]), verdict(r["daemon_p50"] < TARGETS["latency_daemon_p50"]),
             _ms(r["daemon_p99"]), _ms(r["local_p50"]), verdict(r["local_p50"] < TARGETS["latency_inprocess_p50"]),
-            _ms(r["local_p99"])]
+            _ms(r["local_p99"]), _ms(r["enqueue_p50"])]
 
 
 def report_summary(summary: dict[str, dict[str, Any]]) -> None:
@@ -622,11 +632,12 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------
 # Profile of one 1x1 drain daemon
 # ---------------------------------------------------------------------------
-def profile(bench: Bench, jobs: int) -> None:
+def profile(bench: Bench, jobs: int, clock: str) -> None:
     import pstats
     prefix = bench.workdir / f"profile-{bench.backend}"
     bench.clean()
-    result = bench.drain_once(1, 1, 0, jobs=jobs, extra_env={"MQUEUE_BENCH_PROFILE": str(prefix)},
+    result = bench.drain_once(1, 1, 0, jobs=jobs, extra_env={"MQUEUE_BENCH_PROFILE": str(prefix),
+                                                                 "MQUEUE_BENCH_PROFILE_CLOCK": clock},
                               log_name=f"profile-{bench.backend}.log")
     files = sorted(str(p) for p in bench.workdir.glob(f"profile-{bench.backend}.*") if not str(p).endswith(".log"))
     if not files:
@@ -642,9 +653,10 @@ def profile(bench: Bench, jobs: int) -> None:
 
     work = find("mqueue/executor.py", "execute") + find("mqueue/worker.py", "_claim") \
         + find("mqueue/worker.py", "_heartbeat_all") + find("mqueue/worker.py", "_rescue")
-    say(f"  {jobs:,} jobs drained at 1x1 under cProfile: {result['steady']:,.0f} jobs/s steady "
+    say(f"  {jobs:,} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
         f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
-        f"= {work:.2f}s of profiled time")
+        f"= {work:.2f}s of profiled time; all threads {stats.total_tt:.2f}s = "
+        f"{1e6 * stats.total_tt / jobs:,.0f} us/job")
     mine = [(k, v) for k, v in table_.items() if "/mqueue/" in k[0] and "benchtasks" not in k[0]]
     mine.sort(key=lambda kv: kv[1][3], reverse=True)
     rows = []
@@ -726,6 +738,8 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--latency-jobs", type=int, default=200)
     sizes.add_argument("--latency-gap", type=float, default=0.05)
     sizes.add_argument("--profile-jobs", type=int, default=3000)
+    parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
+                        help="profile: wall time (waits included) or each thread's CPU time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
     # the raw commit loop's own options
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -776,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary[backend] = {}
                 try:
                     if args.benchmark == "profile":
-                        profile(bench, args.profile_jobs)
+                        profile(bench, args.profile_jobs, args.profile_clock)
                         continue
                     if "enqueue" in chosen:
                         runs = [bench.enqueue() for _ in range(args.runs)]

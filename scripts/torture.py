@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import re
 import shutil
@@ -45,7 +44,7 @@ for sub in ("", "tests", "tests/processes", "tests/faults"):
 from sqlalchemy.engine import make_url  # noqa: E402
 
 import mqueue  # noqa: E402
-from daemons import Daemon, child_pids  # noqa: E402
+from daemons import Daemon  # noqa: E402
 from ledger import (Harness, check, database_warnings, effect_count, live_jobs, log_problems,  # noqa: E402
                     orphan_recoveries, percentile, prepare)
 from proxy import Proxy  # noqa: E402
@@ -93,6 +92,9 @@ class Run:
         self.daemons: list[Daemon] = []
         self.killed: list[tuple[float, int]] = []
         self.killed_pids: set[int] = set()
+        self.orphans: list[tuple[float, list[int]]] = []   # (kill time, jobs the dead worker held)
+        self.rolled_on_purpose = 0
+        self.rolled_by_fault = 0
         self.db_faults: list[tuple[str, float]] = []   # (kind, time the fault ended)
         self.events: list[str] = []
         self.kinds: dict[int, str] = {}
@@ -166,11 +168,13 @@ class Run:
                     task = self.work.options(unique_key=key) if key else self.work
                     ids.append(task.enqueue(**kwargs))
             if rollback:
+                self.rolled_on_purpose += 1
                 session.rollback()
                 session.close()
                 self.harness.record("R", [kwargs["n"] for _k, kwargs, _key in calls])
                 return
         except Exception:  # noqa: BLE001 - a database fault before COMMIT: nothing was stored
+            self.rolled_by_fault += 1
             session.rollback()
             session.close()
             self.harness.record("R", [kwargs["n"] for _k, kwargs, _key in calls])
@@ -234,13 +238,17 @@ class Run:
             return
         if action == "kill":
             for _ in range(argument):
+                # the busiest worker by the database's account, so the kill orphans work
                 victims = self.live_daemons()
-                victim = self.rng.choice(victims)
+                self.rng.shuffle(victims)
+                victim = max(victims, key=lambda d: len(self.held_by(d.pid)))
                 victim.send(signal.SIGKILL)
                 self.killed.append((time.time(), victim.pid))
                 self.killed_pids.add(victim.pid)
                 victim.wait(10)
-                self.note(f"SIGKILL daemon pid {victim.pid}; started a replacement")
+                orphans = self.held_by(victim.pid)
+                self.orphans.append((time.time(), orphans))
+                self.note(f"SIGKILL daemon pid {victim.pid} holding {len(orphans)} job(s); started a replacement")
                 self.start_daemon(len(self.daemons))
         elif action == "stop":
             victim = self.rng.choice(self.live_daemons())
@@ -281,6 +289,18 @@ class Run:
             self.server.start()
             self.db_faults.append(("crash", time.time()))
             self.note(f"database: SIGKILL (crash), down {argument:g}s, started (crash recovery)")
+
+    def held_by(self, pid: int) -> list[int]:
+        """Jobs a (dead) worker process still holds by the database's account."""
+        from sqlalchemy import select
+
+        from mqueue.schema import task_table as t
+        try:
+            with self.db.engine.connect() as conn:
+                return [r[0] for r in conn.execute(select(t.c.id).where(
+                    t.c.state == "running", t.c.owner.like(f"%:{pid}:%")))]
+        except Exception:  # noqa: BLE001 - the server is down right now
+            return []
 
     def pause(self, daemon: Daemon) -> None:
         """SIGSTOP, retried until the daemon holds no SQLite write lock (servers: at once)."""
@@ -363,7 +383,13 @@ class Run:
             kind = self.kinds.get(job_id)
             if kind == "ok" or (kind == "raise" and match.group(2) == "failed"):
                 surfaced.append(job_id)
-        kill_recovery = orphan_recoveries(self.harness, self.killed)
+        kill_recovery = orphan_recoveries(self.harness, self.killed)  # runs cut short
+        starts = self.harness.starts()
+        for killed_at, job_ids in self.orphans:  # claimed or running when the worker died
+            for job_id in job_ids:
+                later = [a[4] for a in starts if a[1] == job_id and a[4] > killed_at]
+                kill_recovery.append(min(later) - killed_at if later else float("inf"))
+        kill_recovery = sorted(set(kill_recovery))
         db_recovery = [self.progress_after(at) for _kind, at in self.db_faults]
         db_recovery_known = [r for r in db_recovery if r is not None]
         # hung: a start with no end in a process that was never killed
@@ -390,8 +416,10 @@ class Run:
         rows = [
             ("backend", f"{self.backend} ({'--ci' if self.ci else 'full'}, {DAEMONS} daemons x {THREADS} threads, "
                         f"lease {LEASE:g}s)"),
-            ("jobs enqueued: committed / rolled back / unknown", f"{books.committed} / {books.rolled_back} / "
+            ("enqueued jobs: committed / rolled back / unknown", f"{books.committed} / {books.rolled_back} / "
                                                                  f"{books.unknown}"),
+            ("enqueue transactions rolled back: on purpose / by a fault",
+             f"{self.rolled_on_purpose} / {self.rolled_by_fault}"),
             ("done / failed by design", f"{books.done} / {books.failed_by_design}"),
             ("lost", str(len(books.lost))),
             ("duplicate effects", str(books.duplicate_effects)),
@@ -400,7 +428,7 @@ class Run:
             ("worker SIGKILLs", str(len(self.killed))),
             ("recovery after worker kill (p50, max)",
              f"{fmt(percentile(kill_recovery, 0.5))}, {fmt(max(kill_recovery) if kill_recovery else None)} "
-             f"({len(kill_recovery)} orphaned run(s); bar {RECOVERY_BAR:g}s)"),
+             f"({sum(len(j) for _t, j in self.orphans)} job(s) held by killed workers; bar {RECOVERY_BAR:g}s)"),
             ("recovery after database faults (p50, max)",
              "n/a (sqlite: no server or network)" if no_server else
              f"{fmt(percentile(db_recovery_known, 0.5))}, {fmt(max(db_recovery_known) if db_recovery_known else None)}"

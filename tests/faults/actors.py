@@ -11,7 +11,6 @@ Sessions use --isolation when given (e.g. "REPEATABLE READ" on MariaDB).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
