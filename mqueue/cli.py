@@ -205,6 +205,15 @@ def open_database(args, **engine_kwargs) -> Database:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
+def worker_engine_options(url: str, concurrency: int) -> dict:
+    from sqlalchemy.engine import make_url
+    from .dialects import dialect_for
+    try:
+        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency)
+    except Exception:
+        return {}  # open_database reports a bad URL in one line
+
+
 def admin_database(args) -> Database:
     """The database of a job command, checked first: unreachable or unmigrated is one clear line."""
     db = open_database(args)
@@ -219,8 +228,7 @@ def cmd_start(args) -> int:
         return Supervisor(child_command(_without_processes(argv)), args.processes).run()
     from .worker import Worker
     load_tasks(args.tasks or config.settings.package)
-    db = open_database(args, **({} if (args.database or config.default_url()).startswith("sqlite")
-                                else {"pool_size": args.concurrency + 4, "max_overflow": 4}))
+    db = open_database(args, **worker_engine_options(args.database or config.default_url(), args.concurrency))
     Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
            poll_interval=args.poll_interval, grace=args.grace).run()
     return EXIT_OK

@@ -113,7 +113,8 @@ class Executor:
                 self._call(running, task.fn, args, kwargs)
                 if running.timed_out:
                     raise JobTimeout()
-                if not self.dialect.complete_job(session, row.id, row.token):
+                session.flush()  # the task's pending ORM writes, then the fenced DELETE on the same connection
+                if not self.dialect.complete_job(session.connection(), row.id, row.token):
                     session.rollback()
                     log.warning("job=%s lease lost before completion: its writes were rolled back", row.id)
                     return LOST

@@ -77,7 +77,10 @@ class Worker:
         self.lease_seconds = float(lease)
         self.poll_seconds = float(poll_interval)
         self.grace_seconds = float(grace)
-        self.capacity = concurrency + (concurrency if prefetch is None else prefetch)
+        # Jobs held beyond the running ones let a claim fetch a batch: one claim
+        # transaction per job costs as much as the job's own completion.
+        self.capacity = concurrency + (max(concurrency, 4) if prefetch is None else prefetch)
+        self.batch = max(1, self.capacity // 2)
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
@@ -134,15 +137,16 @@ class Worker:
         wakeup.subscribe(self.queues, self._wake)
         threads = [threading.Thread(target=self._executor_loop, name=f"mqueue-exec-{n}", daemon=True)
                    for n in range(self.concurrency)]
-        threads.append(threading.Thread(target=self._maintenance_loop, name="mqueue-maint", daemon=True))
-        for thread in threads:
+        helpers = [threading.Thread(target=self._maintenance_loop, name="mqueue-maint", daemon=True),
+                   threading.Thread(target=self._watchdog_loop, name="mqueue-watchdog", daemon=True)]
+        for thread in threads + helpers:
             thread.start()
         log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds)
         try:
             self._produce()
         finally:
-            self._shutdown(threads[:-1])
+            self._shutdown(threads)
             wakeup.unsubscribe(self.queues, self._wake)
             if previous:
                 for signum, handler in previous.items():
@@ -165,7 +169,8 @@ class Worker:
         outage = 0
         while not self._stop.is_set():
             free = self.capacity - self._held_count()
-            if free <= 0:
+            # Claim at once when threads may idle; otherwise wait for a batch.
+            if free <= 0 or (free < self.batch and not self._ready.empty()):
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
                 continue
@@ -255,7 +260,6 @@ class Worker:
         while not self._stop.is_set() or self._held_count():
             now = time.monotonic()
             try:
-                self._check_timeouts(now)
                 if now >= next_heartbeat:
                     next_heartbeat = now + self.heartbeat_seconds
                     self._heartbeat_all()
@@ -286,12 +290,23 @@ class Worker:
                 running.lost = True
                 log.warning("job=%s lease lost (another worker took it over)", job_id)
 
-    def _check_timeouts(self, now: float) -> None:
-        with self._held_lock:
-            overdue = [r for r in self._held.values() if r.timeout and r.started and not r.timed_out
-                       and not r.lost and now - r.started > r.timeout]
-        for running in overdue:
-            self.executor.record_timeout(running)
+    def _watchdog_loop(self) -> None:
+        """Enforce ``timeout=`` on a thread of its own.
+
+        Never behind a database write: on SQLite a heartbeat waits for the
+        write lock a running task holds, and that task may be the one to stop.
+        """
+        while not self._stop.is_set() or self._held_count():
+            now = time.monotonic()
+            with self._held_lock:
+                overdue = [r for r in self._held.values() if r.timeout and r.started and not r.timed_out
+                           and not r.lost and now - r.started > r.timeout]
+            for running in overdue:
+                try:
+                    self.executor.record_timeout(running)
+                except Exception:
+                    log.exception("job=%s timeout could not be recorded", running.row.id)
+            time.sleep(0.05)
 
     def _rescue(self) -> None:
         with self.db.engine.begin() as conn:

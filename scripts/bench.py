@@ -3,7 +3,11 @@
 
     python scripts/bench.py {enqueue,drain,latency,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
-    python scripts/bench.py profile [--backend ...]    # cProfile of one 1x1 drain daemon
+    python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
+
+Sizes can be changed (``--enqueue-jobs --many-jobs --drain-jobs --raw-seconds
+--latency-jobs --latency-gap --profile-jobs``); ``--keep`` keeps the
+temporary directory with the daemons' logs.
 
 It prints figures and judges them against the project's targets (PASS/MISS);
 it asserts nothing and the test suite never runs it.
@@ -39,6 +43,12 @@ latency
     task's first line, which stamps ``time.time()`` into an effect table in
     the job's own session.  Then the same with a ``mqueue.Worker`` running in
     a thread of this process.
+profile
+    one 1x1 drain daemon under cProfile, every thread profiled (a hook in the
+    throwaway tasks package, switched on by ``MQUEUE_BENCH_PROFILE``); prints
+    mqueue's functions by cumulative time and the heaviest functions by own
+    time.  ``--profile-clock cpu`` counts each thread's CPU time instead of
+    wall time (higher overhead, so compare shares, not absolute figures).
 """
 
 from __future__ import annotations
@@ -54,7 +64,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -293,9 +302,8 @@ class Daemon:
     """``python -m mqueue start ...`` in the background, its output in a log file."""
 
     def __init__(self, bench: "Bench", queue: str, log_name: str, processes: int = 1, concurrency: int = 1,
-                 poll_interval: float | None = None, extra_env: dict[str, str] | None = None,
-                 python_args: list[str] | None = None) -> None:
-        argv = [sys.executable, *(python_args or []), "-m", "mqueue", "start", queue, "--tasks", TASKS_PACKAGE]
+                 poll_interval: float | None = None, extra_env: dict[str, str] | None = None) -> None:
+        argv = [sys.executable, "-m", "mqueue", "start", queue, "--tasks", TASKS_PACKAGE]
         if processes != 1:
             argv += ["--processes", str(processes)]
         if concurrency != 1:
@@ -430,8 +438,7 @@ class Bench:
         return commits / seconds
 
     def drain_once(self, processes: int, threads: int, run: int, jobs: int | None = None,
-                   extra_env: dict[str, str] | None = None, python_args: list[str] | None = None,
-                   log_name: str | None = None) -> dict[str, float]:
+                   extra_env: dict[str, str] | None = None, log_name: str | None = None) -> dict[str, float]:
         jobs = jobs or self.args.drain_jobs
         with self.db.session():
             self.tasks.noop.enqueue_many([{"n": n} for n in range(jobs)])
@@ -440,7 +447,7 @@ class Bench:
         started = time.monotonic()
         daemon = Daemon(self, DRAIN_QUEUE, log_name or f"drain-{self.backend}-{processes}x{threads}-{run}.log",
                         processes=processes, concurrency=threads, poll_interval=POLL_SECONDS,
-                        extra_env=extra_env, python_args=python_args)
+                        extra_env=extra_env)
         first_gone = None
         try:
             tick = started
@@ -655,8 +662,8 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
         + find("mqueue/worker.py", "_heartbeat_all") + find("mqueue/worker.py", "_rescue")
     say(f"  {jobs:,} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
         f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
-        f"= {work:.2f}s of profiled time; all threads {stats.total_tt:.2f}s = "
-        f"{1e6 * stats.total_tt / jobs:,.0f} us/job")
+        f"= {work:.2f}s of profiled time" + (f"; CPU of all threads {stats.total_tt:.2f}s = "
+                                              f"{1e6 * stats.total_tt / jobs:,.0f} us/job" if clock == "cpu" else ""))
     mine = [(k, v) for k, v in table_.items() if "/mqueue/" in k[0] and "benchtasks" not in k[0]]
     mine.sort(key=lambda kv: kv[1][3], reverse=True)
     rows = []

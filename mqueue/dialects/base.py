@@ -10,9 +10,10 @@ or heartbeat a job that has since been claimed again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import Float, Integer, and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -39,8 +40,35 @@ class ClaimedRow:
     sort_key: tuple
 
 
-def _fence(job_id: int, token: int):
-    return and_(t.c.id == job_id, t.c.token == token, t.c.state == RUNNING)
+# Statements on the claim/complete hot path are built once, with bound
+# parameters: building one costs 5-10x more CPU than running it (measured:
+# ~200 us to build the claim vs ~20 us to execute it pre-built).
+_FENCE = and_(t.c.id == bindparam("job_id"), t.c.token == bindparam("job_token"), t.c.state == RUNNING)
+_LEASE = utc_now(bindparam("lease_seconds", type_=Float))
+COMPLETE = delete(t).where(_FENCE)
+HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
+RETRY = update(t).where(_FENCE).values(
+    state=QUEUED, retries=t.c.retries + 1, eta=utc_now(bindparam("delay_seconds", type_=Float)),
+    last_error=bindparam("error_text"), owner=None, lease_expires_at=None)
+FAIL = update(t).where(_FENCE).values(
+    state=FAILED, retries=t.c.retries + 1, last_error=bindparam("error_text"), unique_key=None,
+    owner=None, lease_expires_at=None)
+RELEASE = update(t).where(_FENCE).values(state=QUEUED, owner=None, lease_expires_at=None)
+#: What a claim writes on each row it takes; ``token + 1`` is the new fence.
+CLAIM_VALUES = dict(state=RUNNING, token=t.c.token + 1, owner=bindparam("new_owner"),
+                    lease_expires_at=_LEASE, started_at=utc_now())
+
+
+def due_jobs(*columns):
+    """``SELECT columns`` of due jobs of ``:queue`` in claim order, ``LIMIT :limit``.
+
+    Follows the claim index ``(queue, state, neg_priority, eta, id)`` exactly,
+    so no backend sorts (and InnoDB locks only the rows it returns).
+    """
+    return (select(*columns)
+            .where(t.c.queue == bindparam("from_queue"), t.c.state == QUEUED, t.c.eta <= utc_now())
+            .order_by(t.c.neg_priority, t.c.eta, t.c.id)
+            .limit(bindparam("limit", type_=Integer)))
 
 
 class Dialect:
@@ -54,6 +82,18 @@ class Dialect:
     def engine_options(self, url) -> dict[str, Any]:
         """Extra ``create_engine`` keyword arguments for this backend."""
         return {"pool_pre_ping": True}
+
+    def worker_engine_options(self, concurrency: int) -> dict[str, Any]:
+        """Engine options for a daemon's own engine.
+
+        A connection per thread plus the producer, maintenance and watchdog
+        threads.  No pre-ping and no reset-on-return: every worker
+        transaction ends in COMMIT or ROLLBACK already, and a dead connection
+        is a transient error the worker retries (measured: the ping and the
+        reset ROLLBACK were 4 of 9 round trips per job on MariaDB).
+        """
+        return {"pool_size": concurrency + 4, "max_overflow": 4, "pool_pre_ping": False,
+                "pool_reset_on_return": None}
 
     def adopt_engine(self, engine: Engine) -> Engine:
         """An application's own engine, with the options mqueue needs (same pool)."""
@@ -119,10 +159,12 @@ class Dialect:
         claim index ``(queue, state, neg_priority, eta, id)`` in order and
         locks only the rows it returns.
         """
-        candidates = (select(t.c.id)
-                      .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
-                      .order_by(t.c.neg_priority, t.c.eta, t.c.id)
-                      .limit(limit))
+        params = dict(from_queue=queue, limit=limit, new_owner=owner, lease_seconds=lease_seconds)
+        return self._rows(conn.execute(self.claim_statement, params))
+
+    @functools.cached_property
+    def claim_statement(self):
+        candidates = due_jobs(t.c.id)
         if self.skip_locked:
             candidates = candidates.with_for_update(skip_locked=True)
         # A materialized CTE runs once.  As a plain IN (subquery) PostgreSQL 15
@@ -130,15 +172,8 @@ class Dialect:
         # every outer row, SKIP LOCKED passing over the rows it just claimed:
         # LIMIT 1 claimed every due job of the queue (measured).
         chosen = candidates.cte("mqueue_claim").prefix_with("MATERIALIZED", dialect="postgresql")
-        stmt = (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED)
-                .values(**self._claim_values(owner, lease_seconds))
-                .returning(*CLAIM_COLUMNS))
-        return self._rows(conn.execute(stmt))
-
-    @staticmethod
-    def _claim_values(owner: str, lease_seconds: float) -> dict[str, Any]:
-        return dict(state=RUNNING, token=t.c.token + 1, owner=owner,
-                    lease_expires_at=utc_now(lease_seconds), started_at=utc_now())
+        return (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED)
+                .values(**CLAIM_VALUES).returning(*CLAIM_COLUMNS))
 
     @staticmethod
     def _rows(result) -> list[ClaimedRow]:
@@ -155,32 +190,27 @@ class Dialect:
         """
         lost = []
         for job_id, token in jobs:
-            result = conn.execute(update(t).where(_fence(job_id, token))
-                                  .values(lease_expires_at=utc_now(lease_seconds)))
+            result = conn.execute(HEARTBEAT, dict(job_id=job_id, job_token=token, lease_seconds=lease_seconds))
             if result.rowcount != 1:
                 lost.append(job_id)
         return lost
 
     def complete_job(self, conn, job_id: int, token: int) -> bool:
         """Delete a finished job inside the task's own transaction (fenced, by primary key)."""
-        return conn.execute(delete(t).where(_fence(job_id, token))).rowcount == 1
+        return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
         """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay`` (fenced)."""
-        return conn.execute(update(t).where(_fence(job_id, token)).values(
-            state=QUEUED, retries=t.c.retries + 1, eta=utc_now(delay_seconds), last_error=error,
-            owner=None, lease_expires_at=None)).rowcount == 1
+        params = dict(job_id=job_id, job_token=token, delay_seconds=delay_seconds, error_text=error)
+        return conn.execute(RETRY, params).rowcount == 1
 
     def fail_job(self, conn, job_id: int, token: int, error: str) -> bool:
         """Mark ``failed`` for good (kept for inspection; frees its unique_key)."""
-        return conn.execute(update(t).where(_fence(job_id, token)).values(
-            state=FAILED, retries=t.c.retries + 1, last_error=error, unique_key=None,
-            owner=None, lease_expires_at=None)).rowcount == 1
+        return conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error)).rowcount == 1
 
     def release_job(self, conn, job_id: int, token: int) -> bool:
         """Hand an unfinished job back on shutdown: ``queued``, same eta and retries (fenced)."""
-        return conn.execute(update(t).where(_fence(job_id, token)).values(
-            state=QUEUED, owner=None, lease_expires_at=None)).rowcount == 1
+        return conn.execute(RELEASE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def rescue_expired(self, conn, queues: Sequence[str]) -> int:
         """Re-queue running jobs whose lease expired (their worker died).

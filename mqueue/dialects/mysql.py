@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import DBAPIError
 
-from ..schema import QUEUED
-from .base import CLAIM_COLUMNS, ClaimedRow, Dialect, t
-from .functions import utc_now
+from .base import CLAIM_COLUMNS, CLAIM_VALUES, ClaimedRow, Dialect, due_jobs, t
+
+#: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` (params ``queue``, ``limit``); tests EXPLAIN it.
+CLAIM_SELECT = due_jobs(*CLAIM_COLUMNS).with_for_update(skip_locked=True)
+CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).values(**CLAIM_VALUES)
 
 # Errors that say "try again", not "this task is broken".
 TRANSIENT_CODES = {
@@ -65,21 +67,12 @@ class MySQLDialect(Dialect):
         exactly, so InnoDB reads rows in index order and locks only the
         ``limit`` rows it returns (a filesort would lock every candidate).
         """
-        rows = conn.execute(self.claim_select(queue, limit)).all()
+        rows = conn.execute(CLAIM_SELECT, dict(from_queue=queue, limit=limit)).all()
         if not rows:
             return []
-        conn.execute(update(t).where(t.c.id.in_([r.id for r in rows]))
-                     .values(**self._claim_values(owner, lease_seconds)))
+        conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
         return [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + 1,
                            (r.neg_priority, r.eta, r.id)) for r in rows]
-
-    def claim_select(self, queue: str, limit: int):
-        """The claim's ``SELECT ... FOR UPDATE SKIP LOCKED``, on its own so a test can EXPLAIN it."""
-        return (select(*CLAIM_COLUMNS)
-                .where(t.c.queue == queue, t.c.state == QUEUED, t.c.eta <= utc_now())
-                .order_by(t.c.neg_priority, t.c.eta, t.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True))
 
     def insert_jobs(self, conn, rows):
         """MariaDB 10.5+ batches with INSERT ... RETURNING; MySQL 8 has no RETURNING,

@@ -32,6 +32,9 @@ class SQLiteDialect(Dialect):
     def engine_options(self, url) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
 
+    def worker_engine_options(self, concurrency: int) -> dict[str, Any]:
+        return {}
+
     def configure_engine(self, engine: Engine) -> None:
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection, _record):

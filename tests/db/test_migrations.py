@@ -185,6 +185,9 @@ def test_the_unique_key_is_enforced_by_the_database(db):
             conn.execute(insert(task_table).values(queue="q", name="n", args="{}", unique_key="same"))
 
 
+from mqueue.dialects.mysql import CLAIM_SELECT  # noqa: E402 - the statement the claim runs
+
+
 def explain(conn, statement) -> list[dict]:
     compiled = statement.compile(dialect=conn.dialect)
     return [dict(row) for row in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).mappings()]
@@ -203,7 +206,7 @@ def test_mariadb_claim_walks_the_claim_index_without_filesort(db):
         conn.execute(insert(task_table), rows)
     with db.engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE TABLE mqueue_task").all()
-        claim = db.dialect.claim_select("mail", 10)
+        claim = CLAIM_SELECT.params(from_queue="mail", limit=10)
         assert "SKIP LOCKED" in str(claim.compile(dialect=conn.dialect))
         [plan] = explain(conn, claim)
         assert plan["key"] == CLAIM_INDEX, plan
