@@ -337,17 +337,12 @@ def cmd_enqueue(args) -> int:
 def cmd_list(args) -> int:
     from . import admin
     jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit)
-    if args.json:
-        return print_json([job.to_dict() for job in jobs])
-    if not jobs:
-        filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state))
-                            if value)
-        print(f"no jobs{f' ({filters})' if filters else ''}")
-        return EXIT_OK
-    rows = [(job.id, job.queue, job.name, job.state, job.priority, format_time(job.eta), job.retries,
-             excerpt(job.error_summary or "", 60)) for job in jobs]
-    print_table(("ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ETA (UTC)", "RETRIES", "LAST ERROR"), rows)
-    return EXIT_OK
+    filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state)) if value)
+    return print_listing(
+        args, jobs, f"no jobs{f' ({filters})' if filters else ''}",
+        ("ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ETA (UTC)", "RETRIES", "LAST ERROR"),
+        lambda job: (job.id, job.queue, job.name, job.state, job.priority, format_time(job.eta), job.retries,
+                     excerpt(job.error_summary or "", 60)))
 
 
 def cmd_show(args) -> int:
@@ -405,29 +400,29 @@ def cmd_retry(args) -> int:
 
 def cmd_stats(args) -> int:
     from . import admin
-    queues = admin.stats(admin_database(args))
-    if args.json:
-        return print_json([queue.to_dict() for queue in queues])
-    if not queues:
-        print("no jobs")
-        return EXIT_OK
-    rows = [(q.queue, q.queued, q.scheduled, q.running, q.failed, format_age(q.oldest_due_seconds))
-            for q in queues]
-    print_table(("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OLDEST DUE"), rows)
-    return EXIT_OK
+    return print_listing(
+        args, admin.stats(admin_database(args)), "no jobs",
+        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OLDEST DUE"),
+        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, format_age(q.oldest_due_seconds)))
 
 
 def cmd_crons(args) -> int:
     from . import admin
-    crons = admin.list_crons(admin_database(args))
+    return print_listing(
+        args, admin.list_crons(admin_database(args)),
+        "no crons (a worker registers its queues' crons when it starts)",
+        ("NAME", "QUEUE", "SCHEDULE", "TZ", "LAST RUN (UTC)", "NEXT RUN (UTC)"),
+        lambda c: (c.name, c.queue, c.schedule, c.tz, format_time(c.last_run), format_time(c.next_run)))
+
+
+def print_listing(args, items, empty: str, headers, row) -> int:
+    """``--json``: one JSON list; otherwise an aligned table, or ``empty`` when there is nothing."""
     if args.json:
-        return print_json([cron.to_dict() for cron in crons])
-    if not crons:
-        print("no crons (a worker registers its queues' crons when it starts)")
-        return EXIT_OK
-    rows = [(c.name, c.queue, c.schedule, c.tz, format_time(c.last_run), format_time(c.next_run))
-            for c in crons]
-    print_table(("NAME", "QUEUE", "SCHEDULE", "TZ", "LAST RUN (UTC)", "NEXT RUN (UTC)"), rows)
+        return print_json([item.to_dict() for item in items])
+    if not items:
+        print(empty)
+    else:
+        print_table(headers, [row(item) for item in items])
     return EXIT_OK
 
 
