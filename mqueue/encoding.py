@@ -81,10 +81,13 @@ def _decode(value: Any) -> Any:
     return value
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def encode_args(arguments: dict[str, Any]) -> str:
     """Return the JSON text of named arguments; raise TypeError naming a bad one."""
     encoded = {name: _encode(value, repr(name)) for name, value in arguments.items()}
-    return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _dumps(encoded)
 
 
 def decode_args(text: str | bytes | dict | None) -> dict[str, Any]:

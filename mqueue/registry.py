@@ -51,6 +51,12 @@ class Task(Generic[P, R]):
         self.backoff = backoff
         self.timeout = timeout
         self.signature = inspect.signature(fn)
+        params = self.signature.parameters.values()
+        # Keyword calls of a plain signature are checked with two set tests
+        # instead of Signature.bind (which was half of enqueue_many's time).
+        self._plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self._names = frozenset(p.name for p in params)
+        self._required = frozenset(p.name for p in params if p.default is p.empty)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__module__ = getattr(fn, "__module__", None)
@@ -83,6 +89,8 @@ class Task(Generic[P, R]):
     # -- used by the worker ------------------------------------------------
     def bind_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Named arguments for storage; TypeError on a signature mismatch."""
+        if not args and self._plain and self._required <= kwargs.keys() <= self._names:
+            return dict(kwargs)
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as error:
