@@ -94,6 +94,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._result = RunResult()
         self._signals = 0
+        self._pending_signal: int | None = None
         self._until_empty = False
         self._scheduler_started = False
 
@@ -167,12 +168,15 @@ class Worker:
     def _produce(self) -> None:
         idle = min(0.005, self.poll_seconds)
         outage = 0
-        while not self._stop.is_set():
+        while True:
+            if self._pending_signal is not None:
+                self._act_on_signal()
+            if self._stop.is_set():
+                break
             free = self.capacity - self._held_count()
             # Claim at once when threads may idle; otherwise wait for a batch.
             if free <= 0 or (free < self.batch and not self._ready.empty()):
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+                self._pause(self.poll_seconds)
                 continue
             # Counted before claiming: a job still held may be about to be
             # retried with eta=now, so "empty" needs a claim that came after it.
@@ -185,16 +189,28 @@ class Worker:
                 delay = min(0.25 * 2 ** (outage - 1), MAX_OUTAGE_BACKOFF_SECONDS)
                 log.warning("database unavailable while claiming (attempt %d), retrying in %.2fs: %s",
                             outage, delay, _first_line(error))
-                self._stop.wait(delay)
+                self._pause(delay, wake_early=False)
                 continue
             if claimed:
                 idle = min(0.005, self.poll_seconds)
                 continue
             if self._until_empty and idle_before_claim:
                 return
-            self._wake.wait(idle)
-            self._wake.clear()
+            self._pause(idle)
             idle = min(idle * 2, self.poll_seconds)
+
+    def _pause(self, seconds: float, wake_early: bool = True) -> None:
+        """Wait up to ``seconds``, in slices short enough to notice a signal soon."""
+        deadline = time.monotonic() + seconds
+        while self._pending_signal is None and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._wake.wait(min(left, 0.25)) and wake_early:
+                self._wake.clear()
+                return
+            if not wake_early:
+                self._wake.clear()
 
     def _claim(self, limit: int) -> int:
         """Claim up to ``limit`` jobs, queues in the order given; hand them to the threads."""
@@ -354,6 +370,15 @@ class Worker:
         if self._signals > 1:
             os.write(2, b"mqueue: second signal, exiting at once (leases will expire)\n")
             os._exit(1)
+        # Only record: the handler runs between two bytecodes of the producer,
+        # which may be inside Event.set()/wait() holding that Event's
+        # non-reentrant lock, so setting an Event here can deadlock (seen:
+        # a SIGTERM that never stopped the worker).  The producer acts on it
+        # within one poll interval.
+        self._pending_signal = signum
+
+    def _act_on_signal(self) -> None:
+        signum, self._pending_signal = self._pending_signal, None
         log.info("received %s: finishing running jobs (grace %.0fs), send again to exit at once",
                  signal.Signals(signum).name, self.grace_seconds)
         self.stop()
