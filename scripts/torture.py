@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 import mqueue  # noqa: E402
 from daemons import Daemon  # noqa: E402
+from helpers import sqlite_write_lock_free  # noqa: E402
 from ledger import (Harness, check, database_warnings, effect_count, live_jobs, log_problems,  # noqa: E402
                     orphan_recoveries, percentile, prepare)
 from proxy import Proxy  # noqa: E402
@@ -307,7 +307,7 @@ class Run:
         for _ in range(20):
             daemon.send(signal.SIGSTOP)
             time.sleep(0.05)
-            if self.server is not None or _sqlite_lock_free(self.root / "torture.db"):
+            if self.server is not None or sqlite_write_lock_free(self.root / "torture.db"):
                 return
             daemon.send(signal.SIGCONT)
             time.sleep(0.02)
@@ -484,18 +484,6 @@ class Run:
             self.proxy.close()
         if self.server is not None:
             self.server.destroy()
-
-
-def _sqlite_lock_free(path: Path) -> bool:
-    conn = sqlite3.connect(str(path), timeout=0.2, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        conn.close()
 
 
 def main(argv=None) -> int:

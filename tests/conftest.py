@@ -495,3 +495,12 @@ def db(database_url: str) -> Iterator[Any]:
     upgrade(database)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def observer(database_url: str) -> Iterator[Any]:
+    """A plain SQLAlchemy engine on the test's database, to see what other connections see."""
+    from sqlalchemy import create_engine
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import Column, Integer, MetaData, String, Table, select
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 T = TypeVar("T")
@@ -104,3 +106,33 @@ def run_python(
         text=True,
         **kwargs,
     )
+
+
+# -- a scratch table that tests write next to their enqueues ------------------------
+
+note_metadata = MetaData()
+note = Table(
+    "note", note_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("text", String(100), nullable=False),
+)
+
+
+def notes(engine) -> list[str]:
+    """Every note's text, sorted, as a fresh connection sees them."""
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(note.c.text)).scalars())
+
+
+def sqlite_write_lock_free(path) -> bool:
+    """True if no connection holds the SQLite database's write lock right now."""
+    import sqlite3
+    conn = sqlite3.connect(str(path), timeout=0.2, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()

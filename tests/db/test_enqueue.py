@@ -14,7 +14,7 @@ import traceback
 
 import pytest
 from helpers import free_port, run_python, wait_for
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, func, insert, select, text
+from sqlalchemy import func, insert, select, text
 
 import mqueue
 from mqueue.config import settings
@@ -22,12 +22,7 @@ from mqueue.encoding import decode_args
 from mqueue.migrate import upgrade
 from mqueue.schema import task_table as t
 
-note_metadata = MetaData()
-note = Table(
-    "note", note_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("text", String(100), nullable=False),
-)
+from helpers import note, note_metadata, notes  # noqa: E402 - shared scratch table
 
 #: What the tasks below were called with, in order.
 calls: list = []
@@ -98,13 +93,6 @@ def db(db):
 
 
 @pytest.fixture
-def observer(database_url):
-    engine = create_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def db_time(observer, backend):
     """The database's current UTC time as a naive datetime, by the backend's own SQL."""
     def now() -> dt.datetime:
@@ -130,11 +118,6 @@ def row(engine, job_id):
 def count(engine, *where) -> int:
     with engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one()
-
-
-def notes(engine) -> list[str]:
-    with engine.connect() as conn:
-        return sorted(conn.execute(select(note.c.text)).scalars())
 
 
 def run_worker(db, queue: str, **options) -> mqueue.RunResult:

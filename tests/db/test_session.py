@@ -10,19 +10,14 @@ import asyncio
 import threading
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select
+from sqlalchemy import create_engine, insert, select
 
 import mqueue
 from mqueue.migrate import upgrade
 from mqueue.registry import task
 from mqueue.schema import task_table
 
-note_metadata = MetaData()
-note = Table(
-    "note", note_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("text", String(100), nullable=False),
-)
+from helpers import note, note_metadata, notes  # noqa: E402 - shared scratch table
 
 
 @task(name="tsess.noop", queue="tsess")
@@ -34,19 +29,6 @@ def noop(label: str) -> None:
 def db(db):
     note_metadata.create_all(db.engine)
     return db
-
-
-@pytest.fixture
-def observer(database_url):
-    """A plain engine on the same database, to see what others see."""
-    engine = create_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
-def notes(engine) -> list[str]:
-    with engine.connect() as conn:
-        return sorted(conn.execute(select(note.c.text)).scalars())
 
 
 def job_labels(engine) -> list[str]:

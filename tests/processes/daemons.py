@@ -18,7 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers import python_env, wait_for
+from helpers import python_env, sqlite_write_lock_free, wait_for
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, func, insert, select
 
 import mqueue
@@ -193,16 +193,7 @@ def lock_job_row_nowait(db: mqueue.Database, job_id: int) -> bool:
     be locked at once (the rescue's SKIP LOCKED would otherwise skip it).
     """
     if db.engine.dialect.name == "sqlite":
-        import sqlite3
-        conn = sqlite3.connect(db.engine.url.database, timeout=0.2, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            conn.close()
+        return sqlite_write_lock_free(db.engine.url.database)
     from sqlalchemy.exc import DBAPIError
     try:
         with db.engine.connect() as conn:
