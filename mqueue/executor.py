@@ -50,6 +50,7 @@ class Running:
     lost: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_task: bool = False
+    finishing: bool = False               # the task returned or raised: its outcome is being written
     timeout_outcome: str | None = None    # what the watchdog recorded for a timed-out run
     timeout_recorded: threading.Event = field(default_factory=threading.Event)
 
@@ -86,6 +87,7 @@ class Executor:
             args, kwargs = task.call_arguments(named)
         except (UnknownTaskError, ValueError, TypeError) as error:
             message = f"{type(error).__name__}: {error}"
+            running.finishing = True
             return self._write_failure(row, None, "fail", 0.0, message)
         running.timeout = task.timeout
         job = Job(id=row.id, name=row.name, queue=row.queue, args=named, retries=row.retries,
@@ -146,11 +148,13 @@ class Executor:
         with running.lock:
             running.thread_id = threading.get_ident()
             running.in_task = True
+            running.finishing = False
         try:
             fn(*args, **kwargs)
         finally:
             with running.lock:
                 running.in_task = False
+                running.finishing = True
                 # Drop an interrupt that arrived just as the task returned.  Only
                 # if one was sent: on CPython 3.11 clearing with NULL leaves the
                 # interpreter's async-exception flag set for good, and any

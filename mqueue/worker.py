@@ -302,7 +302,10 @@ class Worker:
         for job_id in lost:
             with self._held_lock:
                 running = self._held.get(job_id)
-            if running is not None and not running.timed_out:
+            # A job being finished may be gone because its own completion just
+            # committed (the heartbeat waited on that row lock): the executor's
+            # fenced write tells the truth for it.
+            if running is not None and not running.timed_out and not running.finishing:
                 running.lost = True
                 log.warning("job=%s lease lost (another worker took it over)", job_id)
 

@@ -7,13 +7,14 @@ own session, so a duplicate run shows up as a second row instead of hiding.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import statistics
 import threading
 import time
 
 import pytest
 from helpers import wait_for
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, event, func, insert, select
 
 import mqueue
 from mqueue.schema import task_table
@@ -360,6 +361,44 @@ def test_a_worker_that_lost_its_lease_cannot_complete(db):
     assert (outcome["a"].succeeded, outcome["a"].lost) == (0, 1)
     assert effect_count(db, job_id) == 1
     assert job_row(db, job_id) is None
+
+
+def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost(db, caplog):
+    """The completion's DELETE holds the row; a heartbeat waiting on it then finds no row.
+
+    That is the job finishing, not another worker taking it over: no
+    "lease lost" warning, and the run counts as succeeded.
+    """
+    with db.session():
+        job_id = ok.enqueue(7)
+    w = worker(db, heartbeat_interval=60)
+    heartbeats: list[threading.Thread] = []
+
+    def before_commit(conn) -> None:
+        # The first COMMIT after the task ran is its completion: heartbeat
+        # from another thread now, while the completion holds the row.
+        if seen == [7] and not heartbeats:
+            heartbeats.append(threading.Thread(target=w._heartbeat_all))
+            heartbeats[0].start()
+            time.sleep(0.3)  # the heartbeat blocks on the row (or SQLite's write lock)
+
+    def after_commit(session) -> None:
+        # ... and finds the row gone while the worker still holds the job.
+        if heartbeats:
+            heartbeats[0].join(30)
+
+    event.listen(db.engine, "commit", before_commit)
+    event.listen(db.Session, "after_commit", after_commit)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mqueue"):
+            result = w.run_until_empty(timeout=30)
+    finally:
+        event.remove(db.engine, "commit", before_commit)
+        event.remove(db.Session, "after_commit", after_commit)
+    assert heartbeats and not heartbeats[0].is_alive()
+    assert (result.succeeded, result.lost) == (1, 0)
+    assert effect_count(db, job_id) == 1 and job_row(db, job_id) is None
+    assert "lease lost" not in caplog.text
 
 
 def test_job_ids_are_never_reused(db):

@@ -152,6 +152,15 @@ def minutely():
 '''
 
 
+def _write_once(path: Path, text: str) -> None:
+    """Create ``path`` with ``text`` atomically unless it already holds it."""
+    if path.exists() and path.read_text() == text:
+        return
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.write_text(text)
+    os.replace(scratch, path)
+
+
 class Harness:
     """A tasks package, its execution log and flag directory, the enqueue ledger, in ``root``."""
 
@@ -165,8 +174,10 @@ class Harness:
         pkg = self.root / PACKAGE
         pkg.mkdir(parents=True, exist_ok=True)
         self.flags.mkdir(exist_ok=True)
-        (pkg / "__init__.py").write_text("")
-        (pkg / "jobs.py").write_text(textwrap.dedent(_TASKS_SOURCE).lstrip())
+        # Every actor process opens the same root: rewriting the module while
+        # another process imports it would hand that one a half-written file.
+        _write_once(pkg / "__init__.py", "")
+        _write_once(pkg / "jobs.py", textwrap.dedent(_TASKS_SOURCE).lstrip())
 
     def env(self) -> dict[str, str]:
         return {"FAULT_EXEC_LOG": str(self.log), "FAULT_FLAG_DIR": str(self.flags)}
