@@ -124,6 +124,14 @@ def notes(engine) -> list[str]:
         return sorted(conn.execute(select(note.c.text)).scalars())
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The complete lines of a file others append to: a read may meet an append half-done."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def sqlite_write_lock_free(path) -> bool:
     """True if no connection holds the SQLite database's write lock right now."""
     import sqlite3

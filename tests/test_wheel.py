@@ -1,8 +1,11 @@
 """The built wheel works on its own: installed in a fresh virtualenv, it migrates every backend.
 
 The repository is copied and built into a wheel once per test session; the
-virtualenv sees the system's packages (SQLAlchemy, Alembic, drivers) but not
-the repository, so the migrations must come from inside the installed package.
+virtualenv sees the test environment's third-party packages (SQLAlchemy,
+Alembic, croniter, drivers: a ``.pth`` line adds that site-packages directory
+without running its ``.pth`` files, so the editable install of the repository
+stays out) but not the repository, so the migrations must come from inside the
+installed package.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -51,8 +55,11 @@ def installed(tmp_path_factory):
     assert len(wheels) == 1, wheels
 
     venv = root / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=root)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
     python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    venv_site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root)
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (Path(venv_site.stdout.strip()) / "test-dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     # The system's pip, running in the venv's interpreter, installs into the venv.
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheels[0]], cwd=root)
     work = root / "work"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # helpers
 
 from ledger import Harness  # noqa: E402
 from sqlalchemy.exc import DBAPIError  # noqa: E402

@@ -28,6 +28,7 @@ import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from helpers import whole_lines
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, func, select
 
 import mqueue
@@ -215,19 +216,16 @@ class Harness:
 
     def ledger(self) -> dict[str, set[int]]:
         books: dict[str, set[int]] = {"C": set(), "R": set(), "U": set(), "X": set()}
-        if self.enqueued.exists():
-            for line in self.enqueued.read_text().splitlines():
-                kind, job_id = line.split()
-                books[kind].add(int(job_id))
+        for line in whole_lines(self.enqueued):
+            kind, job_id = line.split()
+            books[kind].add(int(job_id))
         return books
 
     # -- execution log
     def attempts(self) -> list[tuple]:
         """``(kind, job_id, pid, retries, unix_time, outcome)`` per line, in order."""
         rows = []
-        if not self.log.exists():
-            return rows
-        for line in self.log.read_text().splitlines():
+        for line in whole_lines(self.log):
             parts = line.split()
             if len(parts) < 5:
                 continue  # a line cut by SIGKILL mid-write cannot happen (one write), but be safe

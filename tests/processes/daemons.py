@@ -18,7 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers import python_env, sqlite_write_lock_free, wait_for
+from helpers import python_env, sqlite_write_lock_free, wait_for, whole_lines
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, func, insert, select
 
 import mqueue
@@ -124,10 +124,8 @@ class Tasks:
 
     def executions(self) -> list[tuple[int, int, int, float]]:
         """``(job_id, pid, retries, unix_time)`` of every run start, in order."""
-        if not self.log.exists():
-            return []
         runs = []
-        for line in self.log.read_text().splitlines():
+        for line in whole_lines(self.log):
             job_id, pid, retries, at = line.split()
             runs.append((int(job_id), int(pid), int(retries), float(at)))
         return runs
