@@ -30,6 +30,9 @@ from .session import Database, _current as _current_session
 log = logging.getLogger("mqueue.executor")
 
 SUCCEEDED, RETRIED, FAILED, LOST, RELEASED = "succeeded", "retried", "failed", "lost", "released"
+#: The task returned without touching its session: the worker completes the
+#: job in a batch with others (there is no task transaction to join).
+DEFERRED = "deferred"
 #: A task that hits a transient database error (deadlock, lock timeout,
 #: disconnect) is run again in place this many times before the job is
 #: handed back; such errors never count as a task failure.
@@ -64,8 +67,10 @@ def format_error(error: BaseException) -> str:
 class Executor:
     """Runs jobs for one worker; shared by its threads (it holds no per-job state)."""
 
-    def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool]) -> None:
+    def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool],
+                 defer_untouched: bool = False) -> None:
         self.db = db
+        self.defer_untouched = defer_untouched
         self.dialect = db.dialect
         self._heartbeat = heartbeat
         self._stopping = stopping
@@ -75,6 +80,8 @@ class Executor:
         row = running.row
         started = time.monotonic()
         outcome = self._execute(running)
+        if outcome == DEFERRED:
+            return outcome  # logged once its completion is written
         log.info("job=%s task=%s queue=%s duration=%.3fs outcome=%s", row.id, row.name, row.queue,
                  time.monotonic() - started, outcome)
         return outcome
@@ -115,6 +122,9 @@ class Executor:
                 self._call(running, task.fn, args, kwargs)
                 if running.timed_out:
                     raise JobTimeout()
+                if self.defer_untouched and not (session.in_transaction() or session.new or session.dirty
+                                                 or session.deleted):
+                    return DEFERRED
                 session.flush()  # the task's pending ORM writes, then the fenced DELETE on the same connection
                 if not self.dialect.complete_job(session.connection(), row.id, row.token):
                     session.rollback()
@@ -226,6 +236,41 @@ class Executor:
         finally:
             running.timeout_recorded.set()
 
+    def complete_deferred(self, batch: list[Running]) -> list[str]:
+        """Complete jobs whose task returned ``DEFERRED``, all in one transaction; their outcomes.
+
+        Logs each job's outcome line, as ``execute`` does for the others.
+        """
+        pairs = [(r.row.id, r.row.token) for r in batch]
+        label = f"job={pairs[0][0]}" if len(pairs) == 1 else f"jobs={pairs[0][0]}..{pairs[-1][0]}({len(pairs)})"
+        attempts = 0
+
+        def write(conn) -> list[int]:
+            nonlocal attempts
+            attempts += 1
+            lost, gone = self.dialect.complete_jobs(conn, pairs)
+            # After a failed attempt whose COMMIT may have landed, a row that
+            # is gone was completed by it (as ``_commit`` decides for one job).
+            return lost if attempts == 1 else [job_id for job_id in lost if job_id not in gone]
+
+        lost = self._retrying(write, batch[0].row, label=label)
+        lost_ids = set(lost or ())
+        outcomes = []
+        now = time.monotonic()
+        for running in batch:
+            row = running.row
+            if lost is None:
+                outcome = LOST  # gave up writing: the lease will expire and the job is rescued
+            elif row.id in lost_ids:
+                log.warning("job=%s lease lost before completion", row.id)
+                outcome = LOST
+            else:
+                outcome = SUCCEEDED
+            log.info("job=%s task=%s queue=%s duration=%.3fs outcome=%s", row.id, row.name, row.queue,
+                     now - (running.started or now), outcome)
+            outcomes.append(outcome)
+        return outcomes
+
     def _release(self, row: ClaimedRow) -> str:
         ok = self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row)
         return RELEASED if ok else LOST
@@ -235,7 +280,8 @@ class Executor:
         return bool(self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row,
                                    give_up_seconds=5))
 
-    def _retrying(self, write, row: ClaimedRow, give_up_seconds: float = WRITE_RETRY_SECONDS):
+    def _retrying(self, write, row: ClaimedRow, give_up_seconds: float = WRITE_RETRY_SECONDS,
+                  label: str | None = None):
         """Run ``write(conn)`` in its own transaction, retrying transient errors.
 
         Returns the write's result, or None after ``give_up_seconds`` of
@@ -251,11 +297,11 @@ class Executor:
                     return write(conn)
             except DBAPIError as error:
                 if not self.dialect.is_transient(error) or time.monotonic() > deadline:
-                    log.error("job=%s could not record its outcome (attempt %d): %s", row.id, attempt,
-                              _first_line(error))
+                    log.error("%s could not record its outcome (attempt %d): %s", label or f"job={row.id}",
+                              attempt, _first_line(error))
                     return None
-                log.warning("job=%s database error recording outcome (attempt %d), retrying in %.2fs: %s",
-                            row.id, attempt, delay, _first_line(error))
+                log.warning("%s database error recording outcome (attempt %d), retrying in %.2fs: %s",
+                            label or f"job={row.id}", attempt, delay, _first_line(error))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

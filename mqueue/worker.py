@@ -3,8 +3,11 @@
 One *producer* (the thread that calls ``run()``) claims due jobs in batches
 no larger than the free capacity and hands them to ``concurrency`` executor
 threads.  A *maintenance* thread extends the leases of every job this worker
-holds, enforces ``timeout=``, re-queues jobs whose worker died and runs
-periodic hooks (crons).  Signal handlers only record the signal; the loops act.
+holds, re-queues jobs whose worker died and runs periodic hooks (crons); a
+*watchdog* thread enforces ``timeout=``.  A *completer* thread deletes, many
+per transaction, the jobs whose task returned without touching its session
+(a task that wrote is completed inside its own transaction by the executor).
+Signal handlers only record the signal; the loops act.
 
 e.g.::
 
@@ -28,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import wakeup
 from .errors import LeaseLostError
-from .executor import FAILED, LOST, RETRIED, SUCCEEDED, Executor, Running
+from .executor import DEFERRED, FAILED, LOST, RETRIED, SUCCEEDED, Executor, Running
 from .jobs import Job
 from .session import Database, as_database
 
@@ -42,6 +45,8 @@ DEFAULT_GRACE_SECONDS = 30.0
 #: A dead worker's jobs are re-queued at most this long after their lease expires.
 MAX_RESCUE_INTERVAL_SECONDS = 5.0
 MAX_OUTAGE_BACKOFF_SECONDS = 5.0
+#: At most this many jobs completed by one statement of the completer.
+MAX_COMPLETION_BATCH = 500
 
 
 @dataclasses.dataclass
@@ -84,12 +89,13 @@ class Worker:
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
-        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set())
+        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), defer_untouched=True)
         #: callables run by the maintenance thread about once a second (crons)
         self.periodic: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ready: "queue_module.Queue[Running | None]" = queue_module.Queue()
+        self._finished: "queue_module.Queue[Running | None]" = queue_module.Queue()  # for the completer
         self._held: dict[int, Running] = {}
         self._held_lock = threading.Lock()
         self._result = RunResult()
@@ -140,14 +146,15 @@ class Worker:
                    for n in range(self.concurrency)]
         helpers = [threading.Thread(target=self._maintenance_loop, name="mqueue-maint", daemon=True),
                    threading.Thread(target=self._watchdog_loop, name="mqueue-watchdog", daemon=True)]
-        for thread in threads + helpers:
+        completer = threading.Thread(target=self._completion_loop, name="mqueue-complete", daemon=True)
+        for thread in threads + helpers + [completer]:
             thread.start()
         log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds)
         try:
             self._produce()
         finally:
-            self._shutdown(threads)
+            self._shutdown(threads, completer)
             wakeup.unsubscribe(self.queues, self._wake)
             if previous:
                 for signum, handler in previous.items():
@@ -247,6 +254,9 @@ class Worker:
             except BaseException:  # never let a thread die silently
                 log.exception("job=%s crashed the executor", running.row.id)
                 outcome = LOST
+            if outcome == DEFERRED:
+                self._finished.put(running)  # still held (and heartbeated) until the completer writes it
+                continue
             self._count(outcome)
             with self._held_lock:
                 self._held.pop(running.row.id, None)
@@ -319,13 +329,45 @@ class Worker:
             now = time.monotonic()
             with self._held_lock:
                 overdue = [r for r in self._held.values() if r.timeout and r.started and not r.timed_out
-                           and not r.lost and now - r.started > r.timeout]
+                           and not r.lost and not r.finishing and now - r.started > r.timeout]
             for running in overdue:
                 try:
                     self.executor.record_timeout(running)
                 except Exception:
                     log.exception("job=%s timeout could not be recorded", running.row.id)
             time.sleep(0.05)
+
+    # -- completer thread ----------------------------------------------------------
+    def _completion_loop(self) -> None:
+        """Complete jobs whose task wrote nothing: every one finished so far in one transaction.
+
+        No waiting for a batch to fill: under load jobs finish while the
+        previous batch commits, so batches grow by themselves; when idle a
+        job is completed at once.  ``None`` (from shutdown) ends the loop
+        after what came before it.
+        """
+        closing = False
+        while not closing:
+            batch = [self._finished.get()]
+            while len(batch) < MAX_COMPLETION_BATCH:
+                try:
+                    batch.append(self._finished.get_nowait())
+                except queue_module.Empty:
+                    break
+            closing = any(running is None for running in batch)
+            batch = [running for running in batch if running is not None]
+            if not batch:
+                continue
+            try:
+                outcomes = self.executor.complete_deferred(batch)
+            except Exception:  # never let the thread die silently; the leases expire
+                log.exception("completing %d job(s) failed", len(batch))
+                outcomes = [LOST] * len(batch)
+            for running, outcome in zip(batch, outcomes):
+                self._count(outcome)
+                with self._held_lock:
+                    self._held.pop(running.row.id, None)
+            self._wake.set()
 
     def _rescue(self) -> None:
         with self.db.engine.begin() as conn:
@@ -335,7 +377,7 @@ class Worker:
             self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------
-    def _shutdown(self, executor_threads: list[threading.Thread]) -> None:
+    def _shutdown(self, executor_threads: list[threading.Thread], completer: threading.Thread) -> None:
         self._stop.set()
         # Jobs claimed but not started go back at once.
         while True:
@@ -350,6 +392,8 @@ class Worker:
         deadline = time.monotonic() + self.grace_seconds
         for thread in executor_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._finished.put(None)  # the completer writes what the threads finished, then ends
+        completer.join(max(5.0, deadline - time.monotonic()))
         with self._held_lock:
             unfinished = list(self._held.values())
         for running in unfinished:

@@ -46,6 +46,13 @@ class ClaimedRow:
 _FENCE = and_(t.c.id == bindparam("job_id"), t.c.token == bindparam("job_token"), t.c.state == RUNNING)
 _LEASE = utc_now(bindparam("lease_seconds", type_=Float))
 COMPLETE = delete(t).where(_FENCE)
+#: Many completions: lock the rows (by primary key, in id order like
+#: heartbeats, so the two never deadlock), then delete those still running
+#: under the caller's token.
+LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state)
+             .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
+             .order_by(t.c.id).with_for_update())
+DELETE_MANY = delete(t).where(t.c.id.in_(bindparam("job_ids", expanding=True)))
 HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
 RETRY = update(t).where(_FENCE).values(
     state=QUEUED, retries=t.c.retries + 1, eta=utc_now(bindparam("delay_seconds", type_=Float)),
@@ -186,10 +193,10 @@ class Dialect:
         """Extend the leases of ``(id, token)`` pairs; return the ids whose lease was lost.
 
         One fenced UPDATE per job in one short transaction: a row lock each,
-        by primary key.
+        by primary key, taken in id order (as ``complete_jobs`` does).
         """
         lost = []
-        for job_id, token in jobs:
+        for job_id, token in sorted(jobs):
             result = conn.execute(HEARTBEAT, dict(job_id=job_id, job_token=token, lease_seconds=lease_seconds))
             if result.rowcount != 1:
                 lost.append(job_id)
@@ -198,6 +205,25 @@ class Dialect:
     def complete_job(self, conn, job_id: int, token: int) -> bool:
         """Delete a finished job inside the task's own transaction (fenced, by primary key)."""
         return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
+
+    def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Delete many finished jobs ``(id, token)`` at once; return ``(lost, gone)``.
+
+        For jobs whose task wrote nothing, so there is no task transaction to
+        join.  The fence is checked on rows locked by primary key (SQLite: the
+        write lock), so nothing can change between the check and the delete.
+        ``lost``: ids not deleted (the lease was lost); ``gone``: those of
+        them whose row no longer exists (completed already: after a COMMIT
+        whose reply was lost, by this very worker).
+        """
+        wanted = dict(jobs)
+        rows = conn.execute(LOCK_JOBS, dict(job_ids=list(wanted))).all()
+        ours = [job_id for job_id, token, state in rows if state == RUNNING and wanted[job_id] == token]
+        if ours:
+            conn.execute(DELETE_MANY, dict(job_ids=ours))
+        kept, present = set(ours), {row[0] for row in rows}
+        lost = [job_id for job_id in wanted if job_id not in kept]
+        return lost, [job_id for job_id in lost if job_id not in present]
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
         """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay`` (fenced)."""

@@ -1,8 +1,12 @@
 """PostgreSQL through psycopg 3.
 
 The claim is the portable ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
-SKIP LOCKED) RETURNING`` in one round trip.  TCP keepalives bound how long a
-half-open connection can hang a worker.
+SKIP LOCKED) RETURNING`` in one round trip.  TCP keepalives (for a reply
+that never comes) and ``tcp_user_timeout`` (for data the server never
+acknowledges) bound how long a half-open connection can hang a worker: about
+30 s, where libpq would otherwise wait for the kernel's retransmissions (15
+minutes and more).  A stall that the network itself keeps acknowledging
+(e.g. a proxy that stops forwarding) is not detected.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class PostgreSQLDialect(Dialect):
         options = super().engine_options(url)
         if url.drivername.endswith("psycopg"):
             options["connect_args"] = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
-                                       "keepalives_interval": 5, "keepalives_count": 3}
+                                       "keepalives_interval": 5, "keepalives_count": 3,
+                                       "tcp_user_timeout": 30_000}
         return options
 
     def is_transient(self, error: BaseException) -> bool:

@@ -15,6 +15,7 @@ import time
 import pytest
 from helpers import wait_for
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, event, func, insert, select
+from sqlalchemy.orm import registry as orm_registry
 
 import mqueue
 from mqueue.schema import task_table
@@ -26,6 +27,19 @@ effect = Table(
     Column("job_id", BigInteger, nullable=False),
     Column("note", String(100), nullable=True),
 )
+
+mapper_registry = orm_registry(metadata=effect_metadata)
+
+
+class OrmEffect:
+    """An ORM-mapped effect, for tasks that only ``session.add`` (no flush, no SQL yet)."""
+
+
+mapper_registry.map_imperatively(OrmEffect, Table(
+    "orm_effect", effect_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+))
 
 #: What the tasks below saw, reset before every test.
 seen: list = []
@@ -42,6 +56,19 @@ def write_effect(note: str | None = None) -> None:
 def ok(n: int) -> None:
     seen.append(n)
     write_effect(str(n))
+
+
+@mqueue.task(name="tw.add_only", queue="tw")
+def add_only() -> None:
+    """Leaves a pending ORM object: the completion must flush and commit it, not skip it."""
+    row = OrmEffect()
+    row.job_id = mqueue.current_job().id
+    mqueue.current_session().add(row)
+
+
+@mqueue.task(name="tw.read_only", queue="tw")
+def read_only() -> None:
+    seen.append(mqueue.current_session().execute(select(func.count()).select_from(effect)).scalar_one())
 
 
 @mqueue.task(name="tw.boom", queue="tw")
@@ -121,12 +148,14 @@ def record_order(label: str) -> None:
 
 
 @mqueue.task(name="tw.fenced", queue="tw-fence")
-def fenced() -> None:
+def fenced(write: bool = True) -> None:
+    """``write=False``: never touches its session, so the worker's completer completes it."""
     job = mqueue.current_job()
     seen.append(("start", job.retries))
     if job.retries == 0:
         gate.wait(30)
-    write_effect(f"retries={job.retries}")
+    if write:
+        write_effect(f"retries={job.retries}")
 
 
 @mqueue.task(name="tw.wake", queue="tw-wake")
@@ -337,9 +366,10 @@ def test_higher_priority_runs_first_then_oldest(db):
 # -- the fence ---------------------------------------------------------------------
 
 
-def test_a_worker_that_lost_its_lease_cannot_complete(db):
+@pytest.mark.parametrize("write", [True, False], ids=["writes", "quiet"])
+def test_a_worker_that_lost_its_lease_cannot_complete(db, write):
     with db.session():
-        job_id = fenced.enqueue()
+        job_id = fenced.enqueue(write=write)
     # Worker A never renews its 1 s lease (as if paused), and holds one job at most.
     first = worker(db, queues=["tw-fence"], lease=1, heartbeat_interval=60, prefetch=0)
     outcome = {}
@@ -353,14 +383,44 @@ def test_a_worker_that_lost_its_lease_cannot_complete(db):
         second = worker(db, queues=["tw-fence"], lease=5).run_until_empty(timeout=30)
         assert second.succeeded == 1
         assert seen[-1] == ("start", 1)
-        assert effect_count(db, job_id) == 1
+        assert effect_count(db, job_id) == int(write)
     finally:
         gate.set()
         thread.join(30)
     assert not thread.is_alive()
     assert (outcome["a"].succeeded, outcome["a"].lost) == (0, 1)
-    assert effect_count(db, job_id) == 1
+    assert effect_count(db, job_id) == int(write)
     assert job_row(db, job_id) is None
+
+
+def test_tasks_that_wrote_nothing_are_completed_together_and_fenced(db):
+    """``complete_jobs``: one transaction for many; a pair whose token moved on is refused."""
+    with db.session():
+        ids = [record_order.enqueue(str(n)) for n in range(3)]
+    with db.engine.begin() as conn:
+        claimed = db.dialect.claim_jobs(conn, "default", 3, "test-owner", 30)
+    assert sorted(r.id for r in claimed) == ids
+    stale = claimed[1]
+    with db.engine.begin() as conn:
+        lost, gone = db.dialect.complete_jobs(conn, [(r.id, r.token + (r is stale)) for r in claimed])
+    assert (lost, gone) == ([stale.id], [])
+    assert [job_row(db, job_id) is None for job_id in ids] == [True, False, True]
+    assert job_row(db, stale.id).state == "running"
+    # Asked again (as after a COMMIT whose reply was lost): the completed ones are gone, not ours.
+    with db.engine.begin() as conn:
+        lost, gone = db.dialect.complete_jobs(conn, [(r.id, r.token) for r in claimed])
+    assert (lost, gone) == ([ids[0], ids[2]], [ids[0], ids[2]])
+    assert job_row(db, stale.id) is None
+
+
+def test_a_task_that_only_added_orm_objects_or_read_commits_through_its_session(db):
+    with db.session():
+        added = add_only.enqueue()
+        read_only.enqueue()
+    assert worker(db).run_until_empty(timeout=30).succeeded == 2
+    with db.engine.connect() as conn:
+        assert conn.execute(select(OrmEffect.__table__.c.job_id)).scalars().all() == [added]
+    assert seen == [0]
 
 
 def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost(db, caplog):

@@ -9,7 +9,9 @@
 * **Enqueue ledger**: a file of job ids written only after the enqueue
   transaction's COMMIT returned (``C``), of ids whose COMMIT raised so the
   outcome is unknown (``U``), and of the ``n`` argument of every call whose
-  transaction rolled back (``R``).  Rolled-back calls are known by ``n``, not
+  transaction rolled back (``R``); ``Q`` marks quiet jobs (``kind="quiet"``:
+  the task writes nothing, so the worker completes it in a batch), which are
+  done when their row is gone after an attempt that ended ``ok``.  Rolled-back calls are known by ``n``, not
   id: SQLite hands a rolled-back id out again.
 
 ``check(...)`` turns the three into counts: lost, duplicate effects,
@@ -105,11 +107,13 @@ class attempt:
 
 @mqueue.task(name="fault.work", backoff=0.2, max_retries=25)
 def work(n, sleep=0.0, kind="ok"):
-    """``kind``: ok; raise (raises on its first attempt, then succeeds); fail (``mqueue.Fail``)."""
+    """``kind``: ok; raise (raises on its first attempt, then succeeds); fail (``mqueue.Fail``);
+    quiet (touches no database: no effect row)."""
     with attempt() as job:
         if sleep:
             time.sleep(sleep)
-        _effect(job, str(n))  # rolled back when the run raises
+        if kind != "quiet":
+            _effect(job, str(n))  # rolled back when the run raises
         if kind == "raise" and job.retries == 0:
             raise RuntimeError("raised by design")
         if kind == "fail":
@@ -204,7 +208,8 @@ class Harness:
 
     # -- enqueue ledger
     def record(self, kind: str, ids) -> None:
-        """``kind``: C committed (ids), U commit outcome unknown (ids), R rolled back (``n`` values)."""
+        """``kind``: C committed (ids), U commit outcome unknown (ids), R rolled back (``n`` values),
+        X maybe cancelled (ids), Q quiet (ids)."""
         if not ids:
             return
         text = "".join(f"{kind} {job_id}\n" for job_id in ids)
@@ -215,7 +220,7 @@ class Harness:
             os.close(fd)
 
     def ledger(self) -> dict[str, set[int]]:
-        books: dict[str, set[int]] = {"C": set(), "R": set(), "U": set(), "X": set()}
+        books: dict[str, set[int]] = {"C": set(), "R": set(), "U": set(), "X": set(), "Q": set()}
         for line in whole_lines(self.enqueued):
             kind, job_id = line.split()
             books[kind].add(int(job_id))
@@ -322,13 +327,16 @@ def check(db: mqueue.Database, harness: Harness, expect_fail: set[int] = frozens
     """Count the invariants once everything has drained.
 
     A committed job ends with exactly one effect and no row, or (failed by
-    design) with a ``failed`` row and no effect.  An id from a rolled-back
+    design) with a ``failed`` row and no effect; a quiet one with no row and
+    an attempt that ended ``ok``.  An id from a rolled-back
     transaction must leave neither.  Unknown-outcome ids may go either way
     but never twice.  Effects of a job the books do not know are phantoms.
     """
     books = harness.ledger()
     committed, rolled, unknown = books["C"], books["R"], books["U"]
     cancelled = books["X"]  # may have been cancelled: no effect or one, never lost
+    quiet = books["Q"]
+    ended_ok = {a[1] for a in harness.attempts() if a[0] == "E" and a[5] == "ok"}
     rows = {row.id: row for row in job_rows(db)}
     per_job = Counter(row.job_id for row in effects(db))  # read before the rows: nothing moves now
     all_effects = effects(db)
@@ -349,7 +357,7 @@ def check(db: mqueue.Database, harness: Harness, expect_fail: set[int] = frozens
             if per_job.get(job_id):
                 report.phantom_effects += per_job[job_id]
             continue
-        if per_job.get(job_id):
+        if per_job.get(job_id) or (job_id in quiet and row is None and job_id in ended_ok):
             report.done += 1
         elif job_id in cancelled and row is None:
             continue

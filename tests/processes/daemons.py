@@ -86,6 +86,14 @@ def effect_task(n, sleep=0.0):
     write_effect(job, str(n))
 
 
+@mqueue.task(name="proc.quiet")
+def quiet_task(n, sleep=0.0):
+    """Touches no database: the worker completes it in a batch with others."""
+    log_start()
+    if sleep:
+        time.sleep(sleep)
+
+
 @mqueue.task(name="proc.block")
 def block(write_first=False, seconds=30.0):
     """First run: blocks until the flag file exists (or ``seconds``); later runs do not block."""
