@@ -226,6 +226,8 @@ class Executor:
         # Interrupt the task before writing: on SQLite a task holding the write
         # lock would otherwise block this write, then commit its late completion.
         with running.lock:
+            if running.finishing:
+                return  # it returned meanwhile: its own completion or failure write decides
             running.timed_out = True
             if running.in_task and running.thread_id is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running.thread_id),

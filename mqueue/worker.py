@@ -258,9 +258,19 @@ class Worker:
                 self._finished.put(running)  # still held (and heartbeated) until the completer writes it
                 continue
             self._count(outcome)
-            with self._held_lock:
-                self._held.pop(running.row.id, None)
+            self._drop(running)
             self._wake.set()
+
+    def _drop(self, running: Running) -> None:
+        """Forget a job this worker no longer holds.
+
+        Only this run's entry: after a lost lease the same id may have been
+        claimed again by this worker, and that run must stay held (and
+        heartbeated).
+        """
+        with self._held_lock:
+            if self._held.get(running.row.id) is running:
+                del self._held[running.row.id]
 
     def _count(self, outcome: str) -> None:
         with self._held_lock:
@@ -274,8 +284,7 @@ class Worker:
                 self._result.lost += 1
 
     def _hand_back(self, running: Running) -> None:
-        with self._held_lock:
-            self._held.pop(running.row.id, None)
+        self._drop(running)
         if self.executor.release(running.row):
             log.info("job=%s task=%s queue=%s outcome=released", running.row.id, running.row.name,
                      running.row.queue)
@@ -309,14 +318,17 @@ class Worker:
             return
         with self.db.engine.begin() as conn:
             lost = self.db.dialect.heartbeat_jobs(conn, pairs, self.lease_seconds)
+        tokens = dict(pairs)
         for job_id in lost:
             with self._held_lock:
                 running = self._held.get(job_id)
+            if running is None or running.timed_out or running.row.token != tokens[job_id]:
+                continue  # finished meanwhile, or held again under a new claim
+            running.lost = True
             # A job being finished may be gone because its own completion just
-            # committed (the heartbeat waited on that row lock): the executor's
-            # fenced write tells the truth for it.
-            if running is not None and not running.timed_out and not running.finishing:
-                running.lost = True
+            # committed (the heartbeat waited on that row lock): its fenced
+            # write says what happened, and logs a lost lease itself.
+            if not running.finishing:
                 log.warning("job=%s lease lost (another worker took it over)", job_id)
 
     def _watchdog_loop(self) -> None:
@@ -365,8 +377,7 @@ class Worker:
                 outcomes = [LOST] * len(batch)
             for running, outcome in zip(batch, outcomes):
                 self._count(outcome)
-                with self._held_lock:
-                    self._held.pop(running.row.id, None)
+                self._drop(running)
             self._wake.set()
 
     def _rescue(self) -> None:

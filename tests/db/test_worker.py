@@ -158,6 +158,17 @@ def fenced(write: bool = True) -> None:
         write_effect(f"retries={job.retries}")
 
 
+second_gate = threading.Event()
+
+
+@mqueue.task(name="tw.twice", queue="tw-twice")
+def twice() -> None:
+    """Quiet; the first run waits for ``gate``, the second for ``second_gate``."""
+    retries = mqueue.current_job().retries
+    seen.append(("start", retries))
+    (gate if retries == 0 else second_gate).wait(30)
+
+
 @mqueue.task(name="tw.wake", queue="tw-wake")
 def wake(n: int) -> None:
     started[n] = time.perf_counter()
@@ -169,8 +180,10 @@ def db(db):
     seen.clear()
     started.clear()
     gate.clear()
+    second_gate.clear()
     yield db
     gate.set()
+    second_gate.set()
 
 
 def effect_count(db, job_id=None) -> int:
@@ -393,6 +406,33 @@ def test_a_worker_that_lost_its_lease_cannot_complete(db, write):
     assert job_row(db, job_id) is None
 
 
+def test_a_stale_run_finishing_does_not_drop_the_same_jobs_new_run(db):
+    """A worker whose run lost its lease may hold the job again under a new claim.
+
+    When the stale run ends (its completion refused), the new run must stay
+    held, or it would no longer be heartbeated (and run twice at once).
+    """
+    with db.session():
+        job_id = twice.enqueue()
+    w = worker(db, queues=["tw-twice"], concurrency=2, lease=1, heartbeat_interval=60)
+    thread = threading.Thread(target=w.run)
+    thread.start()
+    try:
+        # No heartbeats: the worker's own rescue re-queues the job and it claims it again.
+        wait_for(lambda: seen == [("start", 0), ("start", 1)], timeout=15, message=lambda: f"runs: {seen}")
+        gate.set()  # the stale run returns; the completer refuses it
+        wait_for(lambda: w._result.lost == 1, timeout=10, message=lambda: f"{w._result}")
+        with w._held_lock:
+            held = w._held.get(job_id)
+        assert held is not None and held.row.retries == 1
+    finally:
+        gate.set()
+        second_gate.set()
+        w.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_tasks_that_wrote_nothing_are_completed_together_and_fenced(db):
     """``complete_jobs``: one transaction for many; a pair whose token moved on is refused."""
     with db.session():
@@ -434,9 +474,9 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
     w = worker(db, heartbeat_interval=60)
     heartbeats: list[threading.Thread] = []
 
-    def before_commit(conn) -> None:
-        # The first COMMIT after the task ran is its completion: heartbeat
-        # from another thread now, while the completion holds the row.
+    def before_commit(session) -> None:
+        # The task's session commits its completion (the fenced DELETE has
+        # run): heartbeat from another thread now, while it holds the row.
         if seen == [7] and not heartbeats:
             heartbeats.append(threading.Thread(target=w._heartbeat_all))
             heartbeats[0].start()
@@ -447,13 +487,13 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
         if heartbeats:
             heartbeats[0].join(30)
 
-    event.listen(db.engine, "commit", before_commit)
+    event.listen(db.Session, "before_commit", before_commit)
     event.listen(db.Session, "after_commit", after_commit)
     try:
         with caplog.at_level(logging.WARNING, logger="mqueue"):
             result = w.run_until_empty(timeout=30)
     finally:
-        event.remove(db.engine, "commit", before_commit)
+        event.remove(db.Session, "before_commit", before_commit)
         event.remove(db.Session, "after_commit", after_commit)
     assert heartbeats and not heartbeats[0].is_alive()
     assert (result.succeeded, result.lost) == (1, 0)
