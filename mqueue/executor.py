@@ -67,10 +67,8 @@ def format_error(error: BaseException) -> str:
 class Executor:
     """Runs jobs for one worker; shared by its threads (it holds no per-job state)."""
 
-    def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool],
-                 defer_untouched: bool = False) -> None:
+    def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool]) -> None:
         self.db = db
-        self.defer_untouched = defer_untouched
         self.dialect = db.dialect
         self._heartbeat = heartbeat
         self._stopping = stopping
@@ -122,9 +120,8 @@ class Executor:
                 self._call(running, task.fn, args, kwargs)
                 if running.timed_out:
                     raise JobTimeout()
-                if self.defer_untouched and not (session.in_transaction() or session.new or session.dirty
-                                                 or session.deleted):
-                    return DEFERRED
+                if not (session.in_transaction() or session.new or session.dirty or session.deleted):
+                    return DEFERRED  # nothing to commit with: the worker's completer batches it
                 session.flush()  # the task's pending ORM writes, then the fenced DELETE on the same connection
                 if not self.dialect.complete_job(session.connection(), row.id, row.token):
                     session.rollback()
@@ -183,7 +180,7 @@ class Executor:
                 # e.g. a deferred constraint the task's writes broke: a task failure
                 return self._fail_run(row, task, error)
             # The COMMIT's outcome is unknown if the connection died: ask the database.
-            state = self._retrying(lambda conn: self.dialect.job_state(conn, row.id), row)
+            state = self._retrying(lambda conn: self.dialect.job_state(conn, row.id), row.id)
             if state is None or state[1] != row.token or state[0] != "running":
                 return SUCCEEDED if state is None else LOST
             log.warning("job=%s commit did not happen (%s); running it again", row.id, _first_line(error))
@@ -204,10 +201,10 @@ class Executor:
 
     def _write_failure(self, row: ClaimedRow, task, action: str, delay: float, message: str) -> str:
         if action == "retry":
-            ok = self._retrying(lambda c: self.dialect.retry_job(c, row.id, row.token, delay, message), row)
+            ok = self._retrying(lambda c: self.dialect.retry_job(c, row.id, row.token, delay, message), row.id)
             result = RETRIED
         else:
-            ok = self._retrying(lambda c: self.dialect.fail_job(c, row.id, row.token, message), row)
+            ok = self._retrying(lambda c: self.dialect.fail_job(c, row.id, row.token, message), row.id)
             result = FAILED
         if ok is None:
             return LOST  # gave up writing: the lease will expire and the job is rescued
@@ -244,7 +241,6 @@ class Executor:
         Logs each job's outcome line, as ``execute`` does for the others.
         """
         pairs = [(r.row.id, r.row.token) for r in batch]
-        label = f"job={pairs[0][0]}" if len(pairs) == 1 else f"jobs={pairs[0][0]}..{pairs[-1][0]}({len(pairs)})"
         attempts = 0
 
         def write(conn) -> list[int]:
@@ -255,7 +251,7 @@ class Executor:
             # is gone was completed by it (as ``_commit`` decides for one job).
             return lost if attempts == 1 else [job_id for job_id in lost if job_id not in gone]
 
-        lost = self._retrying(write, batch[0].row, label=label)
+        lost = self._retrying(write, *(job_id for job_id, _token in pairs))
         lost_ids = set(lost or ())
         outcomes = []
         now = time.monotonic()
@@ -274,16 +270,15 @@ class Executor:
         return outcomes
 
     def _release(self, row: ClaimedRow) -> str:
-        ok = self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row)
+        ok = self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row.id)
         return RELEASED if ok else LOST
 
     def release(self, row: ClaimedRow) -> bool:
         """Hand a job back unrun (shutdown); fenced."""
-        return bool(self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row,
+        return bool(self._retrying(lambda c: self.dialect.release_job(c, row.id, row.token), row.id,
                                    give_up_seconds=5))
 
-    def _retrying(self, write, row: ClaimedRow, give_up_seconds: float = WRITE_RETRY_SECONDS,
-                  label: str | None = None):
+    def _retrying(self, write, *job_ids: int, give_up_seconds: float = WRITE_RETRY_SECONDS):
         """Run ``write(conn)`` in its own transaction, retrying transient errors.
 
         Returns the write's result, or None after ``give_up_seconds`` of
@@ -299,13 +294,20 @@ class Executor:
                     return write(conn)
             except DBAPIError as error:
                 if not self.dialect.is_transient(error) or time.monotonic() > deadline:
-                    log.error("%s could not record its outcome (attempt %d): %s", label or f"job={row.id}",
+                    log.error("%s could not record its outcome (attempt %d): %s", _jobs_label(job_ids),
                               attempt, _first_line(error))
                     return None
                 log.warning("%s database error recording outcome (attempt %d), retrying in %.2fs: %s",
-                            label or f"job={row.id}", attempt, delay, _first_line(error))
+                            _jobs_label(job_ids), attempt, delay, _first_line(error))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _jobs_label(job_ids) -> str:
+    """``job=5`` for one job, ``jobs=5..9(4)`` for a batch (log lines stay short)."""
+    if len(job_ids) == 1:
+        return f"job={job_ids[0]}"
+    return f"jobs={job_ids[0]}..{job_ids[-1]}({len(job_ids)})"
 
 
 def _first_line(error: BaseException) -> str:

@@ -89,7 +89,7 @@ class Worker:
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
-        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), defer_untouched=True)
+        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set())
         #: callables run by the maintenance thread about once a second (crons)
         self.periodic: list[Callable[[], None]] = []
         self._stop = threading.Event()

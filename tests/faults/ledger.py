@@ -11,8 +11,9 @@
   outcome is unknown (``U``), and of the ``n`` argument of every call whose
   transaction rolled back (``R``); ``Q`` marks quiet jobs (``kind="quiet"``:
   the task writes nothing, so the worker completes it in a batch), which are
-  done when their row is gone after an attempt that ended ``ok``.  Rolled-back calls are known by ``n``, not
-  id: SQLite hands a rolled-back id out again.
+  done when their row is gone after an attempt that ended ``ok``.
+  Rolled-back calls are known by ``n``, not id: SQLite hands a rolled-back
+  id out again.
 
 ``check(...)`` turns the three into counts: lost, duplicate effects,
 phantom effects and jobs, executions per job, jobs failed by a transient
