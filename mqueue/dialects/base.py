@@ -90,7 +90,7 @@ class Dialect:
         """Extra ``create_engine`` keyword arguments for this backend."""
         return {"pool_pre_ping": True}
 
-    def worker_engine_options(self, concurrency: int) -> dict[str, Any]:
+    def worker_engine_options(self, concurrency: int, lease_seconds: float = 60.0) -> dict[str, Any]:
         """Engine options for a daemon's own engine.
 
         A connection per thread plus the producer, maintenance and watchdog
@@ -333,6 +333,10 @@ class Dialect:
         return False
 
     def is_missing_table(self, error: BaseException) -> bool:
+        return False
+
+    def is_connection_limit(self, error: BaseException) -> bool:
+        """The server refused a new connection because it has too many (a slot frees soon)."""
         return False
 
     def is_unreachable(self, error: BaseException) -> bool:

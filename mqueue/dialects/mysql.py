@@ -32,7 +32,9 @@ TRANSIENT_CODES = {
     1927,  # connection was killed
     2003, 2006, 2013, 2055,  # cannot connect / server gone / lost connection
     4031,  # MySQL 8: disconnected by the server because of inactivity
+    1040, 1203,  # too many connections (server-wide, per user): a slot frees soon
 }
+CONNECTION_LIMIT_CODES = {1040, 1203}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
 MISSING_TABLE = 1146
 
@@ -87,6 +89,9 @@ class MySQLDialect(Dialect):
 
     def is_missing_table(self, error: BaseException) -> bool:
         return error_code(error) == MISSING_TABLE
+
+    def is_connection_limit(self, error: BaseException) -> bool:
+        return error_code(error) in CONNECTION_LIMIT_CODES
 
     def is_unreachable(self, error: BaseException) -> bool:
         return isinstance(error, DBAPIError) and error_code(error) in UNREACHABLE_CODES

@@ -18,7 +18,9 @@ from sqlalchemy.exc import DBAPIError
 from .base import Dialect
 
 # SQLSTATE classes and codes that mean "try again".
-TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03"}
+TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03", "53300"}
+#: "sorry, too many clients already" / "too many connections for role": a slot frees soon.
+CONNECTION_LIMIT = "53300"
 TRANSIENT_CLASSES = {"08"}  # connection exceptions
 MISSING_TABLE = "42P01"
 
@@ -50,6 +52,9 @@ class PostgreSQLDialect(Dialect):
 
     def is_missing_table(self, error: BaseException) -> bool:
         return sqlstate(error) == MISSING_TABLE
+
+    def is_connection_limit(self, error: BaseException) -> bool:
+        return sqlstate(error) == CONNECTION_LIMIT or "too many clients" in str(getattr(error, "orig", error))
 
     def is_unreachable(self, error: BaseException) -> bool:
         return (isinstance(error, DBAPIError) and sqlstate(error) is None

@@ -33,7 +33,7 @@ class SQLiteDialect(Dialect):
     def engine_options(self, url) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
 
-    def worker_engine_options(self, concurrency: int) -> dict[str, Any]:
+    def worker_engine_options(self, concurrency: int, lease_seconds: float = 60.0) -> dict[str, Any]:
         return {}
 
     def configure_engine(self, engine: Engine) -> None:
