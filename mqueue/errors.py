@@ -78,3 +78,9 @@ class Fail(Exception):
 
 class JobTimeout(Exception):
     """The run took longer than the task's ``timeout=``."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's own message (a driver error's, not SQLAlchemy's wrapper)."""
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__

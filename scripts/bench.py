@@ -683,7 +683,7 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
         return sum(v[3] for k, v in table_.items() if k[0].endswith(suffix) and k[2] == function)
 
     work = find("mqueue/executor.py", "execute") + find("mqueue/worker.py", "_claim") \
-        + find("mqueue/worker.py", "_heartbeat_all") + find("mqueue/worker.py", "_rescue")
+        + find("mqueue/worker.py", "_heartbeat_step") + find("mqueue/worker.py", "_rescue_step")
     say(f"  {jobs:,} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
         f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
         f"= {work:.2f}s of profiled time" + (f"; CPU of all threads {stats.total_tt:.2f}s = "
@@ -691,8 +691,7 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
     mine = [(k, v) for k, v in table_.items() if "/mqueue/" in k[0] and "benchtasks" not in k[0]]
     mine.sort(key=lambda kv: kv[1][3], reverse=True)
     rows = []
-    skip = {"_serve", "run", "_produce", "_executor_loop", "_maintenance_loop", "main", "cmd_start", "<module>",
-            "start"}
+    skip = {"_serve", "run", "_execute_step", "_complete_step", "main", "cmd_start", "<module>", "start"}
     for (path, line, function), (_cc, calls, tottime, cumtime, _callers) in mine:
         if function in skip:
             continue

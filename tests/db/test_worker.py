@@ -362,7 +362,7 @@ def test_queues_named_first_are_served_first(db):
             record_order.options(queue="tw-low").enqueue(f"low{n}")
         for n in range(3):
             record_order.options(queue="tw-high").enqueue(f"high{n}")
-    result = worker(db, queues=["tw-high", "tw-low"], prefetch=0).run_until_empty(timeout=30)
+    result = worker(db, queues=["tw-high", "tw-low"]).run_until_empty(timeout=30)
     assert result.succeeded == 6
     assert seen == ["high0", "high1", "high2", "low0", "low1", "low2"]
 
@@ -371,7 +371,7 @@ def test_higher_priority_runs_first_then_oldest(db):
     with db.session():
         for priority, label in [(0, "p0-a"), (-1, "p-1"), (10, "p10"), (0, "p0-b"), (5, "p5")]:
             record_order.options(queue="tw-prio", priority=priority).enqueue(label)
-    result = worker(db, queues=["tw-prio"], prefetch=0).run_until_empty(timeout=30)
+    result = worker(db, queues=["tw-prio"]).run_until_empty(timeout=30)
     assert result.succeeded == 5
     assert seen == ["p10", "p5", "p0-a", "p0-b", "p-1"]
 
@@ -384,7 +384,7 @@ def test_a_worker_that_lost_its_lease_cannot_complete(db, write):
     with db.session():
         job_id = fenced.enqueue(write=write)
     # Worker A never renews its 1 s lease (as if paused), and holds one job at most.
-    first = worker(db, queues=["tw-fence"], lease=1, heartbeat_interval=60, prefetch=0)
+    first = worker(db, queues=["tw-fence"], lease=1, heartbeat_interval=60)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(a=first.run_until_empty(timeout=30)))
     thread.start()
@@ -478,7 +478,7 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
         # The task's session commits its completion (the fenced DELETE has
         # run): heartbeat from another thread now, while it holds the row.
         if seen == [7] and not heartbeats:
-            heartbeats.append(threading.Thread(target=w._heartbeat_all))
+            heartbeats.append(threading.Thread(target=w._heartbeat_step))
             heartbeats[0].start()
             time.sleep(0.3)  # the heartbeat blocks on the row (or SQLite's write lock)
 

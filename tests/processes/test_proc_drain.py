@@ -68,7 +68,7 @@ def test_supervisor_restarts_a_killed_worker_process_and_stops_cleanly(db, tasks
     (newcomer,) = set(replaced) - {survivor}
     supervisor.wait_serving(pid=newcomer)
 
-    # Each process holds at most two jobs (one running, one prefetched), so the
+    # Each process holds only the job it runs (no prefetch), so the
     # newcomer must take part in draining these.
     ids = enqueue(db, "proc.effect", [{"n": n, "sleep": 0.05} for n in range(40)])
     wait_for(lambda: jobs_left(db) == 0, timeout=60, message=lambda: supervisor.stderr())
