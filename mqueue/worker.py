@@ -55,6 +55,9 @@ MAX_COMPLETION_BATCH = 500
 #: How often the watchdog looks for runs past their ``timeout=``.
 WATCHDOG_SECONDS = 0.05
 CRON_TICK_SECONDS = 1.0
+#: How long the producer waits for more threads to free up before claiming
+#: fewer than ``claim_batch`` jobs: short next to any real task.
+CLAIM_LINGER_SECONDS = 0.005
 #: Threads of a worker that use a connection besides the executors: producer,
 #: completer, heartbeat, rescuer, scheduler, and the watchdog's timeout write.
 SERVICE_CONNECTIONS = 6
@@ -92,6 +95,7 @@ class Worker:
         self.lease_seconds = float(lease)
         self.poll_seconds = float(poll_interval)
         self.grace_seconds = float(grace)
+        self.claim_batch = concurrency
         self.db = worker_database(database, concurrency, self.lease_seconds)
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
@@ -114,6 +118,7 @@ class Worker:
         self._result = RunResult()
         self._until_empty = False
         self._idle_seconds = min(0.005, self.poll_seconds)
+        self._linger_until: float | None = None
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -193,10 +198,21 @@ class Worker:
             free = self.concurrency - (held - self._completing)
         if free <= 0:
             return self.poll_seconds  # a thread that frees up wakes the producer
+        # While other threads are still busy, wait a moment for a few more to
+        # free up: one claim transaction then serves several jobs (a claim
+        # costs as much as a batched completion of many).
+        if free < self.claim_batch and held > 0:
+            now = time.monotonic()
+            if self._linger_until is None:
+                self._linger_until = now + CLAIM_LINGER_SECONDS
+            if now < self._linger_until:
+                return self._linger_until - now
+        self._linger_until = None
         # Counted before claiming: a job still held may be about to be
         # retried with eta=now, so "empty" needs a claim that came after it.
         if self._claim(free):
             self._idle_seconds = min(0.005, self.poll_seconds)
+        self._linger_until: float | None = None
             return 0.0
         if self._until_empty and held == 0:
             self._producer.stop()
