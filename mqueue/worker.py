@@ -56,8 +56,8 @@ MAX_COMPLETION_BATCH = 500
 WATCHDOG_SECONDS = 0.05
 CRON_TICK_SECONDS = 1.0
 #: How long the producer waits for more threads to free up before claiming
-#: fewer than ``claim_batch`` jobs: short next to any real task.
-CLAIM_LINGER_SECONDS = 0.005
+#: fewer than ``claim_batch`` (all threads) jobs: short next to any real task.
+CLAIM_LINGER_SECONDS = 0.003
 #: Threads of a worker that use a connection besides the executors: producer,
 #: completer, heartbeat, rescuer, scheduler, and the watchdog's timeout write.
 SERVICE_CONNECTIONS = 6
@@ -212,7 +212,6 @@ class Worker:
         # retried with eta=now, so "empty" needs a claim that came after it.
         if self._claim(free):
             self._idle_seconds = min(0.005, self.poll_seconds)
-        self._linger_until: float | None = None
             return 0.0
         if self._until_empty and held == 0:
             self._producer.stop()
@@ -250,6 +249,7 @@ class Worker:
             with self._held_lock:
                 self._completing += 1   # still held (and heartbeated) until the completer writes it
             self._finished.put(running)
+            self._wake.set()            # its thread is free: the producer may claim again
         else:
             self._finish(running, outcome)
         return 0.0
