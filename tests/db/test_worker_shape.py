@@ -1,0 +1,116 @@
+"""The worker's shape on every backend: pool sized from the concurrency, runs
+that can be repeated, jobs held only while running, loops that outlive errors.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import wait_for
+from sqlalchemy import select
+
+import mqueue
+from mqueue.schema import task_table
+
+barrier_parties = 4
+barrier = threading.Barrier(barrier_parties, timeout=20)
+held_open = threading.Event()
+
+
+@mqueue.task(name="tshape.together", queue="tshape")
+def together(n: int) -> None:
+    """Holds a connection of the job's pool until every thread has one (no transaction:
+    on SQLite a transaction would take the single write lock)."""
+    with mqueue.current_session().get_bind().connect():
+        barrier.wait()
+
+
+@mqueue.task(name="tshape.noop", queue="tshape-noop")
+def noop(n: int) -> None:
+    pass
+
+
+@mqueue.task(name="tshape.hold", queue="tshape-hold")
+def hold(n: int) -> None:
+    held_open.wait(20)
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    barrier.reset()
+    held_open.clear()
+    yield
+    held_open.set()
+    barrier.abort()
+
+
+def enqueue(db, task, count: int) -> list[int]:
+    with db.session():
+        return task.enqueue_many([{"n": n} for n in range(count)])
+
+
+def test_a_worker_sizes_its_pool_from_its_concurrency(db, database_url):
+    """Issue 10, item 9: a pool smaller than the threads ended in a pool TimeoutError per job.
+
+    The application's Database has room for two connections; four threads each
+    hold their task's connection until all four have one.
+    """
+    small = mqueue.Database(database_url, pool_size=2, max_overflow=0, pool_timeout=1)
+    try:
+        enqueue(db, together, barrier_parties)
+        result = mqueue.Worker(small, queues=["tshape"], concurrency=barrier_parties, lease=10,
+                               poll_interval=0.05).run_until_empty(timeout=60)
+        assert (result.succeeded, result.retried, result.failed) == (barrier_parties, 0, 0)
+    finally:
+        small.dispose()
+
+
+def test_a_worker_given_a_url_sizes_its_own_pool(db, database_url):
+    enqueue(db, together, barrier_parties)
+    worker = mqueue.Worker(database_url, queues=["tshape"], concurrency=barrier_parties, lease=10,
+                           poll_interval=0.05)
+    try:
+        result = worker.run_until_empty(timeout=60)
+    finally:
+        worker.db.dispose()
+    assert (result.succeeded, result.failed) == (barrier_parties, 0)
+
+
+def test_run_until_empty_can_be_called_again_on_the_same_worker(db):
+    """Issue 10, item 13: the second call returned at once with the first call's counts."""
+    worker = mqueue.Worker(db, queues=["tshape-noop"], lease=10, poll_interval=0.05)
+    enqueue(db, noop, 3)
+    assert worker.run_until_empty(timeout=30).succeeded == 3
+    enqueue(db, noop, 2)
+    second = worker.run_until_empty(timeout=30)
+    assert (second.succeeded, second.failed) == (2, 0)
+    with db.engine.connect() as conn:
+        assert conn.execute(select(task_table.c.id)).all() == []
+
+
+def test_a_busy_worker_leaves_waiting_jobs_to_others(db):
+    """Issue 10, item 3: a 1-thread worker busy with a job holds no second one.
+
+    Before, it claimed ``concurrency + 4`` jobs and marked them running, so an
+    idle worker could not run them and a crash charged them a failed run.
+    """
+    busy = mqueue.Worker(db, queues=["tshape-hold"], concurrency=1, lease=10, poll_interval=0.02)
+    thread = threading.Thread(target=busy.run_until_empty, kwargs={"timeout": 30}, daemon=True)
+    ids = enqueue(db, hold, 3)
+    thread.start()
+    try:
+        wait_for(lambda: _states(db, ids).count("running") == 1, timeout=10)
+        for _ in range(10):  # ten of its poll intervals and more: still one job held
+            busy._wake.set()
+            threading.Event().wait(0.05)
+            assert sorted(_states(db, ids)) == ["queued", "queued", "running"]
+    finally:
+        held_open.set()
+        thread.join(30)
+    assert _states(db, ids) == []
+
+
+def _states(db, ids) -> list[str]:
+    with db.engine.connect() as conn:
+        return [row.state for row in conn.execute(select(task_table.c.state).where(task_table.c.id.in_(ids)))]
