@@ -1,0 +1,44 @@
+"""failed_unique_key; args and last_error hold 1 MiB on MySQL
+
+Revision ID: mqueue_0002
+Revises: mqueue_0001
+Create Date: 2026-12-02
+
+* ``failed_unique_key``: a job that fails for good keeps its unique key here,
+  outside the UNIQUE index, so ``retry`` can restore it.
+* MySQL/MariaDB ``TEXT`` holds 64 KiB: ``args`` and ``last_error`` become
+  ``MEDIUMTEXT`` (16 MiB).  PostgreSQL and SQLite text has no such limit.
+
+Frozen like 0001: imports nothing from mqueue.
+"""
+from alembic import op
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+revision = "mqueue_0002"
+down_revision = "mqueue_0001"
+branch_labels = None
+depends_on = None
+
+LONG_TEXT_COLUMNS = (("args", False), ("last_error", True))
+
+
+def _is_mysql() -> bool:
+    return op.get_bind().dialect.name in ("mysql", "mariadb")
+
+
+def upgrade() -> None:
+    op.add_column("mqueue_task", sa.Column("failed_unique_key", sa.String(255), nullable=True))
+    if _is_mysql():
+        for name, nullable in LONG_TEXT_COLUMNS:
+            op.alter_column("mqueue_task", name, type_=mysql.MEDIUMTEXT(), existing_type=sa.Text(),
+                            existing_nullable=nullable)
+
+
+def downgrade() -> None:
+    if _is_mysql():
+        for name, nullable in LONG_TEXT_COLUMNS:
+            op.alter_column("mqueue_task", name, type_=sa.Text(), existing_type=mysql.MEDIUMTEXT(),
+                            existing_nullable=nullable)
+    with op.batch_alter_table("mqueue_task") as batch:
+        batch.drop_column("failed_unique_key")
