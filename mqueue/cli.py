@@ -391,8 +391,8 @@ def cmd_stats(args) -> int:
     from . import admin
     return print_listing(
         args, admin.stats(admin_database(args)), "no jobs",
-        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OLDEST DUE"),
-        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, format_age(q.oldest_due_seconds)))
+        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST DUE"),
+        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other, format_age(q.oldest_due_seconds)))
 
 
 def cmd_crons(args) -> int:

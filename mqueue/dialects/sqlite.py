@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event, insert, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -71,6 +72,13 @@ class SQLiteDialect(Dialect):
         conn.execute(insert(task_table), list(rows))
         last = conn.execute(text("SELECT last_insert_rowid()")).scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
+
+    def insert_if_key_free(self, conn, values):
+        """``INSERT ... ON CONFLICT (unique_key) DO NOTHING RETURNING id`` (no savepoint needed)."""
+        stmt = sqlite_insert(task_table).values(**values).on_conflict_do_nothing(
+            index_elements=[task_table.c.unique_key])
+        job_id = conn.execute(stmt.returning(task_table.c.id)).scalar()
+        return None if job_id is None else int(job_id)
 
     def checkpoint(self, conn) -> None:
         """Fold the WAL back into the database file so it does not grow forever."""
