@@ -15,14 +15,14 @@ from typing import Any, Iterable, Sequence
 
 import datetime as dt
 
-from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, exists, func, insert, literal,
+from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, func, insert, literal,
                         or_, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import InvalidStateError
 from ..schema import FAILED, QUEUED, RUNNING, STATES, cron_table, task_table
-from .functions import utc_now
+from .functions import due_now, utc_now
 
 t = task_table
 DEFAULT_MAX_RETRIES = 10
@@ -91,7 +91,7 @@ def due_jobs(*columns, at_level: bool = True):
     where = [t.c.queue == bindparam("from_queue"), t.c.state == QUEUED]
     if at_level:
         where.append(t.c.neg_priority == bindparam("level", type_=Integer))
-    return (select(*columns).where(*where, t.c.eta <= utc_now())
+    return (select(*columns).where(*where, t.c.eta <= due_now())
             .order_by(t.c.neg_priority, t.c.eta, t.c.id)
             .limit(bindparam("limit", type_=Integer)))
 
@@ -116,7 +116,7 @@ def _priority_levels():
 
     A loose index scan over the claim index: each step seeks the next
     level (``neg_priority > previous ORDER BY neg_priority LIMIT 1``), and
-    the EXISTS probes ``eta <= now`` inside the level.  Each is one index
+    ``due`` (a job id or None) probes ``eta <= now`` inside the level.  Each is one index
     descent, so the cost is O(levels x log n) whatever the number of
     future-dated rows.  Plain reads, no locks.
     """
@@ -127,7 +127,10 @@ def _priority_levels():
                  .order_by(t.c.neg_priority).limit(1).scalar_subquery())
     levels = levels.union_all(select(following, levels.c.depth + 1)
                               .where(levels.c.level.is_not(None), levels.c.depth < MAX_LEVELS))
-    due = exists(select(t.c.id).where(*queued, t.c.neg_priority == levels.c.level, t.c.eta <= utc_now()))
+    # A correlated LIMIT 1, not EXISTS: PostgreSQL may turn an EXISTS into a
+    # hashed subplan that reads every due row of every level once.
+    due = (select(t.c.id).where(*queued, t.c.neg_priority == levels.c.level, t.c.eta <= due_now())
+           .limit(1).scalar_subquery())
     return (select(levels.c.level, levels.c.depth, due.label("due"))
             .where(levels.c.level.is_not(None)).order_by(levels.c.level))
 
@@ -281,7 +284,7 @@ class Dialect:
         if len(levels) >= MAX_LEVELS:  # more priorities than walked: one scan over all of them
             return self.claim_at_level(conn, queue, None, limit, owner, lease_seconds)
         for level, _depth, due in levels:
-            if due:
+            if due is not None:
                 claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
                 if len(claimed) >= limit:
                     break
