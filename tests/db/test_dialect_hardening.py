@@ -220,9 +220,10 @@ def claim_cost(db, backend, limit):
     """Claim ``limit`` jobs in one transaction; return (rows, index entries or pages read)."""
     with db.engine.connect() as conn, conn.begin():
         if backend == "mariadb":
-            def reads():
+            def reads():  # index entries read, also those index condition pushdown skipped
                 return sum(int(v) for k, v in conn.exec_driver_sql(
-                    "SHOW SESSION STATUS LIKE 'Handler_read%%'").all())
+                    "SHOW SESSION STATUS WHERE Variable_name LIKE 'Handler_read%%' "
+                    "OR Variable_name = 'Handler_icp_attempts'").all())
         elif backend == "postgresql":
             def reads():
                 return conn.exec_driver_sql(
