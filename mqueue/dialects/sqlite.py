@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import DDL, event, insert, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +25,38 @@ from .base import Dialect
 #: delay, not fail, other workers' heartbeats.
 BUSY_TIMEOUT_SECONDS = 60
 READ_ONLY_OPTION = "mqueue_read_only"
+
+
+#: What SQLAlchemy writes for a datetime: the one text layout SQLite compares correctly.
+CANONICAL_TIME = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
+                  "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+
+
+def _normalize_eta(event_clause: str, name: str) -> str:
+    """A trigger that rewrites a hand-written ``eta`` into the canonical layout.
+
+    SQLite stores what an INSERT gives: epoch seconds sort before every text
+    (due at once, however far in the future), and ISO text with ``T`` sorts
+    after a space (due up to a day late).  SQLite's own date functions read
+    epoch seconds, ``T``, ``Z`` and offsets (converted to UTC); a value they
+    cannot read is left as it is (and read as None by ``read_time``).
+    """
+    return f"""CREATE TRIGGER IF NOT EXISTS {name} {event_clause} ON mqueue_task
+WHEN NOT (typeof(NEW.eta) = 'text' AND NEW.eta GLOB '{CANONICAL_TIME}')
+BEGIN
+    UPDATE mqueue_task SET eta = COALESCE(
+        CASE WHEN typeof(NEW.eta) IN ('integer', 'real')
+             THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch')
+             ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000', NEW.eta)
+    WHERE id = NEW.id;
+END"""
+
+
+#: Installed with the table (``create_all``) and by migration 0002 (a frozen copy).
+NORMALIZE_ETA_TRIGGERS = (_normalize_eta("AFTER INSERT", "mqueue_task_eta_on_insert"),
+                          _normalize_eta("AFTER UPDATE OF eta", "mqueue_task_eta_on_update"))
+for _trigger in NORMALIZE_ETA_TRIGGERS:
+    event.listen(task_table, "after_create", DDL(_trigger.replace("%", "%%")).execute_if(dialect="sqlite"))
 
 
 class SQLiteDialect(Dialect):

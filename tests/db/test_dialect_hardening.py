@@ -339,3 +339,27 @@ def test_cancel_and_retry_act_on_leaseless_running_rows_and_unknown_states(db):
     [row] = claim(db)
     with pytest.raises(InvalidStateError):
         admin.cancel_job(db, row.id)
+
+
+@pytest.mark.backends("sqlite")
+def test_hand_written_etas_on_sqlite_keep_their_meaning(db, backend):
+    """Epoch seconds in the future wait; ISO text with T/Z from a minute ago is due now (not tomorrow)."""
+    now = db_now(db)
+    soon = now - dt.timedelta(seconds=60)
+    future_epoch = int((now + dt.timedelta(hours=1)).replace(tzinfo=dt.timezone.utc).timestamp())
+    with db.engine.begin() as conn:
+        insert_eta = text("INSERT INTO mqueue_task (queue, name, args, eta) VALUES (:q, 'thard.ok', '{}', :eta)")
+        conn.execute(insert_eta, dict(q=QUEUE, eta=future_epoch))
+        conn.execute(insert_eta, dict(q=QUEUE, eta=soon.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        conn.execute(insert_eta, dict(q=QUEUE, eta=(soon + dt.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S+02:00")))
+        conn.execute(insert_eta, dict(q=QUEUE, eta="not a time"))
+    job = add(db, eta=3600)
+    with db.engine.begin() as conn:  # and when an operator sets it by hand
+        conn.execute(text("UPDATE mqueue_task SET eta = :eta WHERE id = :id"),
+                     dict(eta=soon.strftime("%Y-%m-%dT%H:%M:%S"), id=job))
+    rows = claim(db, limit=10)
+    assert [row.id for row in rows] == [2, 3, job]
+    assert {job.id: job.eta for job in admin.list_jobs(db, queue=QUEUE)} == {
+        1: dt.datetime.fromtimestamp(future_epoch, dt.timezone.utc).replace(tzinfo=None),
+        2: soon.replace(microsecond=0), 3: soon.replace(microsecond=0), 4: None,
+        job: soon.replace(microsecond=0)}

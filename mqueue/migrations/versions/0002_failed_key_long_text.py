@@ -1,4 +1,4 @@
-"""failed_unique_key; args and last_error hold 1 MiB on MySQL
+"""failed_unique_key; args and last_error hold 1 MiB on MySQL; SQLite normalizes eta
 
 Revision ID: mqueue_0002
 Revises: mqueue_0001
@@ -8,6 +8,9 @@ Create Date: 2026-12-02
   outside the UNIQUE index, so ``retry`` can restore it.
 * MySQL/MariaDB ``TEXT`` holds 64 KiB: ``args`` and ``last_error`` become
   ``MEDIUMTEXT`` (16 MiB).  PostgreSQL and SQLite text has no such limit.
+* SQLite: triggers rewrite a hand-written ``eta`` (epoch seconds, ISO text
+  with ``T``, ``Z`` or an offset) into the one layout SQLite compares
+  correctly (a copy of ``mqueue.dialects.sqlite.NORMALIZE_ETA_TRIGGERS``).
 
 Frozen like 0001: imports nothing from mqueue.
 """
@@ -21,6 +24,20 @@ branch_labels = None
 depends_on = None
 
 LONG_TEXT_COLUMNS = (("args", False), ("last_error", True))
+CANONICAL_TIME = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
+                  "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+SQLITE_TRIGGERS = {
+    name: f"""CREATE TRIGGER IF NOT EXISTS {name} {event_clause} ON mqueue_task
+WHEN NOT (typeof(NEW.eta) = 'text' AND NEW.eta GLOB '{CANONICAL_TIME}')
+BEGIN
+    UPDATE mqueue_task SET eta = COALESCE(
+        CASE WHEN typeof(NEW.eta) IN ('integer', 'real')
+             THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch')
+             ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000', NEW.eta)
+    WHERE id = NEW.id;
+END"""
+    for name, event_clause in (("mqueue_task_eta_on_insert", "AFTER INSERT"),
+                               ("mqueue_task_eta_on_update", "AFTER UPDATE OF eta"))}
 
 
 def _is_mysql() -> bool:
@@ -29,6 +46,9 @@ def _is_mysql() -> bool:
 
 def upgrade() -> None:
     op.add_column("mqueue_task", sa.Column("failed_unique_key", sa.String(255), nullable=True))
+    if op.get_bind().dialect.name == "sqlite":
+        for trigger in SQLITE_TRIGGERS.values():
+            op.execute(trigger)
     if _is_mysql():
         for name, nullable in LONG_TEXT_COLUMNS:
             op.alter_column("mqueue_task", name, type_=mysql.MEDIUMTEXT(), existing_type=sa.Text(),
@@ -36,6 +56,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        for name in SQLITE_TRIGGERS:
+            op.execute(f"DROP TRIGGER IF EXISTS {name}")
     if _is_mysql():
         for name, nullable in LONG_TEXT_COLUMNS:
             op.alter_column("mqueue_task", name, type_=sa.Text(), existing_type=mysql.MEDIUMTEXT(),
