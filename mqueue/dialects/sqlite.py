@@ -32,6 +32,11 @@ CANONICAL_TIME = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
                   "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
 
 
+READ_ETA = ("(CASE WHEN typeof(NEW.eta) IN ('integer', 'real') "
+            "THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch') "
+            "ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000')")
+
+
 def _normalize_eta(event_clause: str, name: str) -> str:
     """A trigger that rewrites a hand-written ``eta`` into the canonical layout.
 
@@ -39,15 +44,19 @@ def _normalize_eta(event_clause: str, name: str) -> str:
     (due at once, however far in the future), and ISO text with ``T`` sorts
     after a space (due up to a day late).  SQLite's own date functions read
     epoch seconds, ``T``, ``Z`` and offsets (converted to UTC); a value they
-    cannot read is left as it is (and read as None by ``read_time``).
+    cannot read fails the job at once, with an error on the row that says
+    so: it never blocks the queue, and ``retry`` after a fix runs it.
     """
     return f"""CREATE TRIGGER IF NOT EXISTS {name} {event_clause} ON mqueue_task
 WHEN NOT (typeof(NEW.eta) = 'text' AND NEW.eta GLOB '{CANONICAL_TIME}')
 BEGIN
-    UPDATE mqueue_task SET eta = COALESCE(
-        CASE WHEN typeof(NEW.eta) IN ('integer', 'real')
-             THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch')
-             ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000', NEW.eta)
+    UPDATE mqueue_task SET
+        eta = COALESCE({READ_ETA}, NEW.eta),
+        state = CASE WHEN {READ_ETA} IS NULL THEN 'failed' ELSE state END,
+        last_error = CASE WHEN {READ_ETA} IS NULL
+            THEN 'eta ' || quote(NEW.eta) || ' is not a time; write UTC as YYYY-MM-DD HH:MM:SS, '
+                 || 'ISO 8601 or epoch seconds, then retry the job'
+            ELSE last_error END
     WHERE id = NEW.id;
 END"""
 

@@ -293,14 +293,17 @@ def test_hand_written_times_on_sqlite_never_stop_the_queue(db):
                           "VALUES (:q, 'thard.ok', '{}', 'not a time')"), dict(q=QUEUE))
         conn.execute(text("INSERT INTO mqueue_task (queue, name, args, created_at) "
                           "VALUES (:q, 'thard.ok', '{}', 1600000000)"), dict(q=QUEUE))
+        conn.execute(text("INSERT INTO mqueue_task (queue, name, args, eta) VALUES (:q, 'thard.ok', '{}', 'soon')"),
+                     dict(q=QUEUE))
     listed = admin.list_jobs(db, queue=QUEUE, limit=1000)
-    assert len(listed) == 207
+    assert len(listed) == 208
     assert {job.eta for job in listed if job.id > good[-1]} >= {dt.datetime(2020, 9, 13, 12, 26, 40),
                                                                 dt.datetime(2020, 1, 1)}
     result = mqueue.Worker(db, queues=[QUEUE], concurrency=2, poll_interval=0.05).run_until_empty(timeout=60)
     assert (result.succeeded, result.failed) == (207, 0)
-    with db.engine.connect() as conn:
-        assert conn.execute(select(t.c.id).where(t.c.queue == QUEUE)).all() == []
+    [unreadable] = admin.list_jobs(db, queue=QUEUE)
+    assert (unreadable.state, unreadable.eta) == (FAILED, None)
+    assert unreadable.error_summary.startswith("eta 'soon' is not a time; write UTC as")
 
 
 # -- issue 10 item 20: rows in states the claim never sees ------------------------------------
@@ -363,3 +366,6 @@ def test_hand_written_etas_on_sqlite_keep_their_meaning(db, backend):
         1: dt.datetime.fromtimestamp(future_epoch, dt.timezone.utc).replace(tzinfo=None),
         2: soon.replace(microsecond=0), 3: soon.replace(microsecond=0), 4: None,
         job: soon.replace(microsecond=0)}
+    assert admin.get_job(db, 4).state == FAILED
+    assert admin.retry_job(db, 4).eta <= db_now(db)  # retry makes it due now, in the layout SQLite compares
+    assert claim(db)[0].id == 4

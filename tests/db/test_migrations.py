@@ -298,3 +298,20 @@ def test_migration_scripts_import_nothing_from_mqueue():
                 assert not (node.module or "").startswith("mqueue"), (script.name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any(alias.name.startswith("mqueue") for alias in node.names), script.name
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_triggers_from_migrations_equal_those_of_create_all(db, database_url, tmp_path):
+    """0002 carries a frozen copy of the eta triggers; at this revision it must match the live one."""
+    def triggers(database):
+        with database.engine.connect() as conn:
+            return dict(conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")).all())
+
+    upgrade(db)
+    created = mqueue.Database(f"sqlite:///{tmp_path / 'created.db'}")
+    try:
+        created.create_all()
+        assert triggers(db) == triggers(created)
+        assert set(triggers(db)) == {"mqueue_task_eta_on_insert", "mqueue_task_eta_on_update"}
+    finally:
+        created.dispose()

@@ -10,7 +10,7 @@ Create Date: 2026-12-02
   ``MEDIUMTEXT`` (16 MiB).  PostgreSQL and SQLite text has no such limit.
 * SQLite: triggers rewrite a hand-written ``eta`` (epoch seconds, ISO text
   with ``T``, ``Z`` or an offset) into the one layout SQLite compares
-  correctly (a copy of ``mqueue.dialects.sqlite.NORMALIZE_ETA_TRIGGERS``).
+  correctly, and fail a job whose eta is not a time (a copy of ``mqueue.dialects.sqlite.NORMALIZE_ETA_TRIGGERS``).
 
 Frozen like 0001: imports nothing from mqueue.
 """
@@ -26,14 +26,20 @@ depends_on = None
 LONG_TEXT_COLUMNS = (("args", False), ("last_error", True))
 CANONICAL_TIME = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
                   "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+READ_ETA = ("(CASE WHEN typeof(NEW.eta) IN ('integer', 'real') "
+            "THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch') "
+            "ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000')")
 SQLITE_TRIGGERS = {
     name: f"""CREATE TRIGGER IF NOT EXISTS {name} {event_clause} ON mqueue_task
 WHEN NOT (typeof(NEW.eta) = 'text' AND NEW.eta GLOB '{CANONICAL_TIME}')
 BEGIN
-    UPDATE mqueue_task SET eta = COALESCE(
-        CASE WHEN typeof(NEW.eta) IN ('integer', 'real')
-             THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch')
-             ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000', NEW.eta)
+    UPDATE mqueue_task SET
+        eta = COALESCE({READ_ETA}, NEW.eta),
+        state = CASE WHEN {READ_ETA} IS NULL THEN 'failed' ELSE state END,
+        last_error = CASE WHEN {READ_ETA} IS NULL
+            THEN 'eta ' || quote(NEW.eta) || ' is not a time; write UTC as YYYY-MM-DD HH:MM:SS, '
+                 || 'ISO 8601 or epoch seconds, then retry the job'
+            ELSE last_error END
     WHERE id = NEW.id;
 END"""
     for name, event_clause in (("mqueue_task_eta_on_insert", "AFTER INSERT"),
