@@ -10,10 +10,9 @@ or heartbeat a job that has since been claimed again.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 from typing import Any, Iterable, Sequence
-
-import datetime as dt
 
 from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, func, insert, literal,
                         or_, select, update)
@@ -107,7 +106,7 @@ def lock_wait_seconds(lease_seconds: float) -> float:
 
 #: At most this many priority levels are walked one by one; a queue with
 #: more distinct priorities queued falls back to one scan over all levels
-#: (MySQL 8 stops a recursive CTE at 1,000 rows by default).
+#: (each level costs an index descent per poll).
 MAX_LEVELS = 500
 
 
@@ -116,9 +115,9 @@ def _priority_levels():
 
     A loose index scan over the claim index: each step seeks the next
     level (``neg_priority > previous ORDER BY neg_priority LIMIT 1``), and
-    ``due`` (a job id or None) probes ``eta <= now`` inside the level.  Each is one index
-    descent, so the cost is O(levels x log n) whatever the number of
-    future-dated rows.  Plain reads, no locks.
+    ``due`` (a job id or None) probes ``eta <= now`` inside the level.  Each
+    is one index descent, so the cost is O(levels x log n) whatever the
+    number of future-dated rows.  Plain reads, no locks.
     """
     queued = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
     first = select(t.c.neg_priority).where(*queued).order_by(t.c.neg_priority).limit(1).scalar_subquery()

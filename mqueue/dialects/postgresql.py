@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
-from .base import Dialect, lock_wait_seconds, t
+from .base import Dialect, t
 
 # SQLSTATE classes and codes that mean "try again".
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03", "53300"}
