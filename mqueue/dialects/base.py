@@ -206,12 +206,12 @@ class Dialect:
 
     # -- enqueue -----------------------------------------------------------
     def insert_job(self, conn, values: dict[str, Any]) -> int:
-        """Insert one job row; return its id.  Takes no lock beyond the new row."""
+        """Insert one job row; return its id.  Takes no lock beyond the new row (and its index entries)."""
         result = conn.execute(insert(t).values(**values))
         return int(result.inserted_primary_key[0])
 
     def insert_jobs(self, conn, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Insert many rows in one statement batch; ids in input order."""
+        """Insert many rows in one statement batch; ids in input order.  Locks only the new rows."""
         if not rows:
             return []
         stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
@@ -344,7 +344,11 @@ class Dialect:
         return lost
 
     def complete_job(self, conn, job_id: int, token: int) -> bool:
-        """Delete a finished job inside the task's own transaction (fenced, by primary key)."""
+        """Delete a finished job inside the task's own transaction.
+
+        Fenced; row lock by primary key, held until the task's transaction
+        commits (with the task's writes) or rolls back.
+        """
         return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -367,16 +371,23 @@ class Dialect:
         return lost, [job_id for job_id in lost if job_id not in present]
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
-        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay`` (fenced)."""
+        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``.  Fenced; row lock by primary key."""
         params = dict(job_id=job_id, job_token=token, delay_seconds=delay_seconds, error_text=error)
         return conn.execute(RETRY, params).rowcount == 1
 
     def fail_job(self, conn, job_id: int, token: int, error: str) -> bool:
-        """Mark ``failed`` for good (kept for inspection; frees its unique_key)."""
+        """Mark ``failed`` for good, kept for inspection.  Fenced; row lock by primary key.
+
+        Its unique key moves to ``failed_unique_key``: free for new jobs,
+        restored by ``requeue_job`` (a retry by hand).
+        """
         return conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error)).rowcount == 1
 
     def release_job(self, conn, job_id: int, token: int) -> bool:
-        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries (fenced)."""
+        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries.
+
+        Fenced; row lock by primary key.
+        """
         return conn.execute(RELEASE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def rescue_expired(self, conn, queues: Sequence[str]) -> int:
@@ -408,7 +419,7 @@ class Dialect:
         return result.rowcount
 
     def job_state(self, conn, job_id: int) -> tuple[str, int] | None:
-        """``(state, token)`` of a job, or None if the row is gone."""
+        """``(state, token)`` of a job, or None if the row is gone.  Plain read by primary key."""
         row = conn.execute(select(t.c.state, t.c.token).where(t.c.id == job_id)).first()
         return (row.state, row.token) if row else None
 
