@@ -97,6 +97,18 @@ def test_a_unique_enqueue_after_the_live_job_finished_makes_a_new_job(db):
     assert row_of(db, second).unique_key == "k1"
 
 
+@pytest.mark.backends("mariadb")
+def test_a_unique_enqueue_in_an_old_repeatable_read_snapshot_finds_the_live_job(db):
+    """An application's REPEATABLE READ session that read before the live job committed
+    cannot see it with a plain read: the enqueue still returns its id, not an error."""
+    app = db.engine.execution_options(isolation_level="REPEATABLE READ")
+    with app.connect() as conn, conn.begin():
+        conn.execute(select(t.c.id)).all()  # the snapshot starts here
+        live = add(db, unique_key="rr:1")
+        values = dict(queue=QUEUE, name="thard.ok", args="{}", unique_key="rr:1")
+        assert db.dialect.insert_unique(conn, values) == live
+
+
 @pytest.mark.backends("mariadb", "postgresql")
 def test_a_worker_engine_bounds_lock_waits_below_the_lease(db, database_url, backend):
     worker_db = mqueue.Database(database_url, **db.dialect.worker_engine_options(3, lease_seconds=20))
