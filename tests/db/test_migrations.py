@@ -315,3 +315,18 @@ def test_sqlite_triggers_from_migrations_equal_those_of_create_all(db, database_
         assert set(triggers(db)) == {"mqueue_task_eta_on_insert", "mqueue_task_eta_on_update"}
     finally:
         created.dispose()
+
+
+def test_downgrade_to_0001_and_back_keeps_jobs(db):
+    from alembic import command
+    upgrade(db)
+    with db.engine.begin() as conn:
+        conn.execute(insert(task_table).values(queue="tmig", name="tmig.kept", args="{}"))
+    config = alembic_config()
+    with db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "mqueue_0001")
+    assert current_revision(db) == "mqueue_0001"
+    upgrade(db)
+    with db.engine.connect() as conn:
+        assert conn.execute(select(task_table.c.name)).scalars().all() == ["tmig.kept"]

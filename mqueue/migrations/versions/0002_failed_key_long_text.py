@@ -69,5 +69,6 @@ def downgrade() -> None:
         for name, nullable in LONG_TEXT_COLUMNS:
             op.alter_column("mqueue_task", name, type_=sa.Text(), existing_type=mysql.MEDIUMTEXT(),
                             existing_nullable=nullable)
-    with op.batch_alter_table("mqueue_task") as batch:
-        batch.drop_column("failed_unique_key")
+    # A plain DROP COLUMN (SQLite 3.35+): a batch copy of the table cannot
+    # write the generated column neg_priority.
+    op.drop_column("mqueue_task", "failed_unique_key")
