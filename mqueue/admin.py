@@ -12,9 +12,10 @@ e.g.::
         admin.retry_job("sqlite:///app.db", job.id)
 
 Writes are safe against workers claiming at the same moment: each is one
-UPDATE or DELETE whose WHERE clause names the state (and token) the job was
-just read in.  If a worker got there first, zero rows change, and the job is
-read again to say what happened instead of touching a running job.
+transition of the dialect (``cancel_job``, ``requeue_job``, ``hasten_job``)
+that names the state and token the job was just read in.  If a worker got
+there first, zero rows change, and the job is read again to say what
+happened instead of touching a running job.  This module holds no SQL.
 
 Finished jobs are not here: a job that succeeds is deleted from
 ``mqueue_task`` in the transaction that completes it.
@@ -29,7 +30,6 @@ import json
 import numbers
 from typing import Any, Iterator
 
-from sqlalchemy import and_, case, delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -40,17 +40,12 @@ from .dialects.functions import utc_now
 from .encoding import decode_args, encode_args
 from .errors import InvalidStateError, JobNotFoundError
 from .registry import get_task, registered_tasks
-from .schema import FAILED, QUEUED, RUNNING, STATES, cron_table, task_table
+from .schema import QUEUED, RUNNING, STATES, read_time
 from .session import Database, as_database
-
-t = task_table
 
 #: Attempts at a cancel/retry whose row keeps changing under it (a worker
 #: claiming and handing it back); each attempt is one read and one write.
 _WRITE_ATTEMPTS = 5
-
-#: Running jobs first, then waiting ones in claim order, then failed ones.
-_STATE_ORDER = case({RUNNING: 0, QUEUED: 1, FAILED: 2}, value=t.c.state, else_=3)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -88,9 +83,15 @@ class JobInfo:
 
     @classmethod
     def from_row(cls, row) -> "JobInfo":
-        return cls(**{field.name: getattr(row, field.name)
-                      for field in dataclasses.fields(cls) if field.name != "raw_args"},
-                   raw_args=row.args)
+        """A failed job shows the unique key that ``retry`` will restore."""
+        values = {field.name: getattr(row, field.name)
+                  for field in dataclasses.fields(cls) if field.name not in ("raw_args", "unique_key")}
+        return cls(**values, raw_args=row.args, unique_key=row.unique_key or row.failed_unique_key)
+
+    @property
+    def leaseless(self) -> bool:
+        """A running row with no lease (written by hand): no worker holds it, rescue takes it."""
+        return self.state == RUNNING and self.lease_expires_at is None
 
     def decoded_args(self) -> dict[str, Any]:
         return decode_args(self.raw_args)
@@ -130,6 +131,8 @@ class QueueStats:
     running: int
     failed: int
     oldest_due_seconds: float | None
+    #: Jobs in a state mqueue does not know (rows written by hand): ``list`` shows them, ``retry`` queues them.
+    other: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,8 +196,8 @@ def _check_id(job_id: Any) -> int:
     return job_id
 
 
-def _read(session: Session | Connection, job_id: int) -> JobInfo | None:
-    row = session.execute(select(t).where(t.c.id == job_id)).first()
+def _read(db: Database, conn: Session | Connection, job_id: int) -> JobInfo | None:
+    row = db.dialect.read_job(conn, job_id)
     return JobInfo.from_row(row) if row is not None else None
 
 
@@ -206,7 +209,7 @@ def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
     """The job if it exists and is not running; else the error that says why not."""
     if job is None:
         raise _not_found(job_id)
-    if job.state == RUNNING:
+    if job.state == RUNNING and not job.leaseless:
         raise InvalidStateError(
             f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
             f"wait for it to finish or for its lease to expire")
@@ -220,7 +223,7 @@ def _check_not_running(db: Database, job_id: int, action: str) -> None:
     transaction to end; this answers "it is running" at once instead.
     """
     with _reading(db) as conn:
-        _checked(_read(conn, job_id), job_id, action)
+        _checked(_read(db, conn, job_id), job_id, action)
 
 
 # -- reading ----------------------------------------------------------------------
@@ -237,20 +240,15 @@ def list_jobs(database: "Database | str", queue: str | None = None, state: str |
         raise ValueError(f"unknown state {state!r}; choose from {', '.join(STATES)}")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
-    query = select(t).order_by(_STATE_ORDER, t.c.neg_priority, t.c.eta, t.c.id).limit(limit)
-    if queue is not None:
-        query = query.where(t.c.queue == queue)
-    if state is not None:
-        query = query.where(t.c.state == state)
     with _opened(database) as db, _reading(db) as conn:
-        return [JobInfo.from_row(row) for row in conn.execute(query)]
+        return [JobInfo.from_row(row) for row in db.dialect.list_jobs(conn, queue, state, limit)]
 
 
 def get_job(database: "Database | str", job_id: int) -> JobInfo:
     """One job by id; ``JobNotFoundError`` if there is no such row (finished or never existed)."""
     _check_id(job_id)
     with _opened(database) as db, _reading(db) as conn:
-        job = _read(conn, job_id)
+        job = _read(db, conn, job_id)
     if job is None:
         raise _not_found(job_id)
     return job
@@ -264,20 +262,14 @@ def stats(database: "Database | str") -> list[QueueStats]:
     """
     with _opened(database) as db, _reading(db) as conn:
         now = db.dialect.db_now(conn)
-        due = and_(t.c.state == QUEUED, t.c.eta <= now)
-        later = and_(t.c.state == QUEUED, t.c.eta > now)
-
-        def count(condition):
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-        rows = conn.execute(
-            select(t.c.queue, count(due).label("queued"), count(later).label("scheduled"),
-                   count(t.c.state == RUNNING).label("running"), count(t.c.state == FAILED).label("failed"),
-                   func.min(case((due, t.c.eta))).label("oldest_due"))
-            .group_by(t.c.queue).order_by(t.c.queue)).all()
-    return [QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
-                       None if row.oldest_due is None else max(0.0, (now - row.oldest_due).total_seconds()))
-            for row in rows]
+        rows = db.dialect.queue_stats(conn, now)
+    stats = []
+    for row in rows:
+        oldest = read_time(row.oldest_due)
+        stats.append(QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
+                                None if oldest is None else max(0.0, (now - oldest).total_seconds()),
+                                int(row.other)))
+    return stats
 
 
 def list_crons(database: "Database | str") -> list[CronInfo]:
@@ -286,9 +278,8 @@ def list_crons(database: "Database | str") -> list[CronInfo]:
     The table is kept in step with the code by the workers serving each
     cron's queue, so a cron appears here once such a worker has started.
     """
-    c = cron_table.c
     with _opened(database) as db, _reading(db) as conn:
-        rows = conn.execute(select(cron_table).order_by(c.queue, c.name)).all()
+        rows = db.dialect.list_crons(conn)
     return [CronInfo(row.name, row.queue, row.schedule, row.tz, row.last_slot, row.next_slot,
                      row.last_job_id, row.updated_at) for row in rows]
 
@@ -307,10 +298,8 @@ def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
         _check_not_running(db, job_id, "cancelled")
         with _writing(db) as session:
             for _ in range(_WRITE_ATTEMPTS):
-                job = _checked(_read(session, job_id), job_id, "cancelled")
-                deleted = session.execute(delete(t).where(
-                    t.c.id == job_id, t.c.state == job.state, t.c.token == job.token)).rowcount
-                if deleted == 1:
+                job = _checked(_read(db, session, job_id), job_id, "cancelled")
+                if db.dialect.cancel_job(session, job_id, job.state, job.token):
                     return job
     raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
 
@@ -319,38 +308,39 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
     """Make a job run as soon as a worker is free; return it as it is now.
 
     A failed job goes back to ``queued`` with ``retries`` reset to 0 (so it
-    gets its full retry budget again) and ``eta`` now; ``last_error`` is
-    kept until the next run.  A queued job that waits for a later eta is made
-    due now.  A running job raises ``InvalidStateError``.
+    gets its full retry budget again), ``eta`` now and its ``unique_key``
+    back; ``last_error`` is kept until the next run.  If a live job took
+    that key meanwhile, ``InvalidStateError`` names it and nothing changes.
+    A queued job that waits for a later eta is made due now.  A running job
+    raises ``InvalidStateError``; a running row without a lease, or a row in
+    a state mqueue does not know (both written by hand), is queued like a
+    failed one.
     """
     _check_id(job_id)
     with _opened(database) as db:
         _check_not_running(db, job_id, "retried")
         with _writing(db) as session:
             for _ in range(_WRITE_ATTEMPTS):
-                job = _checked(_read(session, job_id), job_id, "retried")
-                if job.state == FAILED:
-                    values = dict(state=QUEUED, eta=utc_now(), retries=0)
+                job = _checked(_read(db, session, job_id), job_id, "retried")
+                if job.state == QUEUED:
+                    updated = db.dialect.hasten_job(session, job_id, job.token)
                 else:
-                    values = dict(eta=case((t.c.eta > utc_now(), utc_now()), else_=t.c.eta))
-                updated = session.execute(update(t).where(
-                    t.c.id == job_id, t.c.state == job.state, t.c.token == job.token).values(**values)).rowcount
-                if updated == 1:
+                    updated = db.dialect.requeue_job(session, job_id, job.state, job.token)
+                if updated:
                     wakeup.notify_after_commit(session, job.queue)
-                    return _read(session, job_id)
+                    return _read(db, session, job_id)
     raise InvalidStateError(f"job {job_id} kept changing while being retried; try again")
 
 
 def retry_failed(database: "Database | str", queue: str | None) -> int:
     """Put every failed job of ``queue`` (every queue if None) back to ``queued``, due now.
 
-    Same reset as ``retry_job``; returns how many jobs were retried.
+    Same reset as ``retry_job``; returns how many jobs were retried.  A job
+    whose unique key a live job holds meanwhile stays failed (``retry ID``
+    says which job holds it).
     """
-    where = [t.c.state == FAILED]
-    if queue is not None:
-        where.append(t.c.queue == queue)
     with _opened(database) as db, _writing(db) as session:
-        count = session.execute(update(t).where(*where).values(state=QUEUED, eta=utc_now(), retries=0)).rowcount
+        count, _held = db.dialect.retry_failed(session, queue)
         if count and queue is not None:
             wakeup.notify_after_commit(session, queue)
     return count

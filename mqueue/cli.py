@@ -194,11 +194,11 @@ def open_database(args, **engine_kwargs) -> Database:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
-def worker_engine_options(url: str, concurrency: int) -> dict:
+def worker_engine_options(url: str, concurrency: int, lease_seconds: float = 60.0) -> dict:
     from sqlalchemy.engine import make_url
     from .dialects import dialect_for
     try:
-        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency)
+        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency, lease_seconds)
     except Exception:
         return {}  # open_database reports a bad URL in one line
 
@@ -217,7 +217,8 @@ def cmd_start(args) -> int:
         return Supervisor(child_command(_without_processes(argv)), args.processes).run()
     from .worker import Worker
     load_tasks(args.tasks or config.settings.package)
-    db = open_database(args, **worker_engine_options(args.database or config.default_url(), args.concurrency))
+    db = open_database(args, **worker_engine_options(args.database or config.default_url(), args.concurrency,
+                                                     args.lease))
     Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
            poll_interval=args.poll_interval, grace=args.grace).run()
     return EXIT_OK
@@ -391,8 +392,8 @@ def cmd_stats(args) -> int:
     from . import admin
     return print_listing(
         args, admin.stats(admin_database(args)), "no jobs",
-        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OLDEST DUE"),
-        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, format_age(q.oldest_due_seconds)))
+        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST DUE"),
+        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other, format_age(q.oldest_due_seconds)))
 
 
 def cmd_crons(args) -> int:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """mqueue's benchmarks: what an enqueue costs, how fast daemons drain, how soon a job starts.
 
-    python scripts/bench.py {enqueue,drain,latency,all} [--backend sqlite|mariadb|postgresql|all]
+    python scripts/bench.py {enqueue,drain,latency,scheduled,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
     python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
 
 Sizes can be changed (``--enqueue-jobs --many-jobs --drain-jobs --raw-seconds
---latency-jobs --latency-gap --profile-jobs``); ``--keep`` keeps the
+--latency-jobs --latency-gap --scheduled-jobs --profile-jobs``); ``--keep`` keeps the
 temporary directory with the daemons' logs.
 
 It prints figures and judges them against the project's targets (PASS/MISS);
@@ -47,6 +47,14 @@ latency
     task's first line, which stamps ``time.time()`` into an effect table in
     the job's own session.  Then the same with a ``mqueue.Worker`` running in
     a thread of this process.
+scheduled
+    idle poll and claim with 100,000 scheduled jobs: that many jobs due in a
+    day (priorities 0 and 5) and nothing due; the median time of one idle
+    poll (``claim_jobs`` finding nothing, in its own transaction), then of
+    one claim of one job among 100 due ones.  Each is shown for the claim
+    mqueue runs (a walk over priority levels) and for one scan over all
+    levels ordered by ``(neg_priority, eta, id)`` (the claim before issue
+    10, item 15), which reads every future row of the levels it passes.
 profile
     one 1x1 drain daemon under cProfile, every thread profiled (a hook in the
     throwaway tasks package, switched on by ``MQUEUE_BENCH_PROFILE``); prints
@@ -58,6 +66,7 @@ profile
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import contextlib
 import json
 import math
@@ -557,6 +566,54 @@ class Bench:
 # ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
+def scheduled_claims(bench: "Bench", jobs: int, polls: int = 200) -> dict[str, float]:
+    """Median seconds of an idle poll and of a one-job claim, level walk vs one scan (see ``scheduled``)."""
+    db, queue, dialect = bench.db, "bench_scheduled", bench.db.dialect
+    bench.clean()
+    with db.engine.begin() as conn:
+        now = dialect.db_now(conn)
+    rows = [dict(queue=queue, name="bench.scheduled", args="{}", priority=5 * (n % 2),
+                 eta=now + dt.timedelta(days=1, seconds=n)) for n in range(jobs)]
+    with db.engine.begin() as conn:
+        for start in range(0, jobs, 10_000):
+            conn.execute(insert(task_table), rows[start:start + 10_000])
+    if bench.backend != "sqlite":
+        with db.engine.begin() as conn:
+            conn.execute(text("ANALYZE TABLE mqueue_task" if bench.backend == "mariadb" else "ANALYZE mqueue_task"))
+
+    def walk(conn, limit):
+        return dialect.claim_jobs(conn, queue, limit, "bench:1", 60)
+
+    def scan(conn, limit):
+        return dialect.claim_at_level(conn, queue, None, limit, "bench:1", 60)
+
+    def timed(claim) -> float:
+        times = []
+        for _ in range(polls):
+            started = time.perf_counter()
+            with db.engine.begin() as conn:
+                claim(conn, 1)
+            times.append(time.perf_counter() - started)
+        return median(times)
+
+    result = {"idle walk": timed(walk), "idle scan": timed(scan)}
+    with db.engine.begin() as conn:
+        conn.execute(insert(task_table), [dict(queue=queue, name="bench.scheduled", args="{}", priority=n % 3,
+                                               eta=now - dt.timedelta(seconds=n)) for n in range(2 * polls + 10)])
+    result["claim walk"] = timed(walk)
+    result["claim scan"] = timed(scan)
+    bench.clean()
+    return result
+
+
+def report_scheduled(args, runs: list[dict]) -> dict:
+    say(f"\nidle poll and claim with {args.scheduled_jobs:,} scheduled jobs (median ms per statement group)")
+    keys = ["idle walk", "idle scan", "claim walk", "claim scan"]
+    rows = [[f"run {n}"] + [_ms(r[k]) for k in keys] for n, r in enumerate(runs, 1)]
+    say(table(["", "idle: level walk", "idle: one scan", "claim 1: level walk", "claim 1: one scan"], rows))
+    return {k: median([r[k] for r in runs]) for k in keys}
+
+
 def report_enqueue(args, runs: list[dict]) -> dict:
     say(f"  enqueue: {args.enqueue_jobs:,} single enqueues (one db.session() commit each) vs the same rows "
         f"by plain Session insert; enqueue_many of {args.many_jobs:,} in one transaction")
@@ -657,6 +714,10 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             rows.append([backend, "latency in-process p50", _ms(lat["local_p50"]),
                          f"< {TARGETS['latency_inprocess_p50'] * 1000:.0f}ms",
                          verdict(lat["local_p50"] < TARGETS["latency_inprocess_p50"])])
+        if "scheduled" in parts:
+            sch = parts["scheduled"]
+            rows.append([backend, "idle poll / claim 1, 100k scheduled", f"{_ms(sch['idle walk'])} / "
+                         f"{_ms(sch['claim walk'])}", "-", ""])
     say(table(["backend", "figure", "median", "target", ""], rows))
 
 
@@ -752,7 +813,7 @@ def raw_child(threads: int, seconds: float, start_at: float) -> None:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "all", "profile", "_raw"])
+    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "scheduled", "all", "profile", "_raw"])
     parser.add_argument("--backend", default="all", choices=[*BACKENDS, "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mariadb-url", default=None,
@@ -768,6 +829,7 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--latency-jobs", type=int, default=200)
     sizes.add_argument("--latency-gap", type=float, default=0.05)
     sizes.add_argument("--profile-jobs", type=int, default=3000)
+    sizes.add_argument("--scheduled-jobs", type=int, default=100_000)
     parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
                         help="profile: wall time (waits included) or each thread's CPU time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
@@ -804,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "_raw":
         raw_child(args.threads, args.seconds, args.start_at)
         return 0
-    chosen = ["enqueue", "drain", "latency"] if args.benchmark == "all" else [args.benchmark]
+    chosen = ["enqueue", "drain", "latency", "scheduled"] if args.benchmark == "all" else [args.benchmark]
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     began = time.monotonic()
     summary: dict[str, dict[str, Any]] = {}
@@ -831,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
                     if "latency" in chosen:
                         runs = [bench.latency(run) for run in range(1, args.runs + 1)]
                         summary[backend]["latency"] = report_latency(args, runs)
+                    if "scheduled" in chosen:
+                        runs = [scheduled_claims(bench, args.scheduled_jobs) for _ in range(args.runs)]
+                        summary[backend]["scheduled"] = report_scheduled(args, runs)
                 finally:
                     bench.close()
         if args.benchmark != "profile" and len(chosen) + len(backends) > 2:

@@ -10,15 +10,18 @@ or heartbeat a job that has since been claimed again.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Float, Integer, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, func, insert, literal,
+                        or_, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ..schema import FAILED, QUEUED, RUNNING, cron_table, task_table
-from .functions import utc_now
+from ..errors import InvalidStateError
+from ..schema import FAILED, QUEUED, RUNNING, STATES, cron_table, task_table
+from .functions import due_now, utc_now
 
 t = task_table
 DEFAULT_MAX_RETRIES = 10
@@ -57,25 +60,86 @@ HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
 RETRY = update(t).where(_FENCE).values(
     state=QUEUED, retries=t.c.retries + 1, eta=utc_now(bindparam("delay_seconds", type_=Float)),
     last_error=bindparam("error_text"), owner=None, lease_expires_at=None)
-FAIL = update(t).where(_FENCE).values(
-    state=FAILED, retries=t.c.retries + 1, last_error=bindparam("error_text"), unique_key=None,
-    owner=None, lease_expires_at=None)
+#: A job that fails for good frees its unique key for new jobs and keeps it
+#: in ``failed_unique_key`` for a later ``retry``.  The SET order is
+#: explicit: MySQL assigns left to right, each seeing the previous ones.
+_PARK_KEY = ((t.c.failed_unique_key, func.coalesce(t.c.unique_key, t.c.failed_unique_key)),
+             (t.c.unique_key, None))
+FAIL = update(t).where(_FENCE).ordered_values(
+    *_PARK_KEY, (t.c.state, FAILED), (t.c.retries, t.c.retries + 1), (t.c.last_error, bindparam("error_text")),
+    (t.c.owner, None), (t.c.lease_expires_at, None))
 RELEASE = update(t).where(_FENCE).values(state=QUEUED, owner=None, lease_expires_at=None)
+#: Running jobs first, then waiting ones in claim order, then failed ones, then any other state.
+_STATE_ORDER = case({RUNNING: 0, QUEUED: 1, FAILED: 2}, value=t.c.state, else_=3)
+#: A running job whose lease ran out, or that never had one (a row written by hand).
+_EXPIRED = or_(t.c.lease_expires_at < utc_now(), t.c.lease_expires_at.is_(None))
 #: What a claim writes on each row it takes; ``token + 1`` is the new fence.
 CLAIM_VALUES = dict(state=RUNNING, token=t.c.token + 1, owner=bindparam("new_owner"),
                     lease_expires_at=_LEASE, started_at=utc_now())
 
 
-def due_jobs(*columns):
-    """``SELECT columns`` of due jobs of ``:queue`` in claim order, ``LIMIT :limit``.
+def due_jobs(*columns, at_level: bool = True):
+    """``SELECT columns`` of due jobs of ``:from_queue`` in claim order, ``LIMIT :limit``.
 
     Follows the claim index ``(queue, state, neg_priority, eta, id)`` exactly,
-    so no backend sorts (and InnoDB locks only the rows it returns).
+    so no backend sorts (and InnoDB locks only the rows it returns).  With
+    ``at_level`` only the priority level ``:level`` is read: the index range
+    ``eta <= now`` inside one level ends at its first future row, where a
+    scan over all levels would walk every future row of each level it passes.
     """
-    return (select(*columns)
-            .where(t.c.queue == bindparam("from_queue"), t.c.state == QUEUED, t.c.eta <= utc_now())
+    where = [t.c.queue == bindparam("from_queue"), t.c.state == QUEUED]
+    if at_level:
+        where.append(t.c.neg_priority == bindparam("level", type_=Integer))
+    return (select(*columns).where(*where, t.c.eta <= due_now())
             .order_by(t.c.neg_priority, t.c.eta, t.c.id)
             .limit(bindparam("limit", type_=Integer)))
+
+
+#: Engine execution option carrying a worker engine's lock-wait bound (seconds).
+LOCK_WAIT_OPTION = "mqueue_lock_wait_seconds"
+
+
+def lock_wait_seconds(lease_seconds: float) -> float:
+    """A quarter of the lease, at least 1 s: a blocked statement gives up while the lease has time left."""
+    return max(1.0, lease_seconds / 4)
+
+
+#: At most this many priority levels are walked one by one; a queue with
+#: more distinct priorities queued falls back to one scan over all levels
+#: (each level costs an index descent per poll).
+MAX_LEVELS = 500
+
+
+def _priority_levels():
+    """Every ``neg_priority`` with a queued job of ``:from_queue``, ascending, and whether it has a due job.
+
+    A loose index scan over the claim index: each step seeks the next
+    level (``neg_priority > previous ORDER BY neg_priority LIMIT 1``), and
+    ``due`` (a job id or None) probes ``eta <= now`` inside the level.  Each
+    is one index descent, so the cost is O(levels x log n) whatever the
+    number of future-dated rows.  Plain reads, no locks.
+    """
+    queued = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
+    first = select(t.c.neg_priority).where(*queued).order_by(t.c.neg_priority).limit(1).scalar_subquery()
+    levels = select(first.label("level"), literal(1).label("depth")).cte("mqueue_levels", recursive=True)
+    following = (select(t.c.neg_priority).where(*queued, t.c.neg_priority > levels.c.level)
+                 .order_by(t.c.neg_priority).limit(1).scalar_subquery())
+    levels = levels.union_all(select(following, levels.c.depth + 1)
+                              .where(levels.c.level.is_not(None), levels.c.depth < MAX_LEVELS))
+    # A correlated LIMIT 1, not EXISTS: PostgreSQL may turn an EXISTS into a
+    # hashed subplan that reads every due row of every level once.
+    due = (select(t.c.id).where(*queued, t.c.neg_priority == levels.c.level, t.c.eta <= due_now())
+           .limit(1).scalar_subquery())
+    return (select(levels.c.level, levels.c.depth, due.label("due"))
+            .where(levels.c.level.is_not(None)).order_by(levels.c.level))
+
+
+PRIORITY_LEVELS = _priority_levels()
+
+
+def _time_key(value) -> dt.datetime:
+    """A claimed row's eta for sorting; an unreadable one (None) sorts first, as the database ran it."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.min
 
 
 class Dialect:
@@ -99,16 +163,33 @@ class Dialect:
         transaction ends in COMMIT or ROLLBACK already, and a dead connection
         is a transient error the worker retries (measured: the ping and the
         reset ROLLBACK were 4 of 9 round trips per job on MariaDB).
+
+        Lock waits on the worker's connections are bounded well below the
+        lease (``lock_wait_seconds``): a worker blocked behind someone's
+        long transaction gets a transient error and retries, instead of
+        waiting until its own jobs' leases expire and they are re-run
+        elsewhere.  ``configure_engine`` applies it on every new connection.
         """
         return {"pool_size": concurrency + 6, "max_overflow": concurrency, "pool_pre_ping": False,
-                "pool_reset_on_return": None}
+                "pool_reset_on_return": None,
+                "execution_options": {LOCK_WAIT_OPTION: lock_wait_seconds(lease_seconds)}}
 
     def adopt_engine(self, engine: Engine) -> Engine:
         """An application's own engine, with the options mqueue needs (same pool)."""
         return engine
 
     def configure_engine(self, engine: Engine) -> None:
-        """Install connection hooks (isolation, pragmas).  Default: nothing."""
+        """Install connection hooks: the lock-wait bound of a worker engine (``worker_engine_options``)."""
+        seconds = engine.get_execution_options().get(LOCK_WAIT_OPTION)
+        if seconds is None:
+            return
+
+        @event.listens_for(engine, "connect")
+        def _bound_lock_waits(dbapi_connection, _record):
+            self.set_lock_wait(dbapi_connection, seconds)
+
+    def set_lock_wait(self, dbapi_connection, seconds: float) -> None:
+        """Bound how long one statement waits for a row lock on this connection.  Default: nothing."""
 
     def reader(self, engine: Engine) -> Engine:
         """The engine (same pool) for read-only queries such as ``mqueue list`` and ``stats``.
@@ -126,12 +207,12 @@ class Dialect:
 
     # -- enqueue -----------------------------------------------------------
     def insert_job(self, conn, values: dict[str, Any]) -> int:
-        """Insert one job row; return its id.  Takes no lock beyond the new row."""
+        """Insert one job row; return its id.  Takes no lock beyond the new row (and its index entries)."""
         result = conn.execute(insert(t).values(**values))
         return int(result.inserted_primary_key[0])
 
     def insert_jobs(self, conn, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Insert many rows in one statement batch; ids in input order."""
+        """Insert many rows in one statement batch; ids in input order.  Locks only the new rows."""
         if not rows:
             return []
         stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
@@ -141,38 +222,97 @@ class Dialect:
         """Insert a job unless a live job holds ``unique_key``; return either id.
 
         The UNIQUE index on ``unique_key`` decides, never a prior SELECT (which
-        races).  The insert runs in a savepoint so a duplicate leaves the
-        caller's transaction usable; the existing row is then read with a
-        locking read, which sees the latest committed version even under
-        REPEATABLE READ.  If that job finished in between, try again.
+        races), and the live job's row is never locked: the enqueuing
+        transaction may stay open for long (a script enqueuing many jobs),
+        and a lock on the live job would stall its completion and its
+        worker's heartbeats past the lease.  ``insert_if_key_free`` inserts
+        or reports the duplicate; the existing id is then read with a plain
+        read (READ COMMITTED sees the latest commit).  Only when that read
+        finds nothing (a REPEATABLE READ snapshot older than the live job) a
+        shared locking read looks at the latest version.  If the live job
+        finished in between, try again.
         """
+        key = values["unique_key"]
+        by_key = select(t.c.id).where(t.c.unique_key == key)
         for _ in range(20):
-            try:
-                with conn.begin_nested():
-                    return self.insert_job(conn, values)
-            except IntegrityError:
-                existing = conn.execute(
-                    select(t.c.id).where(t.c.unique_key == values["unique_key"]).with_for_update()
-                ).scalar()
-                if existing is not None:
-                    return int(existing)
-        raise RuntimeError(f"could not enqueue unique_key {values['unique_key']!r}: it keeps changing")
+            job_id = self.insert_if_key_free(conn, values)
+            if job_id is not None:
+                return job_id
+            existing = conn.execute(by_key).scalar()
+            if existing is None:
+                existing = conn.execute(by_key.with_for_update(read=True)).scalar()
+            if existing is not None:
+                return int(existing)
+        raise RuntimeError(f"could not enqueue unique_key {key!r}: it keeps changing")
+
+    def insert_if_key_free(self, conn, values: dict[str, Any]) -> int | None:
+        """Insert a job with a ``unique_key``; None if a live job holds the key.
+
+        Portable form: the INSERT in a savepoint, a duplicate caught as
+        IntegrityError.  On InnoDB this leaves no lock on the live job's
+        index entry once the savepoint is rolled back (measured on MariaDB
+        10.11: its DELETE then runs at once; ``INSERT IGNORE`` instead keeps
+        a shared lock that blocks the DELETE until the enqueuer commits).
+        """
+        try:
+            with conn.begin_nested():
+                return self.insert_job(conn, values)
+        except IntegrityError:
+            return None
 
     # -- worker transitions --------------------------------------------------
     def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
-        """Claim up to ``limit`` due jobs of ``queue`` in one round trip.
+        """Claim up to ``limit`` due jobs of ``queue``: highest priority, then oldest eta, then lowest id.
 
-        ``UPDATE ... WHERE id IN (SELECT ... ORDER BY neg_priority, eta, id
-        LIMIT n FOR UPDATE SKIP LOCKED) RETURNING``: the subquery walks the
-        claim index ``(queue, state, neg_priority, eta, id)`` in order and
-        locks only the rows it returns.
+        First ``PRIORITY_LEVELS`` (a loose index scan, no locks) lists the
+        priority levels that have a due job; an idle poll ends there.  Then
+        each such level in turn is claimed with ``UPDATE ... WHERE id IN
+        (SELECT ... WHERE neg_priority = :level AND eta <= now ORDER BY eta,
+        id LIMIT n FOR UPDATE SKIP LOCKED) RETURNING``, whose index range on
+        the claim index ``(queue, state, neg_priority, eta, id)`` stops at
+        the level's first future row and locks only the rows it returns.
+
+        Why: one scan over all levels ordered by ``(neg_priority, eta, id)``
+        walks every future-dated row of each level it passes before it can
+        say "nothing due".  Measured with ``scripts/bench.py scheduled``
+        (100,000 jobs due tomorrow at two priority levels; median per idle
+        poll / per one-job claim among 100 due jobs, each in its own
+        transaction, on a shared 2-core machine under heavy load), one scan
+        over all levels vs this walk: SQLite 47 / 15 ms vs 0.2 / 0.4 ms;
+        MariaDB 10.11 88 / 51 ms vs 2.0 / 8.6 ms; PostgreSQL 15 17 / 12 ms
+        vs 1.8 / 4.0 ms.  An index on ``(queue, state, eta)`` for an "is
+        anything due" probe was the other option: it costs every insert and
+        state change one more index entry and still leaves the claim
+        walking the future rows of a level above the due ones.
         """
-        params = dict(from_queue=queue, limit=limit, new_owner=owner, lease_seconds=lease_seconds)
-        return self._rows(conn.execute(self.claim_statement, params))
+        claimed: list[ClaimedRow] = []
+        levels = conn.execute(PRIORITY_LEVELS, dict(from_queue=queue)).all()
+        if len(levels) >= MAX_LEVELS:  # more priorities than walked: one scan over all of them
+            return self.claim_at_level(conn, queue, None, limit, owner, lease_seconds)
+        for level, _depth, due in levels:
+            if due is not None:
+                claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
+                if len(claimed) >= limit:
+                    break
+        claimed.sort(key=lambda row: row.sort_key)
+        return claimed
+
+    def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
+                       lease_seconds: float) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due jobs of one priority level (``neg_priority``; None: every level)."""
+        statement = self.claim_statement if level is not None else self.claim_any_level_statement
+        params = dict(from_queue=queue, level=level, limit=limit, new_owner=owner, lease_seconds=lease_seconds)
+        return self._rows(conn.execute(statement, params))
 
     @functools.cached_property
     def claim_statement(self):
-        candidates = due_jobs(t.c.id)
+        return self._claim(due_jobs(t.c.id))
+
+    @functools.cached_property
+    def claim_any_level_statement(self):
+        return self._claim(due_jobs(t.c.id, at_level=False))
+
+    def _claim(self, candidates):
         if self.skip_locked:
             candidates = candidates.with_for_update(skip_locked=True)
         # A materialized CTE runs once.  As a plain IN (subquery) PostgreSQL 15
@@ -184,9 +324,10 @@ class Dialect:
                 .values(**CLAIM_VALUES).returning(*CLAIM_COLUMNS))
 
     @staticmethod
-    def _rows(result) -> list[ClaimedRow]:
-        rows = [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token,
-                           (r.neg_priority, r.eta, r.id)) for r in result]
+    def _rows(result, token_offset: int = 0) -> list[ClaimedRow]:
+        """Claimed rows in claim order.  Nothing here raises on a hand-written value (see ``read_time``)."""
+        rows = [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + token_offset,
+                           (r.neg_priority, _time_key(r.eta), r.id)) for r in result]
         rows.sort(key=lambda r: r.sort_key)
         return rows
 
@@ -204,7 +345,11 @@ class Dialect:
         return lost
 
     def complete_job(self, conn, job_id: int, token: int) -> bool:
-        """Delete a finished job inside the task's own transaction (fenced, by primary key)."""
+        """Delete a finished job inside the task's own transaction.
+
+        Fenced; row lock by primary key, held until the task's transaction
+        commits (with the task's writes) or rolls back.
+        """
         return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -227,48 +372,156 @@ class Dialect:
         return lost, [job_id for job_id in lost if job_id not in present]
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
-        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay`` (fenced)."""
+        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``.  Fenced; row lock by primary key."""
         params = dict(job_id=job_id, job_token=token, delay_seconds=delay_seconds, error_text=error)
         return conn.execute(RETRY, params).rowcount == 1
 
     def fail_job(self, conn, job_id: int, token: int, error: str) -> bool:
-        """Mark ``failed`` for good (kept for inspection; frees its unique_key)."""
+        """Mark ``failed`` for good, kept for inspection.  Fenced; row lock by primary key.
+
+        Its unique key moves to ``failed_unique_key``: free for new jobs,
+        restored by ``requeue_job`` (a retry by hand).
+        """
         return conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error)).rowcount == 1
 
     def release_job(self, conn, job_id: int, token: int) -> bool:
-        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries (fenced)."""
+        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries.
+
+        Fenced; row lock by primary key.
+        """
         return conn.execute(RELEASE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def rescue_expired(self, conn, queues: Sequence[str]) -> int:
         """Re-queue running jobs whose lease expired (their worker died).
 
-        The lost run counts as a failed attempt, so a job that kills its
-        worker every time ends ``failed`` instead of looping forever.  Uses
-        the claim index prefix ``(queue, state)``; rows locked by a live
-        transaction are skipped where the backend can.
+        A running row with no lease at all (written by hand) counts as
+        expired: nothing would ever extend it.  The lost run counts as a
+        failed attempt, so a job that kills its worker every time ends
+        ``failed`` instead of looping forever.  Uses the claim index prefix
+        ``(queue, state)``; rows locked by a live transaction are skipped
+        where the backend can (the UPDATE then locks the chosen rows by
+        primary key and checks expiry again).
         """
-        expired = (select(t.c.id)
-                   .where(t.c.queue.in_(list(queues)), t.c.state == RUNNING,
-                          t.c.lease_expires_at < utc_now()))
+        expired = (select(t.c.id).where(t.c.queue.in_(list(queues)), t.c.state == RUNNING, _EXPIRED))
         if self.skip_locked:
             expired = expired.with_for_update(skip_locked=True)
         ids = [row[0] for row in conn.execute(expired)]
         if not ids:
             return 0
         exhausted = t.c.retries + 1 > func.coalesce(t.c.max_retries, DEFAULT_MAX_RETRIES)
-        result = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == RUNNING,
-                                              t.c.lease_expires_at < utc_now()).values(
-            state=case((exhausted, FAILED), else_=QUEUED),
-            unique_key=case((exhausted, None), else_=t.c.unique_key),
-            retries=t.c.retries + 1,
-            last_error="lease expired: the worker running this job stopped heartbeating (killed or stalled)",
-            owner=None, lease_expires_at=None))
+        result = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == RUNNING, _EXPIRED).ordered_values(
+            (t.c.failed_unique_key, case((exhausted, func.coalesce(t.c.unique_key, t.c.failed_unique_key)),
+                                         else_=t.c.failed_unique_key)),
+            (t.c.unique_key, case((exhausted, None), else_=t.c.unique_key)),
+            (t.c.state, case((exhausted, FAILED), else_=QUEUED)),
+            (t.c.retries, t.c.retries + 1),
+            (t.c.last_error, "lease expired: the worker running this job stopped heartbeating (killed or stalled)"),
+            (t.c.owner, None), (t.c.lease_expires_at, None)))
         return result.rowcount
 
     def job_state(self, conn, job_id: int) -> tuple[str, int] | None:
-        """``(state, token)`` of a job, or None if the row is gone."""
+        """``(state, token)`` of a job, or None if the row is gone.  Plain read by primary key."""
         row = conn.execute(select(t.c.state, t.c.token).where(t.c.id == job_id)).first()
         return (row.state, row.token) if row else None
+
+    # -- by hand (admin.py, the CLI) -------------------------------------------
+    # Each write names the state and token the job was just read in, so a
+    # job a worker claimed in between is never touched: zero rows changed,
+    # and the caller reads the job again to say why.
+
+    def read_job(self, conn, job_id: int):
+        """One row of ``mqueue_task`` by primary key, or None.  Plain read, no lock."""
+        return conn.execute(select(t).where(t.c.id == job_id)).first()
+
+    def list_jobs(self, conn, queue: str | None, state: str | None, limit: int) -> list:
+        """Rows: running first, then queued in claim order, then failed, then any other state.
+
+        Plain read, no lock.  With a queue (and state) it follows the claim
+        index; without, it sorts what it reads (an operator's listing, bounded
+        by ``limit``).
+        """
+        query = select(t).order_by(_STATE_ORDER, t.c.neg_priority, t.c.eta, t.c.id).limit(limit)
+        if queue is not None:
+            query = query.where(t.c.queue == queue)
+        if state is not None:
+            query = query.where(t.c.state == state)
+        return conn.execute(query).all()
+
+    def queue_stats(self, conn, now) -> list:
+        """Per queue: due, scheduled, running, failed and other-state counts, and the oldest due eta.
+
+        One grouped scan of the table (no lock); ``now`` is the database
+        time read once by the caller, so the counts agree with each other.
+        A state mqueue does not know (a row written by hand) is counted as
+        ``other`` so it is never invisible.
+        """
+        due = and_(t.c.state == QUEUED, t.c.eta <= now)
+        later = and_(t.c.state == QUEUED, t.c.eta > now)
+
+        def count(condition):
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        return conn.execute(
+            select(t.c.queue, count(due).label("queued"), count(later).label("scheduled"),
+                   count(t.c.state == RUNNING).label("running"), count(t.c.state == FAILED).label("failed"),
+                   count(or_(t.c.state.not_in(STATES), t.c.state.is_(None))).label("other"),
+                   func.min(case((due, t.c.eta))).label("oldest_due"))
+            .group_by(t.c.queue).order_by(t.c.queue)).all()
+
+    def list_crons(self, conn) -> list:
+        """Every row of ``mqueue_cron`` by queue, then name.  Plain read."""
+        return conn.execute(select(cron_table).order_by(cron_table.c.queue, cron_table.c.name)).all()
+
+    def cancel_job(self, conn, job_id: int, state: str, token: int) -> bool:
+        """Delete a job that is still in ``state`` with ``token``.  Row lock by primary key."""
+        return conn.execute(delete(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token)).rowcount == 1
+
+    def hasten_job(self, conn, job_id: int, token: int) -> bool:
+        """A queued job waiting for a later eta becomes due now.  Row lock by primary key."""
+        return conn.execute(update(t).where(t.c.id == job_id, t.c.state == QUEUED, t.c.token == token).values(
+            eta=case((t.c.eta > utc_now(), utc_now()), else_=t.c.eta))).rowcount == 1
+
+    def requeue_job(self, conn, job_id: int, state: str, token: int) -> bool:
+        """Retry by hand: back to ``queued``, due now, ``retries`` 0, its unique key restored.
+
+        For a failed job, a job in a state mqueue does not know, or a running
+        row that never had a lease (all written by hand).  ``last_error``
+        stays until the next run.  Row lock by primary key, then the UNIQUE
+        index on ``unique_key`` (in a savepoint): if a live job took the key
+        meanwhile, ``InvalidStateError`` names it and nothing changes.
+        """
+        values = ((t.c.unique_key, func.coalesce(t.c.failed_unique_key, t.c.unique_key)),
+                  (t.c.failed_unique_key, None), (t.c.state, QUEUED), (t.c.eta, utc_now()), (t.c.retries, 0),
+                  (t.c.owner, None), (t.c.lease_expires_at, None))
+        fenced = update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token).ordered_values(*values)
+        try:
+            with conn.begin_nested():
+                return conn.execute(fenced).rowcount == 1
+        except IntegrityError:
+            key = conn.execute(select(t.c.failed_unique_key).where(t.c.id == job_id)).scalar()
+            holder = conn.execute(select(t.c.id).where(t.c.unique_key == key)).scalar()
+            raise InvalidStateError(
+                f"job {job_id} cannot be retried: its unique_key {key!r} is held by live job {holder}; "
+                f"retry it once job {holder} has finished, or cancel job {holder} first") from None
+
+    def retry_failed(self, conn, queue: str | None) -> tuple[int, list[int]]:
+        """Retry every failed job (of ``queue``, or all); return ``(count, ids left failed)``.
+
+        Jobs without a unique key: one UPDATE over the failed rows.  Jobs
+        with one: ``requeue_job`` each, in id order; one whose key a live job
+        holds stays failed and is reported.
+        """
+        where = [t.c.state == FAILED] + ([t.c.queue == queue] if queue is not None else [])
+        count = conn.execute(update(t).where(*where, t.c.failed_unique_key.is_(None)).values(
+            state=QUEUED, eta=utc_now(), retries=0, owner=None, lease_expires_at=None)).rowcount
+        held = []
+        for job_id, token in conn.execute(select(t.c.id, t.c.token).where(
+                *where, t.c.failed_unique_key.is_not(None)).order_by(t.c.id)).all():
+            try:
+                count += self.requeue_job(conn, job_id, FAILED, token)
+            except InvalidStateError:
+                held.append(job_id)
+        return count, held
 
     # -- crons -------------------------------------------------------------
     def advance_cron(self, conn, name: str, expected_next_slot, slot, next_slot) -> bool:

@@ -62,3 +62,30 @@ def _sqlite_now(element, compiler, **kw):
         return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
     return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', "
             f"printf('%+.3f seconds', {offset})) || '000')")
+
+
+class due_now(FunctionElement):
+    """The database's current UTC time for comparisons with indexed times (``eta <= due_now()``).
+
+    On PostgreSQL ``clock_timestamp()`` is volatile, and a volatile
+    expression is never an index condition: ``eta <= clock_timestamp()``
+    made the claim filter every row of a priority level (measured: 10,000
+    future rows read per idle poll).  ``statement_timestamp()`` is stable,
+    so the index range stops at the first future row; it is the start of
+    the statement, which is what a claim means by "due".  Elsewhere the
+    clock already is constant within a statement.
+    """
+
+    type = DateTime()
+    inherit_cache = True
+    name = "due_now"
+
+
+@compiles(due_now)
+def _due_now_default(element, compiler, **kw):
+    return compiler.process(utc_now(), **kw)
+
+
+@compiles(due_now, "postgresql")
+def _postgresql_due_now(element, compiler, **kw):
+    return "(statement_timestamp() AT TIME ZONE 'utc')"

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
-from .base import Dialect
+from .base import Dialect, t
 
 # SQLSTATE classes and codes that mean "try again".
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03", "53300"}
@@ -40,6 +41,23 @@ class PostgreSQLDialect(Dialect):
                                        "keepalives_interval": 5, "keepalives_count": 3,
                                        "tcp_user_timeout": 30_000}
         return options
+
+    def insert_if_key_free(self, conn, values):
+        """``INSERT ... ON CONFLICT (unique_key) DO NOTHING RETURNING id``: takes no lock on the live job's row."""
+        stmt = pg_insert(t).values(**values).on_conflict_do_nothing(index_elements=[t.c.unique_key])
+        job_id = conn.execute(stmt.returning(t.c.id)).scalar()
+        return None if job_id is None else int(job_id)
+
+    def set_lock_wait(self, dbapi_connection, seconds: float) -> None:
+        """``lock_timeout`` for the whole session (55P03 when exceeded: transient).
+
+        No ``idle_in_transaction_session_timeout``: a task's own transaction
+        may rightly sit idle (an HTTP call between two writes) for longer.
+        """
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET lock_timeout = {int(seconds * 1000)}")
+        cursor.close()
+        dbapi_connection.commit()
 
     def is_transient(self, error: BaseException) -> bool:
         if super().is_transient(error):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import DDL, event, insert, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -24,6 +25,47 @@ from .base import Dialect
 #: delay, not fail, other workers' heartbeats.
 BUSY_TIMEOUT_SECONDS = 60
 READ_ONLY_OPTION = "mqueue_read_only"
+
+
+#: What SQLAlchemy writes for a datetime: the one text layout SQLite compares correctly.
+CANONICAL_TIME = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
+                  "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+
+
+READ_ETA = ("(CASE WHEN typeof(NEW.eta) IN ('integer', 'real') "
+            "THEN strftime('%Y-%m-%d %H:%M:%f', NEW.eta, 'unixepoch') "
+            "ELSE strftime('%Y-%m-%d %H:%M:%f', NEW.eta) END || '000')")
+
+
+def _normalize_eta(event_clause: str, name: str) -> str:
+    """A trigger that rewrites a hand-written ``eta`` into the canonical layout.
+
+    SQLite stores what an INSERT gives: epoch seconds sort before every text
+    (due at once, however far in the future), and ISO text with ``T`` sorts
+    after a space (due up to a day late).  SQLite's own date functions read
+    epoch seconds, ``T``, ``Z`` and offsets (converted to UTC); a value they
+    cannot read fails the job at once, with an error on the row that says
+    so: it never blocks the queue, and ``retry`` after a fix runs it.
+    """
+    return f"""CREATE TRIGGER IF NOT EXISTS {name} {event_clause} ON mqueue_task
+WHEN NOT (typeof(NEW.eta) = 'text' AND NEW.eta GLOB '{CANONICAL_TIME}')
+BEGIN
+    UPDATE mqueue_task SET
+        eta = COALESCE({READ_ETA}, NEW.eta),
+        state = CASE WHEN {READ_ETA} IS NULL THEN 'failed' ELSE state END,
+        last_error = CASE WHEN {READ_ETA} IS NULL
+            THEN 'eta ' || quote(NEW.eta) || ' is not a time; write UTC as YYYY-MM-DD HH:MM:SS, '
+                 || 'ISO 8601 or epoch seconds, then retry the job'
+            ELSE last_error END
+    WHERE id = NEW.id;
+END"""
+
+
+#: Installed with the table (``create_all``) and by migration 0002 (a frozen copy).
+NORMALIZE_ETA_TRIGGERS = (_normalize_eta("AFTER INSERT", "mqueue_task_eta_on_insert"),
+                          _normalize_eta("AFTER UPDATE OF eta", "mqueue_task_eta_on_update"))
+for _trigger in NORMALIZE_ETA_TRIGGERS:
+    event.listen(task_table, "after_create", DDL(_trigger.replace("%", "%%")).execute_if(dialect="sqlite"))
 
 
 class SQLiteDialect(Dialect):
@@ -71,6 +113,13 @@ class SQLiteDialect(Dialect):
         conn.execute(insert(task_table), list(rows))
         last = conn.execute(text("SELECT last_insert_rowid()")).scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
+
+    def insert_if_key_free(self, conn, values):
+        """``INSERT ... ON CONFLICT (unique_key) DO NOTHING RETURNING id`` (no savepoint needed)."""
+        stmt = sqlite_insert(task_table).values(**values).on_conflict_do_nothing(
+            index_elements=[task_table.c.unique_key])
+        job_id = conn.execute(stmt.returning(task_table.c.id)).scalar()
+        return None if job_id is None else int(job_id)
 
     def checkpoint(self, conn) -> None:
         """Fold the WAL back into the database file so it does not grow forever."""

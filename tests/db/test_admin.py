@@ -322,7 +322,7 @@ def test_stats_counts_and_oldest_due_age(db):
     assert 30 <= a.oldest_due_seconds < 60
     assert (b.queued, b.scheduled, b.running, b.failed, b.oldest_due_seconds) == (0, 1, 0, 0, None)
     assert json.loads(json.dumps(b.to_dict())) == {
-        "queue": "b", "queued": 0, "scheduled": 1, "running": 0, "failed": 0, "oldest_due_seconds": None}
+        "queue": "b", "queued": 0, "scheduled": 1, "running": 0, "failed": 0, "oldest_due_seconds": None, "other": 0}
 
 
 def test_stats_empty(db):
