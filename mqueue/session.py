@@ -4,6 +4,11 @@ The current session lives in a stdlib ``ContextVar``: every thread and every
 asyncio task sees only its own, so a web handler's enqueue can never land in
 another request's transaction.
 
+A session of any ``Database`` on the database of the current session joins
+it, whichever handle opened that one: inside a running job the worker's own
+handle opened it, and the application's handle (same URL, another object,
+as the CLI builds its own) must be fenced with the job, not commit apart.
+
 e.g.::
 
     db = mqueue.Database("sqlite:///app.db")
@@ -73,11 +78,12 @@ class Database:
     def session(self) -> Iterator[Session]:
         """Open a session, make it current, commit on success, roll back on error.
 
-        Inside another ``db.session()`` of the same database this joins the
-        outer session: the outer block decides commit or rollback.
+        Inside another session of the same database (another ``Database``
+        on it too, a running job's, or one made current by ``use_session``)
+        this joins the outer session: the outer block decides commit or rollback.
         """
         outer = _current.get()
-        if outer is not None and outer.get_bind().pool is self.engine.pool:
+        if outer is not None and self._joins(outer):
             yield outer
             return
         session = self.Session()
@@ -91,6 +97,17 @@ class Database:
         finally:
             _current.reset(reset)
             session.close()
+
+    def _joins(self, session: Session) -> bool:
+        """Whether ``session`` is bound to this database (any engine on it), so a session here joins it."""
+        try:
+            engine = session.get_bind().engine  # an Engine's .engine is itself
+        except Exception:  # noqa: BLE001 - unbound or bound per mapper: not ours to join
+            return False
+        if engine.pool is self.engine.pool:
+            return True
+        mine = database_identity(self.engine)
+        return mine is not None and mine == database_identity(engine)
 
     def create_all(self) -> None:
         """Create mqueue's tables directly (tests); production uses ``python -m mqueue migrate``."""
@@ -120,6 +137,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def database_identity(engine: Engine) -> tuple | None:
+    """What identifies ``engine``'s database (backend, host, port, name or file, user); None if unknown."""
+    try:
+        dialect = dialect_for(engine)
+    except ValueError:  # a backend mqueue does not serve: never the same database
+        return None
+    return dialect.database_identity(engine.url)
 
 
 def translate_error(bind, error: BaseException) -> BaseException:
