@@ -9,6 +9,11 @@ it, whichever handle opened that one: inside a running job the worker's own
 handle opened it, and the application's handle (same URL, another object,
 as the CLI builds its own) must be fenced with the job, not commit apart.
 
+After ``os.fork()`` every live ``Database`` drops its pool in the child
+(without closing the parent's connections): a pooled connection used on both
+sides of a fork breaks both (PyMySQL "Command Out of Sync", psycopg
+"unexpected result EMPTY_QUERY from command 'BEGIN'").
+
 e.g.::
 
     db = mqueue.Database("sqlite:///app.db")
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import weakref
 from typing import Any, Iterator
 
 from sqlalchemy import create_engine, inspect
@@ -33,6 +40,9 @@ from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError
 DEFAULT_URL = "sqlite:///mqueue.db"
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("mqueue_session", default=None)
+
+#: Every live Database, for the fork hook below.
+_databases: "weakref.WeakSet[Database]" = weakref.WeakSet()
 
 
 def safe_url(url: str | URL) -> str:
@@ -66,6 +76,7 @@ class Database:
             self.engine = create_engine(url, **options)
         self.dialect.configure_engine(self.engine)
         self.Session = sessionmaker(bind=self.engine, expire_on_commit=False)
+        _databases.add(self)
 
     def __repr__(self) -> str:
         return f"Database({self.safe_url!r})"
@@ -146,6 +157,19 @@ def database_identity(engine: Engine) -> tuple | None:
     except ValueError:  # a backend mqueue does not serve: never the same database
         return None
     return dialect.database_identity(engine.url)
+
+
+def _forget_pools_after_fork() -> None:
+    """In a forked child: a fresh pool for every Database, the parent's connections left untouched.
+
+    ``close=False`` only drops the references: closing would end the
+    parent's sessions on the server (PostgreSQL's Terminate message).
+    """
+    for database in list(_databases):
+        database.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def translate_error(bind, error: BaseException) -> BaseException:
