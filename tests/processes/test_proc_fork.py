@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import traceback
 
+import pytest
 from daemons import effect, effects, enqueue, jobs_left
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import create_engine, event, func, insert, select
 
 import mqueue
 from mqueue.schema import task_table
@@ -70,7 +71,19 @@ def watch_checkouts(db: mqueue.Database, shared_log) -> None:
                 log.write(f"process {os.getpid()} checked out its parent's connection\n")
 
 
-def test_forked_children_never_use_the_parents_pooled_connections(db, tmp_path):
+@pytest.fixture(params=["url", "adopted engine"])
+def app_db(request, db, database_url):
+    """The application's Database: built from the URL, or around the application's own engine."""
+    if request.param == "url":
+        yield db
+        return
+    engine = create_engine(database_url)
+    yield mqueue.Database(engine)
+    engine.dispose()
+
+
+def test_forked_children_never_use_the_parents_pooled_connections(app_db, tmp_path):
+    db = app_db
     shared_log = tmp_path / "shared.log"
     watch_checkouts(db, shared_log)
     enqueue(db, "tfork.effect", [{"n": n} for n in range(JOBS)], queue="tfork")
