@@ -163,10 +163,14 @@ def _forget_pools_after_fork() -> None:
     """In a forked child: a fresh pool for every Database, the parent's connections left untouched.
 
     ``close=False`` only drops the references: closing would end the
-    parent's sessions on the server (PostgreSQL's Terminate message).
+    parent's sessions on the server (PostgreSQL's Terminate message).  A
+    session current in the forking thread (a fork inside ``db.session()``
+    or a running task) holds one of the parent's connections: it stops
+    being current, so the child opens its own.
     """
     for database in list(_databases):
         database.engine.dispose(close=False)
+    _current.set(None)
 
 
 os.register_at_fork(after_in_child=_forget_pools_after_fork)

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, event, func, insert, select
 
 import mqueue
 from mqueue.schema import task_table
+from mqueue.session import peek_session
 
 QUERY_CHILDREN = 4
 TRANSACTIONS = 60  # per child, and by the parent while they run
@@ -137,3 +138,20 @@ def test_forked_children_never_use_the_parents_pooled_connections(app_db, tmp_pa
     assert notes.count("parent") == TRANSACTIONS
     assert sorted(n for n in notes if n.startswith("job ")) == sorted(f"job {n}" for n in range(JOBS))
     assert jobs_left(db) == 0
+
+
+def test_a_session_current_when_forking_is_not_current_in_the_child(db, tmp_path):
+    """Its connection is the parent's: the child (a ``multiprocessing`` target, say) opens its own."""
+    with db.session() as parents:
+        one_transaction(db, "parent")  # joins: the parent's connection is checked out for the block
+
+        def body() -> None:
+            assert peek_session() is None
+            with db.session() as childs:  # no statement: SQLite's write lock is the parent's now
+                assert childs is not parents
+
+        pid = fork(tmp_path / "child.err", body)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        assert status == 0, (tmp_path / "child.err").read_text()
+        assert mqueue.current_session() is parents
+    assert [row.note for row in effects(db)] == ["parent"]
