@@ -4,6 +4,16 @@ The current session lives in a stdlib ``ContextVar``: every thread and every
 asyncio task sees only its own, so a web handler's enqueue can never land in
 another request's transaction.
 
+A session of any ``Database`` on the database of the current session joins
+it, whichever handle opened that one: inside a running job the worker's own
+handle opened it, and the application's handle (same URL, another object,
+as the CLI builds its own) must be fenced with the job, not commit apart.
+
+After ``os.fork()`` every live ``Database`` drops its pool in the child
+(without closing the parent's connections): a pooled connection used on both
+sides of a fork breaks both (PyMySQL "Command Out of Sync", psycopg
+"unexpected result EMPTY_QUERY from command 'BEGIN'").
+
 e.g.::
 
     db = mqueue.Database("sqlite:///app.db")
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import weakref
 from typing import Any, Iterator
 
 from sqlalchemy import create_engine, inspect
@@ -28,6 +40,9 @@ from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError
 DEFAULT_URL = "sqlite:///mqueue.db"
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("mqueue_session", default=None)
+
+#: Every live Database, for the fork hook below.
+_databases: "weakref.WeakSet[Database]" = weakref.WeakSet()
 
 
 def safe_url(url: str | URL) -> str:
@@ -61,6 +76,7 @@ class Database:
             self.engine = create_engine(url, **options)
         self.dialect.configure_engine(self.engine)
         self.Session = sessionmaker(bind=self.engine, expire_on_commit=False)
+        _databases.add(self)
 
     def __repr__(self) -> str:
         return f"Database({self.safe_url!r})"
@@ -73,11 +89,12 @@ class Database:
     def session(self) -> Iterator[Session]:
         """Open a session, make it current, commit on success, roll back on error.
 
-        Inside another ``db.session()`` of the same database this joins the
-        outer session: the outer block decides commit or rollback.
+        Inside another session of the same database (another ``Database``
+        on it too, a running job's, or one made current by ``use_session``)
+        this joins the outer session: the outer block decides commit or rollback.
         """
         outer = _current.get()
-        if outer is not None and outer.get_bind().pool is self.engine.pool:
+        if outer is not None and self._joins(outer):
             yield outer
             return
         session = self.Session()
@@ -91,6 +108,17 @@ class Database:
         finally:
             _current.reset(reset)
             session.close()
+
+    def _joins(self, session: Session) -> bool:
+        """Whether ``session`` is bound to this database (any engine on it), so a session here joins it."""
+        try:
+            engine = session.get_bind().engine  # an Engine's .engine is itself
+        except Exception:  # noqa: BLE001 - unbound or bound per mapper: not ours to join
+            return False
+        if engine.pool is self.engine.pool:
+            return True
+        mine = database_identity(self.engine)
+        return mine is not None and mine == database_identity(engine)
 
     def create_all(self) -> None:
         """Create mqueue's tables directly (tests); production uses ``python -m mqueue migrate``."""
@@ -120,6 +148,32 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def database_identity(engine: Engine) -> tuple | None:
+    """What identifies ``engine``'s database (backend, host, port, name or file, user); None if unknown."""
+    try:
+        dialect = dialect_for(engine)
+    except ValueError:  # a backend mqueue does not serve: never the same database
+        return None
+    return dialect.database_identity(engine.url)
+
+
+def _forget_pools_after_fork() -> None:
+    """In a forked child: a fresh pool for every Database, the parent's connections left untouched.
+
+    ``close=False`` only drops the references: closing would end the
+    parent's sessions on the server (PostgreSQL's Terminate message).  A
+    session current in the forking thread (a fork inside ``db.session()``
+    or a running task) holds one of the parent's connections: it stops
+    being current, so the child opens its own.
+    """
+    for database in list(_databases):
+        database.engine.dispose(close=False)
+    _current.set(None)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def translate_error(bind, error: BaseException) -> BaseException:

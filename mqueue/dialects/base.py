@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, func, insert, literal,
                         or_, select, update)
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import InvalidStateError
@@ -148,6 +148,8 @@ class Dialect:
     name = "base"
     #: Whether ``SELECT ... FOR UPDATE SKIP LOCKED`` exists (else writes are serialized).
     skip_locked = True
+    #: The server's port when a URL names none.
+    default_port: int | None = None
 
     # -- engine set-up ---------------------------------------------------
     def engine_options(self, url) -> dict[str, Any]:
@@ -173,6 +175,14 @@ class Dialect:
         return {"pool_size": concurrency + 6, "max_overflow": concurrency, "pool_pre_ping": False,
                 "pool_reset_on_return": None,
                 "execution_options": {LOCK_WAIT_OPTION: lock_wait_seconds(lease_seconds)}}
+
+    def database_identity(self, url: URL) -> tuple | None:
+        """What makes two URLs one database, so that ``db.session()`` of any handle joins the current one.
+
+        Backend, host, port (the default filled in), database and user: not
+        the driver, options or password.  None: never the same as another engine's.
+        """
+        return (self.name, (url.host or "").lower(), url.port or self.default_port, url.database, url.username)
 
     def adopt_engine(self, engine: Engine) -> Engine:
         """An application's own engine, with the options mqueue needs (same pool)."""

@@ -54,6 +54,7 @@ def error_code(error: BaseException) -> int | None:
 
 class MySQLDialect(Dialect):
     name = "mysql"
+    default_port = 3306
 
     def engine_options(self, url) -> dict[str, Any]:
         options = super().engine_options(url)

@@ -33,6 +33,7 @@ def sqlstate(error: BaseException) -> str | None:
 
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
+    default_port = 5432
 
     def engine_options(self, url) -> dict[str, Any]:
         options = super().engine_options(url)

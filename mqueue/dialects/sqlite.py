@@ -11,11 +11,12 @@ RETURNING``, serialized by that lock.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import DDL, event, insert, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import task_table
@@ -77,6 +78,22 @@ class SQLiteDialect(Dialect):
 
     def worker_engine_options(self, concurrency: int, lease_seconds: float = 60.0) -> dict[str, Any]:
         return {}
+
+    def database_identity(self, url: URL) -> tuple | None:
+        """The database file's absolute path (as the driver resolves it now); None in memory.
+
+        An in-memory database belongs to one connection pool: only its own engine joins it.
+        """
+        path = url.database or ""
+        if url.query.get("mode") == "memory":
+            return None
+        if path.startswith("file:"):  # ``?uri=true``: a SQLite URI
+            path, _, options = path[len("file:"):].partition("?")
+            if "mode=memory" in options.split("&"):
+                return None
+        if path in ("", ":memory:"):
+            return None
+        return (self.name, os.path.realpath(path))
 
     def configure_engine(self, engine: Engine) -> None:
         @event.listens_for(engine, "connect")
