@@ -65,7 +65,10 @@ class Database:
     """
 
     def __init__(self, url_or_engine: str | URL | Engine, **engine_kwargs: Any) -> None:
-        if isinstance(url_or_engine, Engine):
+        #: Built around the application's own engine (its creator, connect_args
+        #: and listeners cannot be rebuilt from the URL).
+        self.adopted = isinstance(url_or_engine, Engine)
+        if self.adopted:
             self.dialect: Dialect = dialect_for(url_or_engine)
             self.engine = self.dialect.adopt_engine(url_or_engine)
         else:

@@ -97,6 +97,7 @@ class Worker:
         self.grace_seconds = float(grace)
         self.claim_batch = concurrency
         self.db = worker_database(database, concurrency, self.lease_seconds)
+        self._owns_db = self.db is not database   # built here: its pool is closed after each run
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
@@ -184,6 +185,8 @@ class Worker:
             if previous:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
+            if self._owns_db:
+                self.db.dispose()
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:
@@ -431,6 +434,10 @@ def worker_database(database: "Database | str", concurrency: int, lease_seconds:
     needed = 2 * concurrency + SERVICE_CONNECTIONS
     if not callable(size) or overflow is None or overflow < 0 or size() + overflow >= needed:
         return database  # no limit (SQLite's NullPool/StaticPool, overflow -1) or large enough
+    if database.adopted:
+        raise ValueError(f"the engine's pool holds {size() + overflow} connections; a worker with "
+                         f"{concurrency} thread(s) needs {needed}: create the engine with "
+                         f"pool_size={needed} (or pass the URL)")
     log.info("the database's pool (%d + %d) is too small for %d thread(s): the worker opens its own",
              size(), overflow, concurrency)
     options = database.dialect.worker_engine_options(concurrency, lease_seconds)

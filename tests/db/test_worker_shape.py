@@ -114,3 +114,14 @@ def test_a_busy_worker_leaves_waiting_jobs_to_others(db):
 def _states(db, ids) -> list[str]:
     with db.engine.connect() as conn:
         return [row.state for row in conn.execute(select(task_table.c.state).where(task_table.c.id.in_(ids)))]
+
+
+def test_an_adopted_engine_too_small_for_the_threads_is_refused_clearly(database_url):
+    """Rebuilding the application's engine from its URL would drop its creator and connect_args."""
+    from sqlalchemy import create_engine
+    engine = create_engine(database_url, pool_size=2, max_overflow=0)
+    try:
+        with pytest.raises(ValueError, match=r"needs \d+: create the engine with pool_size="):
+            mqueue.Worker(mqueue.Database(engine), queues=["tshape"], concurrency=8)
+    finally:
+        engine.dispose()
