@@ -225,11 +225,11 @@ def open_database(args, **engine_kwargs) -> Database:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
-def worker_engine_options(url: str, concurrency: int) -> dict:
+def worker_engine_options(url: str, concurrency: int, lease_seconds: float) -> dict:
     from sqlalchemy.engine import make_url
     from .dialects import dialect_for
     try:
-        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency)
+        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency, lease_seconds)
     except Exception:
         return {}  # open_database reports a bad URL in one line
 
@@ -241,29 +241,66 @@ def admin_database(args) -> Database:
     return db
 
 
+#: Exit statuses of a worker process that a restart would not change: the
+#: supervisor stops instead of restarting it (bad options, missing tables).
+FINAL_EXIT_CODES = (EXIT_USAGE, EXIT_DATABASE)
+
+
 def cmd_start(args) -> int:
-    if args.processes > 1:
-        from .supervisor import Supervisor, child_command
-        argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
-        return Supervisor(child_command(_without_processes(argv)), args.processes).run()
-    from .worker import Worker
-    load_tasks(args.tasks or config.settings.package)
-    db = open_database(args, **worker_engine_options(args.database or config.default_url(), args.concurrency))
-    Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-           poll_interval=args.poll_interval, grace=args.grace).run()
+    """A worker, or with ``--processes N`` a supervisor of N worker processes, until a signal.
+
+    Before serving and before starting any process, the tasks are imported
+    and the database is checked: missing tables end the start at once (a
+    supervisor must not restart children that can only fail), a database
+    that is not up yet is waited for, and SIGTERM/SIGINT during the wait
+    exit 0.
+    """
+    from .startup import StartupSignals, StopRequested, wait_for_database
+    from .supervisor import follow_supervisor
+    url = args.database or config.default_url()
+    package = args.tasks or config.settings.package
+    with StartupSignals() as signals:
+        follow_supervisor()
+        try:
+            load_tasks(package)
+            if args.processes > 1:
+                db = open_database(args)
+            else:
+                db = open_database(args, **worker_engine_options(url, args.concurrency, args.lease))
+            ready = wait_for_database(db, signals.stopped)
+            if not ready:
+                logging.getLogger("mqueue.startup").info(
+                    "received %s while waiting for the database: exiting", signal_name(signals.received))
+                db.dispose()
+                return EXIT_OK
+            signals.interrupt_from_now()
+            if args.processes > 1:
+                db.dispose()  # the supervisor needs no connection while it supervises
+                return run_supervisor(args, url, package)
+            from .worker import Worker
+            Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
+                   poll_interval=args.poll_interval, grace=args.grace).run()
+        except StopRequested as stop:
+            logging.getLogger("mqueue.startup").info("received %s: exiting", signal_name(stop.args[0]))
     return EXIT_OK
 
 
-def _without_processes(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--processes":
-            skip = True
-        elif not item.startswith("--processes="):
-            out.append(item)
-    return out
+def run_supervisor(args, url: str, package: str) -> int:
+    """Supervise ``--processes`` workers; the URL goes through their environment, not ``ps``."""
+    from .supervisor import Supervisor, child_command
+    argv = ["start", "--tasks", package, "--processes", "1", "--concurrency", str(args.concurrency),
+            "--lease", repr(args.lease), "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
+            "--log-level", args.log_level, "--", *args.queues]
+    return Supervisor(child_command(argv), args.processes, env={config.ENV_URL: url},
+                      final_exit_codes=FINAL_EXIT_CODES).run()
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def cmd_migrate(args) -> int:
@@ -277,7 +314,6 @@ def cmd_migrate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = argv
     args.log_level = getattr(args, "log_level", "info")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":
