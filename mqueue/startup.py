@@ -41,6 +41,11 @@ def wait_for_database(db: Database, should_stop: Callable[[], bool], *,
                       first_delay: float = FIRST_DELAY_SECONDS, max_delay: float = MAX_DELAY_SECONDS) -> bool:
     """Return True once ``db.check_schema()`` passes; False if ``should_stop()`` turned true first.
 
+    e.g.::
+
+        if not wait_for_database(db, stop_requested.is_set):
+            return  # asked to stop before the database came up
+
     Retried, with one warning per attempt naming the URL without its password:
     an unreachable server, a full server (connection limit) and other
     transient errors.  Raised at once: ``SchemaMissingError`` (run
