@@ -41,6 +41,14 @@ class UsageError(MQueueError, ValueError):
     """Bad input on the command line; exits with ``EXIT_USAGE``."""
 
 
+class WorkerError(MQueueError):
+    """A database error ended a running worker; exits with ``EXIT_ERROR``.
+
+    Not ``EXIT_DATABASE``: the start-up already checked the database, so a
+    supervisor restarts this process rather than giving up on it.
+    """
+
+
 def add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", metavar="URL",
                         help=f"database URL (default: ${config.ENV_URL}, else sqlite:///mqueue.db)")
@@ -48,8 +56,8 @@ def add_database_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
-                        help="logging level (default info; debug also shows tracebacks)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, type=str.lower,
+                        help="logging level, in any case (default info; debug also shows tracebacks)")
     parser = OneLineParser(prog="mqueue", description="A task queue in your SQL database.",
                            parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_subparser(common))
@@ -60,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_database_option(start)
     start.add_argument("--tasks", default=None, metavar="PACKAGE",
                        help="package whose modules are imported to register tasks (default: tasks)")
-    start.add_argument("--concurrency", type=positive_int, default=1, help="threads per process (default 1)")
-    start.add_argument("--processes", type=positive_int, default=1,
+    start.add_argument("--concurrency", type=worker_count, default=1, help="threads per process (default 1)")
+    start.add_argument("--processes", type=worker_count, default=1,
                        help="worker processes under one supervisor (default 1)")
     start.add_argument("--lease", type=positive_float, default=DEFAULT_LEASE_SECONDS, metavar="SECONDS",
                        help="lease of a claimed job, renewed by heartbeats (default 60)")
@@ -93,7 +101,7 @@ def add_job_commands(commands) -> None:
                          help="JSON object of named arguments (default {})")
     enqueue.add_argument("--delay", type=non_negative_float, metavar="SECONDS",
                          help="run no earlier than SECONDS from now (database clock)")
-    enqueue.add_argument("--priority", type=integer, metavar="N",
+    enqueue.add_argument("--priority", type=priority, metavar="N",
                          help="higher runs first (default: the task's, else 0)")
     enqueue.add_argument("--queue", type=queue_name, metavar="QUEUE",
                          help=f"queue (default: the task's, else {config.settings.queue!r})")
@@ -106,20 +114,20 @@ def add_job_commands(commands) -> None:
                                            "workers claim them, then failed. Finished jobs are not kept.")
     jobs.add_argument("--queue", type=queue_name, metavar="QUEUE", help="only this queue")
     jobs.add_argument("--state", choices=STATES, help="only jobs in this state")
-    jobs.add_argument("--limit", type=positive_int, default=50, metavar="N", help="at most N jobs (default 50)")
+    jobs.add_argument("--limit", type=job_limit, default=50, metavar="N", help="at most N jobs (default 50)")
     jobs.set_defaults(handler=cmd_list)
 
     show = commands.add_parser("show", help="everything about one job, with its last traceback")
-    show.add_argument("id", type=positive_int, metavar="ID", help="job id (see: mqueue list)")
+    show.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
     show.set_defaults(handler=cmd_show)
 
     cancel = commands.add_parser("cancel", help="delete a queued or failed job (not a running one)")
-    cancel.add_argument("id", type=positive_int, metavar="ID", help="job id (see: mqueue list)")
+    cancel.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
     cancel.set_defaults(handler=cmd_cancel)
 
     retry = commands.add_parser("retry", help="run a failed or waiting job now (failed: retries back to 0)",
                                 usage="%(prog)s [-h] (ID | --all-failed [--queue QUEUE]) [--database URL]")
-    retry.add_argument("id", nargs="?", type=positive_int, metavar="ID", help="the job to retry")
+    retry.add_argument("id", nargs="?", type=job_id, metavar="ID", help="the job to retry")
     retry.add_argument("--all-failed", action="store_true", help="retry every failed job (of --queue, else all)")
     retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     retry.set_defaults(handler=cmd_retry)
@@ -155,29 +163,60 @@ def _subparser(common: argparse.ArgumentParser):
     return SubParser
 
 
-def _number_type(convert, accept, expected: str):
-    """An argparse type: ``convert`` the text, then require ``accept(value)``."""
-    def parse(text: str):
+#: Ids and limits are 64-bit in every backend (SQLite's INTEGER too); a larger
+#: number overflows the driver (a traceback, not an answer).
+MAX_BIGINT = 2 ** 63 - 1
+#: Priorities are 32-bit and stored next to their negation, so -2**31 is out too.
+MAX_PRIORITY = 2 ** 31 - 1
+#: Threads or processes: far more than any database serves connections to
+#: (MariaDB's default max_connections is 151, PostgreSQL's 100).
+MAX_WORKERS = 1000
+#: About 31 years: beyond it datetime arithmetic and thread timeouts overflow.
+MAX_SECONDS = 1e9
+
+
+def _shown(text: str) -> str:
+    """The offending input, quoted, cut short if it is long (e.g. 10**30 written out)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _integer_type(expected: str, low: int, high: int):
+    """An argparse type for integers from ``low`` to ``high``; anything else is one clear line."""
+    def parse(text: str) -> int:
         try:
-            value = convert(text)
-        except ValueError:
+            value = int(text)
+        except ValueError:  # not a number, or more digits than int() reads
             value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if value is None or (low == 1 and value < 1):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(text)}")
+        if not low <= value <= high:
+            bounds = f"up to {high}" if low == 1 else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected {expected} {bounds}, got {_shown(text)}")
         return value
     return parse
 
 
-positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
-positive_float = _number_type(float, lambda v: 0 < v < math.inf, "a positive number of seconds")
-non_negative_float = _number_type(float, lambda v: 0 <= v < math.inf, "a number of seconds >= 0")
+def _seconds_type(expected: str, accept):
+    """An argparse type for a number of seconds with ``accept(value)``, at most ``MAX_SECONDS``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {_shown(text)}")
+        if value > MAX_SECONDS:
+            raise argparse.ArgumentTypeError(f"expected {expected} up to {MAX_SECONDS:.0f}, got {_shown(text)}")
+        return value
+    return parse
 
 
-def integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+job_id = _integer_type("a positive integer", 1, MAX_BIGINT)
+job_limit = _integer_type("a positive integer", 1, MAX_BIGINT)
+worker_count = _integer_type("a positive integer", 1, MAX_WORKERS)
+priority = _integer_type("an integer", -MAX_PRIORITY, MAX_PRIORITY)
+positive_float = _seconds_type("a positive number of seconds", lambda v: v > 0)
+non_negative_float = _seconds_type("a number of seconds >= 0", lambda v: v >= 0)
 
 
 def queue_name(text: str) -> str:
@@ -194,7 +233,7 @@ def open_database(args, **engine_kwargs) -> Database:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
-def worker_engine_options(url: str, concurrency: int, lease_seconds: float = 60.0) -> dict:
+def worker_engine_options(url: str, concurrency: int, lease_seconds: float) -> dict:
     from sqlalchemy.engine import make_url
     from .dialects import dialect_for
     try:
@@ -210,30 +249,71 @@ def admin_database(args) -> Database:
     return db
 
 
+#: Exit statuses of a worker process that a restart would not change: the
+#: supervisor stops instead of restarting it (bad options, missing tables).
+FINAL_EXIT_CODES = (EXIT_USAGE, EXIT_DATABASE)
+
+
 def cmd_start(args) -> int:
-    if args.processes > 1:
-        from .supervisor import Supervisor, child_command
-        argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
-        return Supervisor(child_command(_without_processes(argv)), args.processes).run()
-    from .worker import Worker
-    load_tasks(args.tasks or config.settings.package)
-    db = open_database(args, **worker_engine_options(args.database or config.default_url(), args.concurrency,
-                                                     args.lease))
-    Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-           poll_interval=args.poll_interval, grace=args.grace).run()
+    """A worker, or with ``--processes N`` a supervisor of N worker processes, until a signal.
+
+    Before serving and before starting any process, the tasks are imported
+    and the database is checked: missing tables end the start at once (a
+    supervisor must not restart children that can only fail), a database
+    that is not up yet is waited for, and SIGTERM/SIGINT during the wait
+    exit 0.
+    """
+    from .startup import StartupSignals, StopRequested, wait_for_database
+    from .supervisor import follow_supervisor
+    url = args.database or config.default_url()
+    package = args.tasks or config.settings.package
+    with StartupSignals() as signals:
+        follow_supervisor()
+        try:
+            load_tasks(package)
+            if args.processes > 1:
+                db = open_database(args)
+            else:
+                db = open_database(args, **worker_engine_options(url, args.concurrency, args.lease))
+            ready = wait_for_database(db, signals.stopped)
+            if not ready:
+                logging.getLogger("mqueue.startup").info(
+                    "received %s while waiting for the database: exiting", signal_name(signals.received))
+                db.dispose()
+                return EXIT_OK
+            signals.interrupt_from_now()
+            if args.processes > 1:
+                db.dispose()  # the supervisor needs no connection while it supervises
+                return run_supervisor(args, url, package)
+            from .worker import Worker
+            try:
+                Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
+                       poll_interval=args.poll_interval, grace=args.grace).run()
+            except SchemaMissingError:
+                raise  # the tables went away: a restart would fail the same way
+            except (SQLAlchemyError, DatabaseUnavailableError) as error:
+                raise WorkerError(f"worker stopped by a database error: {one_line(error)}") from error
+        except StopRequested as stop:
+            logging.getLogger("mqueue.startup").info("received %s: exiting", signal_name(stop.args[0]))
     return EXIT_OK
 
 
-def _without_processes(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--processes":
-            skip = True
-        elif not item.startswith("--processes="):
-            out.append(item)
-    return out
+def run_supervisor(args, url: str, package: str) -> int:
+    """Supervise ``--processes`` workers; the URL goes through their environment, not ``ps``."""
+    from .supervisor import Supervisor, child_command
+    argv = ["start", "--tasks", package, "--processes", "1", "--concurrency", str(args.concurrency),
+            "--lease", repr(args.lease), "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
+            "--log-level", args.log_level, "--", *args.queues]
+    return Supervisor(child_command(argv), args.processes, env={config.ENV_URL: url},
+                      final_exit_codes=FINAL_EXIT_CODES).run()
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def cmd_migrate(args) -> int:
@@ -247,7 +327,6 @@ def cmd_migrate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = argv
     args.log_level = getattr(args, "log_level", "info")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":
@@ -423,10 +502,15 @@ def parse_arguments(text: str) -> dict[str, Any]:
 
     def reject(constant: str):
         raise ValueError(f"{constant} is not valid JSON")
+    too_deep = f"invalid JSON for arguments: nested deeper than {MAX_ARGUMENT_DEPTH} levels"
     try:
         raw = json.loads(text, parse_constant=reject)
     except ValueError as error:
         raise UsageError(f"invalid JSON for arguments: {error}") from None
+    except RecursionError:  # json's own parser gives up first on very deep input
+        raise UsageError(too_deep) from None
+    if nesting_depth(raw) > MAX_ARGUMENT_DEPTH:
+        raise UsageError(too_deep)
     if not isinstance(raw, dict):
         raise UsageError(f"arguments must be a JSON object of named arguments, e.g. '{{\"to\": \"a@b.c\"}}', "
                          f"got {json_kind(raw)}")
@@ -434,6 +518,23 @@ def parse_arguments(text: str) -> dict[str, Any]:
         return decode_args(raw)
     except ValueError as error:
         raise UsageError(f"invalid arguments: {error}") from None
+
+
+#: Arguments nest no deeper than this: encoding and decoding recurse per level,
+#: and a few hundred levels reach Python's recursion limit (a traceback).
+MAX_ARGUMENT_DEPTH = 100
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_tasks(package: str | None) -> bool:

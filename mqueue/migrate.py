@@ -24,7 +24,15 @@ def alembic_config() -> Config:
 
 
 def upgrade(database: "Database | str", revision: str = "head") -> None:
-    """Apply mqueue's migrations up to ``revision`` (default: the latest)."""
+    """Apply mqueue's migrations up to ``revision`` (default: the latest).
+
+    e.g.::
+
+        import mqueue
+        mqueue.migrate.upgrade("sqlite:///app.db")    # or a mqueue.Database
+
+    A URL gets an engine of its own, closed again before returning.
+    """
     db = as_database(database)
     config = alembic_config()
     try:
@@ -33,6 +41,9 @@ def upgrade(database: "Database | str", revision: str = "head") -> None:
             command.upgrade(config, revision)
     except DBAPIError as error:
         raise db.translate(error) from None
+    finally:
+        if db is not database:
+            db.dispose()
 
 
 def current_revision(database: "Database | str") -> str | None:

@@ -40,6 +40,7 @@ from .executor import DEFERRED, FAILED, LOST, RETRIED, SUCCEEDED, Executor, Runn
 from .jobs import Job
 from .loops import Loop
 from .session import Database, as_database
+from .startup import wait_for_database
 
 log = logging.getLogger("mqueue.worker")
 
@@ -156,8 +157,23 @@ class Worker:
 
     # -- the loops -----------------------------------------------------------------
     def _serve(self, install_signals: bool) -> None:
-        self.db.check_schema()
+        """Run the loops until the producer ends; ``run()`` first waits for a database not up yet."""
         previous = self._install_signals() if install_signals else None
+        try:
+            if not install_signals:
+                self.db.check_schema()  # run_until_empty: a clear error beats waiting in a script
+                self._run_loops()
+            elif wait_for_database(self.db, lambda: self._pending_signal is not None or self._stop.is_set()):
+                self._run_loops()
+            else:
+                log.info("worker %s stopped while waiting for its database", self.owner)
+        finally:
+            for signum, handler in (previous or {}).items():
+                signal.signal(signum, handler)
+            if self._owns_db:
+                self.db.dispose()
+
+    def _run_loops(self) -> None:
         wakeup.subscribe(self.queues, self._wake)
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
@@ -182,11 +198,6 @@ class Worker:
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
-            if previous:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
-            if self._owns_db:
-                self.db.dispose()
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:

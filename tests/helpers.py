@@ -144,3 +144,59 @@ def sqlite_write_lock_free(path) -> bool:
         return False
     finally:
         conn.close()
+
+
+class server_user:
+    """A MariaDB or PostgreSQL user with a password and all rights on ``database_url``'s database.
+
+    ``with server_user(backend, database_url, connection_limit=1) as url:``
+    yields the URL (password included) and drops the user on exit.  A
+    connection limit beyond it is refused as a full server would refuse it
+    (MariaDB 1203, PostgreSQL 53300), without touching server-wide settings.
+    """
+
+    def __init__(self, backend: str, database_url: str, connection_limit: int | None = None) -> None:
+        import uuid
+
+        from sqlalchemy.engine import make_url
+        self.backend = backend
+        self.admin_url = make_url(database_url)
+        self.name = f"mq_{uuid.uuid4().hex[:12]}"
+        self.password = f"Pw-{uuid.uuid4().hex[:10]}"
+        self.limit = connection_limit
+
+    def _admin(self, *statements: str) -> None:
+        from sqlalchemy import create_engine, text
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                for statement in statements:
+                    conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def __enter__(self) -> str:
+        database = self.admin_url.database
+        if self.backend == "mariadb":
+            statements = []
+            for host in ("%", "localhost", "127.0.0.1"):
+                limit = "" if self.limit is None else f" WITH MAX_USER_CONNECTIONS {self.limit}"
+                statements += [f"CREATE USER '{self.name}'@'{host}' IDENTIFIED BY '{self.password}'{limit}",
+                               f"GRANT ALL ON `{database}`.* TO '{self.name}'@'{host}'"]
+            self._admin(*statements)
+        else:
+            limit = "" if self.limit is None else f" CONNECTION LIMIT {self.limit}"
+            self._admin(f"CREATE ROLE {self.name} LOGIN PASSWORD '{self.password}'{limit}",
+                        f'GRANT ALL ON DATABASE "{database}" TO {self.name}',
+                        f"GRANT ALL ON SCHEMA public TO {self.name}",
+                        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {self.name}",
+                        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {self.name}")
+        return self.admin_url.set(username=self.name, password=self.password).render_as_string(
+            hide_password=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.backend == "mariadb":
+            self._admin(*(f"DROP USER IF EXISTS '{self.name}'@'{host}'" for host in ("%", "localhost", "127.0.0.1")))
+        else:
+            self._admin(f"REASSIGN OWNED BY {self.name} TO CURRENT_USER", f"DROP OWNED BY {self.name}",
+                        f"DROP ROLE IF EXISTS {self.name}")

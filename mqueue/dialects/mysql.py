@@ -40,8 +40,9 @@ TRANSIENT_CODES = {
     2003, 2006, 2013, 2055,  # cannot connect / server gone / lost connection
     4031,  # MySQL 8: disconnected by the server because of inactivity
     1040, 1203,  # too many connections (server-wide, per user): a slot frees soon
+    1226,  # the user's own MAX_USER_CONNECTIONS reached (measured on MariaDB 10.11)
 }
-CONNECTION_LIMIT_CODES = {1040, 1203}
+CONNECTION_LIMIT_CODES = {1040, 1203, 1226}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
 MISSING_TABLE = 1146
 
