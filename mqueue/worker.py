@@ -89,7 +89,7 @@ class Worker:
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
-        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set())
+        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), self.lease_seconds)
         #: callables run by the maintenance thread about once a second (crons)
         self.periodic: list[Callable[[], None]] = []
         self._stop = threading.Event()
@@ -316,15 +316,21 @@ class Worker:
             pairs = [(r.row.id, r.row.token) for r in self._held.values() if not (r.lost or r.timed_out)]
         if not pairs:
             return
+        began = time.monotonic()
         with self.db.engine.begin() as conn:
             lost = self.db.dialect.heartbeat_jobs(conn, pairs, self.lease_seconds)
         tokens = dict(pairs)
+        with self._held_lock:
+            for job_id, token in pairs:
+                running = self._held.get(job_id)
+                if running is not None and running.row.token == token and job_id not in lost:
+                    running.mark_renewed(began)
         for job_id in lost:
             with self._held_lock:
                 running = self._held.get(job_id)
             if running is None or running.timed_out or running.row.token != tokens[job_id]:
                 continue  # finished meanwhile, or held again under a new claim
-            running.lost = True
+            running.mark_lost()
             # A job being finished may be gone because its own completion just
             # committed (the heartbeat waited on that row lock): its fenced
             # write says what happened, and logs a lost lease itself.
