@@ -373,7 +373,10 @@ class Executor:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running._thread_id),
                                                        ctypes.py_object(JobTimeout))
             if running._cancel is not None:
-                running._cancel()  # an event loop waiting in select() runs no bytecode to interrupt
+                try:
+                    running._cancel()  # an event loop waiting in select() runs no bytecode to interrupt
+                except RuntimeError:
+                    pass  # the loop closed as the coroutine returned: the interruption lands anyway
         try:
             running._timeout_outcome = self._write_failure(running, decision, f"JobTimeout: {error}")
         finally:
