@@ -213,7 +213,7 @@ class Executor:
             if running.lost:
                 return LOST
             if self._stopping():
-                break  # shutting down: no more runs in place
+                return self._release(running)  # shutting down: handed back, as unstarted jobs are
             if attempt < TRANSIENT_RUNS:
                 time.sleep(0.05 * attempt)
         if not result.charged:
