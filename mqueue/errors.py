@@ -76,11 +76,20 @@ class Fail(Exception):
     """
 
 
-class JobTimeout(Exception):
-    """The run took longer than the task's ``timeout=``."""
+class JobTimeout(BaseException):
+    """The run took longer than the task's ``timeout=``.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): the worker delivers it
+    asynchronously into the task's thread, and a task's ``except Exception:``
+    must not swallow it and carry on past its timeout.
+    """
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's own message (a driver error's, not SQLAlchemy's wrapper)."""
+    """The first line of an error's own message, for one-line logs.
+
+    For a SQLAlchemy error that is the driver's message (its ``orig``), not
+    the SQL statement and the "Background on this error" link that follow.
+    """
     text = str(getattr(error, "orig", None) or error).strip().splitlines()
     return text[0] if text else type(error).__name__

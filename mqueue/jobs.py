@@ -15,7 +15,8 @@ class Job:
 
     ``heartbeat()`` extends the lease now (workers also do it on their own);
     it raises ``LeaseLostError`` if another worker owns the job by now, so a
-    long task can stop early.
+    long task can stop early.  On SQLite, inside a task whose session holds
+    the write lock, it goes through that session (and commits with it).
     """
 
     id: int

@@ -160,7 +160,7 @@ class TaskCall:
         row = {
             "queue": opts.get("queue") or self.task.queue or settings.queue,
             "name": self.task.name,
-            "args": encode_args(named),
+            "args": encode_args(named, self.task.name),
             "priority": opts.get("priority", self.task.priority),
             "max_retries": opts.get("max_retries", self.task.max_retries),
         }
@@ -294,6 +294,10 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
 
         @mqueue.task(queue="reports", max_retries=3, backoff=[10, 60], timeout=300)
         def report(day: datetime.date) -> None: ...
+
+    An ``async def`` task runs to completion on an event loop in the worker's
+    thread (with the job's synchronous session); generator functions are
+    refused here, since nothing would ever iterate them.
     """
     _check_int("priority", priority)
     _check_int("max_retries", max_retries, minimum=0)
@@ -310,6 +314,10 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
         task_name = name or f"{function.__module__}.{function.__qualname__}"
         if not isinstance(task_name, str) or not 0 < len(task_name) <= MAX_NAME_LENGTH:
             raise ValueError(f"task name must be a string of 1 to {MAX_NAME_LENGTH} characters, got {task_name!r}")
+        if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+            # A worker would create the generator and never iterate it: the body would never run.
+            raise TypeError(f"task {task_name!r} is a generator function, which a worker cannot run; "
+                            f"return instead of yield (enqueue one job per item if need be)")
         registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout)
         _add(registered)
         return registered

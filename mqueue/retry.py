@@ -1,4 +1,4 @@
-"""Pure retry policy: from a run's outcome to the next state, no I/O.
+"""Pure retry policy: from a failed run to the next state (a ``Decision``), no I/O.
 
 Units are seconds throughout.  The default backoff is MQueue's:
 60 s x 5^(n-1) for retry n, capped at 12 hours (60 s, 5 min, 25 min, ...).
@@ -10,7 +10,7 @@ import dataclasses
 import numbers
 from typing import Callable, Sequence, Union
 
-from .errors import Fail, JobTimeout, Retry
+from .errors import Fail, Retry
 
 MAX_BACKOFF_SECONDS = 12 * 3600
 Backoff = Union[None, float, Sequence[float], Callable[[int], float]]
@@ -51,14 +51,14 @@ def backoff_seconds(backoff: Backoff, retry_number: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What the executor writes after a run: ``action`` is 'retry' or 'fail'."""
+class Decision:
+    """What the executor writes after a failed run: ``action`` is 'retry' or 'fail'."""
 
     action: str
     delay_seconds: float = 0.0
 
 
-def decide(error: BaseException, retries_before: int, max_retries: int, backoff: Backoff) -> Outcome:
+def decide(error: BaseException, retries_before: int, max_retries: int, backoff: Backoff) -> Decision:
     """Retry with backoff, or fail for good.
 
     A job runs at most ``max_retries + 1`` times: after run number
@@ -66,17 +66,17 @@ def decide(error: BaseException, retries_before: int, max_retries: int, backoff:
     ``retries_before < max_retries``.
     """
     if isinstance(error, Fail):
-        return Outcome("fail")
+        return Decision("fail")
     retry_number = retries_before + 1
     if retry_number > max_retries:
-        return Outcome("fail")
+        return Decision("fail")
     if isinstance(error, Retry) and error.delay is not None:
-        return Outcome("retry", max(0.0, float(error.delay)))
+        return Decision("retry", max(0.0, float(error.delay)))
     try:
         delay = backoff_seconds(backoff, retry_number)
     except Exception:  # a broken backoff callable must not lose the job
         delay = default_backoff(retry_number)
-    return Outcome("retry", delay)
+    return Decision("retry", delay)
 
 
-__all__ = ["Outcome", "decide", "default_backoff", "backoff_seconds", "check_backoff", "JobTimeout"]
+__all__ = ["Decision", "decide", "default_backoff", "backoff_seconds", "check_backoff"]

@@ -102,7 +102,7 @@ class Worker:
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
-        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set())
+        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), self.lease_seconds)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._held: dict[int, Running] = {}
@@ -323,21 +323,25 @@ class Worker:
     def _heartbeat_step(self) -> float:
         with self._held_lock:
             pairs = [(r.row.id, r.row.token) for r in self._held.values() if not (r.lost or r.timed_out)]
-        if pairs:
-            with self.db.engine.begin() as conn:
-                lost = self.db.dialect.heartbeat_jobs(conn, pairs, self.lease_seconds)
-            tokens = dict(pairs)
-            for job_id in lost:
-                with self._held_lock:
-                    running = self._held.get(job_id)
-                if running is None or running.timed_out or running.row.token != tokens[job_id]:
+        if not pairs:
+            return self.heartbeat_seconds
+        began = time.monotonic()
+        with self.db.engine.begin() as conn:
+            lost = set(self.db.dialect.heartbeat_jobs(conn, pairs, self.lease_seconds))
+        with self._held_lock:
+            for job_id, token in pairs:
+                running = self._held.get(job_id)
+                if running is None or running.row.token != token:
                     continue  # finished meanwhile, or held again under a new claim
-                running.lost = True
-                # A job being finished may be gone because its own completion just
-                # committed (the heartbeat waited on that row lock): its fenced
-                # write says what happened, and logs a lost lease itself.
-                if not running.finishing:
-                    log.warning("job=%s lease lost (another worker took it over)", job_id)
+                if job_id not in lost:
+                    running.mark_renewed(began)
+                elif not running.timed_out:
+                    running.mark_lost()
+                    # A job being finished may be gone because its own completion
+                    # just committed (the heartbeat waited on that row lock): its
+                    # fenced write says what happened, and logs a lost lease itself.
+                    if not running.finishing:
+                        log.warning("job=%s lease lost (another worker took it over)", job_id)
         return self.heartbeat_seconds
 
     def _watchdog_step(self) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mqueue
-from mqueue.retry import (MAX_BACKOFF_SECONDS, Outcome, backoff_seconds, check_backoff, decide,
+from mqueue.retry import (MAX_BACKOFF_SECONDS, Decision, backoff_seconds, check_backoff, decide,
                           default_backoff)
 
 TWELVE_HOURS = 12 * 3600
@@ -61,18 +61,18 @@ def test_bad_backoff_is_refused(bad):
 
 def test_decide_retries_with_backoff_then_fails():
     error = RuntimeError("boom")
-    assert decide(error, 0, 3, None) == Outcome("retry", 60)
-    assert decide(error, 1, 3, None) == Outcome("retry", 300)
-    assert decide(error, 2, 3, None) == Outcome("retry", 1500)
+    assert decide(error, 0, 3, None) == Decision("retry", 60)
+    assert decide(error, 1, 3, None) == Decision("retry", 300)
+    assert decide(error, 2, 3, None) == Decision("retry", 1500)
     assert decide(error, 3, 3, None).action == "fail"
 
 
 def test_decide_uses_the_task_backoff():
     error = ValueError("x")
-    assert decide(error, 0, 5, check_backoff([2, 4])) == Outcome("retry", 2)
-    assert decide(error, 1, 5, check_backoff([2, 4])) == Outcome("retry", 4)
-    assert decide(error, 4, 5, check_backoff([2, 4])) == Outcome("retry", 4)
-    assert decide(error, 2, 5, lambda n: n * 100) == Outcome("retry", 300)
+    assert decide(error, 0, 5, check_backoff([2, 4])) == Decision("retry", 2)
+    assert decide(error, 1, 5, check_backoff([2, 4])) == Decision("retry", 4)
+    assert decide(error, 4, 5, check_backoff([2, 4])) == Decision("retry", 4)
+    assert decide(error, 2, 5, lambda n: n * 100) == Decision("retry", 300)
 
 
 @pytest.mark.parametrize("max_retries", [0, 1, 2, 10])
@@ -95,13 +95,13 @@ def test_max_retries_zero_fails_on_the_first_error():
 
 
 def test_retry_asks_for_its_own_delay():
-    assert decide(mqueue.Retry(30), 0, 10, None) == Outcome("retry", 30)
-    assert decide(mqueue.Retry(0.5), 4, 10, [99]) == Outcome("retry", 0.5)
-    assert decide(mqueue.Retry(-5), 0, 10, None) == Outcome("retry", 0)
+    assert decide(mqueue.Retry(30), 0, 10, None) == Decision("retry", 30)
+    assert decide(mqueue.Retry(0.5), 4, 10, [99]) == Decision("retry", 0.5)
+    assert decide(mqueue.Retry(-5), 0, 10, None) == Decision("retry", 0)
 
 
 def test_retry_without_a_delay_uses_the_backoff():
-    assert decide(mqueue.Retry(), 1, 10, None) == Outcome("retry", 300)
+    assert decide(mqueue.Retry(), 1, 10, None) == Decision("retry", 300)
 
 
 def test_retry_still_counts_against_max_retries():
@@ -117,7 +117,7 @@ def test_a_broken_backoff_callable_does_not_lose_the_job():
     def broken(retry_number):
         raise ZeroDivisionError
 
-    assert decide(RuntimeError(), 1, 5, broken) == Outcome("retry", 300)
+    assert decide(RuntimeError(), 1, 5, broken) == Decision("retry", 300)
 
 
 def test_retry_and_fail_are_exceptions_tasks_can_raise():
