@@ -372,7 +372,7 @@ def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any
     bad = [key for key in kwargs if not isinstance(key, str)]
     if bad:
         raise TypeError(f"argument names must be strings, got {bad[0]!r}")
-    values: dict[str, Any] = {"name": name, "args": encode_args(kwargs),
+    values: dict[str, Any] = {"name": name, "args": encode_args(kwargs, name),
                               "queue": _check_queue(queue if queue is not None else settings.queue)}
     if priority is not None:
         values["priority"] = _check_priority(priority)

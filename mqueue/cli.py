@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import config
 from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundError, MQueueError,
-                     SchemaMissingError, UnknownTaskError)
+                     SchemaMissingError, UnknownTaskError, first_line)
 from .schema import STATES
 from .session import Database, safe_url
 from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS
@@ -374,9 +374,7 @@ def exit_code(error: BaseException) -> int:
 
 def one_line(error: BaseException) -> str:
     """The error as one line with any database password masked."""
-    text = str(getattr(error, "orig", None) or error).strip().splitlines()
-    message = text[0] if text else type(error).__name__
-    return _mask_passwords(message)
+    return _mask_passwords(first_line(error))
 
 
 def _mask_passwords(text: str) -> str:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import wakeup
 from .config import settings
+from .dialects.base import DEFAULT_MAX_RETRIES  # one default, also used in SQL by rescue
 from .dialects.functions import utc_now
 from .encoding import encode_args
 from .errors import DuplicateTaskError, NoSessionError, UnknownTaskError
@@ -29,7 +30,6 @@ from .session import peek_session, translate_error
 P = ParamSpec("P")
 R = TypeVar("R")
 
-DEFAULT_MAX_RETRIES = 10
 MAX_NAME_LENGTH = 255   # width of mqueue_task.name
 MAX_QUEUE_LENGTH = 100  # width of mqueue_task.queue
 ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key")

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from .config import settings
 from .cron import Schedule, _naive_utc, check_cron_function
 from .encoding import encode_args
+from .errors import first_line
 from .registry import Task, task as register_task
 from .session import Database
 
@@ -156,7 +157,7 @@ class Scheduler:
                     raise  # the caller retries the whole tick
                 # one broken cron must not keep the others from running
                 log.error("cron=%s queue=%s slot due at %s could not be enqueued: %s", name, spec.queue_name(),
-                          row.next_slot, str(getattr(error, "orig", error)).strip().splitlines()[0])
+                          row.next_slot, first_line(error))
                 continue
             if job_id is not None:
                 created.append(job_id)

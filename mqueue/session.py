@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .dialects import Dialect, dialect_for
-from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError
+from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError, first_line
 
 DEFAULT_URL = "sqlite:///mqueue.db"
 
@@ -187,7 +187,7 @@ def translate_error(bind, error: BaseException) -> BaseException:
     if dialect.is_missing_table(error):
         return SchemaMissingError(f"mqueue tables missing in {where}; run: python -m mqueue migrate")
     if dialect.is_unreachable(error):
-        cause = str(getattr(error, "orig", error)).strip().splitlines()[0]
+        cause = first_line(error)
         return DatabaseUnavailableError(f"cannot reach database {where}: {cause}")
     return error
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 from sqlalchemy.exc import DBAPIError
 
-from .errors import DatabaseUnavailableError
+from .errors import DatabaseUnavailableError, first_line
 from .session import Database
 
 log = logging.getLogger("mqueue.startup")
@@ -61,7 +61,7 @@ def wait_for_database(db: Database, should_stop: Callable[[], bool], *,
         except DBAPIError as error:
             if not (db.dialect.is_connection_limit(error) or db.dialect.is_transient(error)):
                 raise
-            cause = f"database {db.safe_url}: {_first_line(error)}"
+            cause = f"database {db.safe_url}: {first_line(error)}"
         else:
             if attempt:
                 log.info("database %s is ready after %d failed attempt(s)", db.safe_url, attempt)
@@ -80,12 +80,6 @@ def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
         if left <= 0:
             return
         time.sleep(min(left, _STOP_CHECK_SECONDS))
-
-
-def _first_line(error: BaseException) -> str:
-    """The driver's message, first line: ``OperationalError: (1040, 'Too many connections')``."""
-    text = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 class StopRequested(BaseException):
