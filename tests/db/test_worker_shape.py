@@ -125,3 +125,37 @@ def test_an_adopted_engine_too_small_for_the_threads_is_refused_clearly(database
             mqueue.Worker(mqueue.Database(engine), queues=["tshape"], concurrency=8)
     finally:
         engine.dispose()
+
+
+def _unreachable(database_url: str, tmp_path) -> str:
+    """The test's database at an address where nothing answers."""
+    import socket
+    from sqlalchemy.engine import make_url
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite:///{tmp_path}/no/such/dir/q.db"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]   # free once closed: nothing listens there
+    return url.set(port=port).render_as_string(hide_password=False)
+
+
+def test_run_waits_for_a_database_that_is_not_up_and_stops_when_asked(database_url, tmp_path, caplog):
+    """Issue 10, item 11, from Python: ``Worker.run()`` waits as ``start`` does (it raised before)."""
+    worker = mqueue.Worker(_unreachable(database_url, tmp_path), queues=["tshape"], poll_interval=0.05)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as error:  # noqa: B902 - reported below
+            failures.append(error)
+
+    with caplog.at_level("WARNING", logger="mqueue.startup"):
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_for(lambda: "waiting for the database (attempt 2" in caplog.text or failures, timeout=20)
+        assert failures == [] and thread.is_alive()
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
