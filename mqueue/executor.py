@@ -29,7 +29,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .dialects.base import ClaimedRow
@@ -521,9 +521,10 @@ def format_error(error: BaseException) -> str:
         frames = frames[:len(frames) - len(message)]
     lines = message.splitlines() or [type(error).__name__]
     headline, details = lines[0], lines[1:]
-    if isinstance(error, SQLAlchemyError):
-        lines = details + [headline]
-    text = frames + "\n".join(lines) + "\n"
+    lines = details + [headline]   # the headline last, whatever follows it (SQL, notes, more lines)
+    frames = _valid_utf8(frames)
+    headline = _valid_utf8(headline)
+    text = _valid_utf8(frames + "\n".join(lines) + "\n")
     if len(text.encode("utf-8")) <= MAX_ERROR_BYTES:
         return text
     headline = _clip_head(headline, MAX_MESSAGE_BYTES)
@@ -544,8 +545,14 @@ def _drop_background(chunks: list[str]) -> list[str]:
     return out
 
 
+def _valid_utf8(text: str) -> str:
+    """``text`` with lone surrogates (an undecodable file name, say) escaped: storable everywhere."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _clip_head(text: str, limit: int = MAX_ERROR_BYTES) -> str:
     """The start of ``text`` in at most ``limit`` UTF-8 bytes (never half a character)."""
+    text = _valid_utf8(text)
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text
@@ -555,6 +562,7 @@ def _clip_head(text: str, limit: int = MAX_ERROR_BYTES) -> str:
 
 def _clip_tail(text: str, limit: int) -> str:
     """The end of ``text`` in at most ``limit`` UTF-8 bytes, from a line start."""
+    text = _valid_utf8(text)
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text

@@ -68,6 +68,8 @@ class Database:
         #: Built around the application's own engine (its creator, connect_args
         #: and listeners cannot be rebuilt from the URL).
         self.adopted = isinstance(url_or_engine, Engine)
+        #: The caller's engine options, for a worker that needs its own engine on the same URL.
+        self.engine_kwargs = dict(engine_kwargs)
         if self.adopted:
             self.dialect: Dialect = dialect_for(url_or_engine)
             self.engine = self.dialect.adopt_engine(url_or_engine)

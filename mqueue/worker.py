@@ -36,7 +36,7 @@ from typing import Sequence
 
 from . import wakeup
 from .errors import LeaseLostError
-from .executor import DEFERRED, FAILED, LOST, RETRIED, SUCCEEDED, Executor, Running
+from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running
 from .jobs import Job
 from .loops import Loop
 from .session import Database, as_database
@@ -59,6 +59,8 @@ CRON_TICK_SECONDS = 1.0
 #: How long the producer waits for more threads to free up before claiming
 #: fewer than ``claim_batch`` (all threads) jobs: short next to any real task.
 CLAIM_LINGER_SECONDS = 0.003
+#: After a job was handed back because its run could not get a connection.
+RELEASE_PAUSE_SECONDS = 0.5
 #: Threads of a worker that use a connection besides the executors: producer,
 #: completer, heartbeat, rescuer, scheduler, and the watchdog's timeout write.
 SERVICE_CONNECTIONS = 6
@@ -121,10 +123,12 @@ class Worker:
         self._until_empty = False
         self._idle_seconds = min(0.005, self.poll_seconds)
         self._linger_until: float | None = None
+        self._claim_pause_until = 0.0
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
         """Serve until ``stop()`` or SIGTERM/SIGINT; then finish or hand back held jobs."""
+        self._reset()
         self._serve(install_signals=True)
 
     def run_until_empty(self, timeout: float | None = None) -> RunResult:
@@ -212,6 +216,9 @@ class Worker:
             free = self.concurrency - (held - self._completing)
         if free <= 0:
             return self.poll_seconds  # a thread that frees up wakes the producer
+        pause = self._claim_pause_until - time.monotonic()
+        if pause > 0:
+            return pause
         # While other threads are still busy, wait a moment for a few more to
         # free up: one claim transaction then serves several jobs (a claim
         # costs as much as a batched completion of many).
@@ -258,7 +265,13 @@ class Worker:
         if self._stop.is_set() and not self._until_empty:
             self._hand_back(running)
             return 0.0
-        outcome = self.executor.execute(running)
+        try:
+            outcome = self.executor.execute(running)
+        except BaseException:  # noqa: B902 - e.g. SystemExit from a task: the thread must go on
+            log.exception("job=%s task=%s crashed its executor thread; its lease will expire and "
+                          "it is rescued", running.row.id, running.row.name)
+            running.mark_lost()  # no more heartbeats: another worker (or this one) rescues it
+            outcome = LOST
         if outcome == DEFERRED:
             with self._held_lock:
                 self._completing += 1   # still held (and heartbeated) until the completer writes it
@@ -312,6 +325,10 @@ class Worker:
                 self._result.failed += 1
             elif outcome == LOST:
                 self._result.lost += 1
+            elif outcome == RELEASED:
+                # Handed back uncharged (no connection to be had): claim again
+                # after a pause, not at once in a loop.
+                self._claim_pause_until = time.monotonic() + RELEASE_PAUSE_SECONDS
         self._wake.set()
 
     def _hand_back(self, running: Running) -> None:
@@ -427,37 +444,32 @@ class Worker:
 
 
 def worker_database(database: "Database | str", concurrency: int, lease_seconds: float) -> Database:
-    """The Database a worker uses, with a pool large enough for its threads.
+    """The Database a worker uses: the daemon's engine options on the caller's database.
 
-    A URL gets the daemon's engine options (pool sized from ``concurrency``,
-    no ping on checkout).  A Database whose pool is too small (measured: the
-    default 5 + 10 under ``concurrency=16`` ends in a pool TimeoutError) is
-    replaced by one on the same URL with a pool that fits.  Two connections
-    per executor thread: the task's session and an outcome or heartbeat write.
+    Those options size the pool from ``concurrency`` (measured: the default
+    5 + 10 under ``concurrency=16`` ended in a pool TimeoutError), skip the
+    ping on checkout and bound lock waits below the lease.  A URL, or a
+    Database built from one, gets a worker engine of its own on that URL
+    with the caller's engine options kept (TLS ``connect_args`` and the
+    like); sessions of the two still join (``db.session()`` compares
+    databases, not engines).  The application's own engine (``Database(engine)``)
+    and an in-memory SQLite database cannot be rebuilt: they are used as
+    they are if their pool is large enough.
     """
     if not isinstance(database, Database):
-        from sqlalchemy.engine import make_url
-        url = make_url(database) if isinstance(database, str) else database
-        if hasattr(url, "get_backend_name"):
-            from .dialects import dialect_for
-            options = dialect_for(url.get_backend_name()).worker_engine_options(concurrency, lease_seconds)
-            return Database(url, **options)
-        return as_database(database)
+        database = as_database(database)
+        database.dispose()  # only its URL and options are wanted
+    options = database.dialect.worker_engine_options(concurrency, lease_seconds)
+    if not database.adopted and database.dialect.database_identity(database.engine.url) is not None:
+        return Database(database.engine.url, **{**database.engine_kwargs, **options})
     pool = database.engine.pool
-    size = getattr(pool, "size", None)
-    overflow = getattr(pool, "_max_overflow", None)
+    size, overflow = getattr(pool, "size", None), getattr(pool, "_max_overflow", None)
     needed = 2 * concurrency + SERVICE_CONNECTIONS
-    if not callable(size) or overflow is None or overflow < 0 or size() + overflow >= needed:
-        return database  # no limit (SQLite's NullPool/StaticPool, overflow -1) or large enough
-    if database.adopted:
+    if callable(size) and overflow is not None and overflow >= 0 and size() + overflow < needed:
         raise ValueError(f"the engine's pool holds {size() + overflow} connections; a worker with "
                          f"{concurrency} thread(s) needs {needed}: create the engine with "
                          f"pool_size={needed} (or pass the URL)")
-    log.info("the database's pool (%d + %d) is too small for %d thread(s): the worker opens its own",
-             size(), overflow, concurrency)
-    options = database.dialect.worker_engine_options(concurrency, lease_seconds)
-    options["pool_size"] = max(options.get("pool_size", 0), needed)
-    return Database(database.engine.url, **options)
+    return database
 
 
 def start(queue: "str | Sequence[str]", database: "Database | str | None" = None, package: str | None = "tasks",

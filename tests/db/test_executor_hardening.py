@@ -284,12 +284,13 @@ def swallow_timeout() -> None:
 
 
 def test_a_timeout_is_not_swallowed_by_except_exception_and_its_connection_is_discarded(db):
-    event.listen(db.engine, "invalidate", lambda dbapi_connection, record, error: invalidated.append(
+    w = worker(db)   # the worker's own engine: its connections are the ones to watch
+    event.listen(w.db.engine, "invalidate", lambda dbapi_connection, record, error: invalidated.append(
         dbapi_connection))
     with db.session():
         job_id = swallow_timeout.enqueue()
     started = time.monotonic()
-    result = worker(db).run_until_empty(timeout=30)
+    result = w.run_until_empty(timeout=30)
     assert result.failed == 1, result
     assert "swallowed" not in seen
     assert time.monotonic() - started < 8

@@ -489,14 +489,14 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
         if heartbeats:
             heartbeats[0].join(30)
 
-    event.listen(db.Session, "before_commit", before_commit)
-    event.listen(db.Session, "after_commit", after_commit)
+    event.listen(w.db.Session, "before_commit", before_commit)
+    event.listen(w.db.Session, "after_commit", after_commit)
     try:
         with caplog.at_level(logging.WARNING, logger="mqueue"):
             result = w.run_until_empty(timeout=30)
     finally:
-        event.remove(db.Session, "before_commit", before_commit)
-        event.remove(db.Session, "after_commit", after_commit)
+        event.remove(w.db.Session, "before_commit", before_commit)
+        event.remove(w.db.Session, "after_commit", after_commit)
     assert heartbeats and not heartbeats[0].is_alive()
     assert (result.succeeded, result.lost) == (1, 0)
     assert effect_count(db, job_id) == 1 and job_row(db, job_id) is None

@@ -159,3 +159,58 @@ def test_run_waits_for_a_database_that_is_not_up_and_stops_when_asked(database_u
         worker.stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+@mqueue.task(name="tshape.exits", queue="tshape-crash", max_retries=0)
+def exits(n: int) -> None:
+    raise SystemExit(3)
+
+
+@mqueue.task(name="tshape.odd_error", queue="tshape-crash", max_retries=0)
+def odd_error(n: int) -> None:
+    raise mqueue.Fail("cannot read /srv/in/report-\udcff.csv")   # a file name that is not UTF-8
+
+
+def test_a_task_that_kills_its_thread_or_writes_an_odd_error_does_not_stall_the_worker(db):
+    """A SystemExit from a task, or an error text with a lone surrogate, escaped the
+    executor: the thread died, the job stayed held (and heartbeated) for ever, and
+    ``run_until_empty`` never returned."""
+    with db.session():
+        crash = exits.enqueue(1)
+        odd = odd_error.enqueue(2)
+        after = noop.options(queue="tshape-crash").enqueue(3)
+    result = mqueue.Worker(db, queues=["tshape-crash"], concurrency=1, lease=2,
+                           poll_interval=0.05).run_until_empty(timeout=20)
+    assert (result.succeeded, result.failed, result.lost) == (1, 1, 1)
+    with db.engine.connect() as conn:
+        rows = {row.id: row for row in conn.execute(select(task_table).where(task_table.c.id.in_([crash, odd, after])))}
+    assert after not in rows                                    # ran after the crash, on the same thread
+    assert rows[crash].state == "running"                       # left to the lease: rescued like a dead worker's
+    assert rows[odd].state == "failed" and "report-\\udcff.csv" in rows[odd].last_error
+
+
+def test_run_after_run_until_empty_serves_until_stopped(db):
+    worker = mqueue.Worker(db, queues=["tshape-noop"], lease=10, poll_interval=0.05)
+    assert worker.run_until_empty(timeout=30).total == 0
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        (job_id,) = enqueue(db, noop, 1)
+        wait_for(lambda: _states(db, [job_id]) == [], timeout=10)
+        assert thread.is_alive()   # before: it returned as soon as the queue was empty
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_a_workers_engine_gets_the_daemon_options_whatever_it_is_given(db, database_url):
+    """Lock waits bounded below the lease and a pool sized from the threads, also for a
+    Database built by the application and for a SQLite URL (which kept 5 + 10)."""
+    from mqueue.dialects.base import LOCK_WAIT_OPTION
+    for given in (db, database_url):
+        worker = mqueue.Worker(given, queues=["tshape"], concurrency=16, lease=40)
+        pool = worker.db.engine.pool
+        assert pool.size() + pool._max_overflow >= 2 * 16 + 6
+        if db.dialect.skip_locked:   # the servers; SQLite has no row locks to wait for
+            assert worker.db.engine.get_execution_options()[LOCK_WAIT_OPTION] == 10
+        worker.db.dispose()

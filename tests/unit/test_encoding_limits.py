@@ -125,3 +125,12 @@ def test_outcomes_are_a_small_frozen_type_compared_by_value():
     with pytest.raises(AttributeError):
         SUCCEEDED.name = "failed"
     assert json.dumps(str(SUCCEEDED)) == '"succeeded"'
+
+
+def test_any_errors_stored_last_line_is_its_own_first_line():
+    """``mqueue list`` shows the last line: not the second line of a message, nor a note."""
+    multi = ValueError("order 7 is invalid\nfield total: expected > 0")
+    assert format_error(multi).splitlines()[-1] == "ValueError: order 7 is invalid"
+    noted = KeyError("sku")
+    noted.add_note("while pricing cart 12")
+    assert format_error(noted).splitlines()[-1] == "KeyError: 'sku'"
