@@ -15,7 +15,6 @@ import datetime as dt
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 from typing import Any, Sequence
@@ -233,15 +232,6 @@ def open_database(args, **engine_kwargs) -> Database:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
-def worker_engine_options(url: str, concurrency: int, lease_seconds: float) -> dict:
-    from sqlalchemy.engine import make_url
-    from .dialects import dialect_for
-    try:
-        return dialect_for(make_url(url).get_backend_name()).worker_engine_options(concurrency, lease_seconds)
-    except Exception:
-        return {}  # open_database reports a bad URL in one line
-
-
 def admin_database(args) -> Database:
     """The database of a job command, checked first: unreachable or unmigrated is one clear line."""
     db = open_database(args)
@@ -271,10 +261,7 @@ def cmd_start(args) -> int:
         follow_supervisor()
         try:
             load_tasks(package)
-            if args.processes > 1:
-                db = open_database(args)
-            else:
-                db = open_database(args, **worker_engine_options(url, args.concurrency, args.lease))
+            db = open_database(args)  # for the checks only: a worker opens its own engine on the URL
             ready = wait_for_database(db, signals.stopped)
             if not ready:
                 logging.getLogger("mqueue.startup").info(
@@ -287,8 +274,11 @@ def cmd_start(args) -> int:
                 return run_supervisor(args, url, package)
             from .worker import Worker
             try:
-                Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-                       poll_interval=args.poll_interval, grace=args.grace).run()
+                worker = Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
+                                poll_interval=args.poll_interval, grace=args.grace)
+                if worker.db is not db:
+                    db.dispose()
+                worker.run()
             except SchemaMissingError:
                 raise  # the tables went away: a restart would fail the same way
             except (SQLAlchemyError, DatabaseUnavailableError) as error:
