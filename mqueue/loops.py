@@ -42,7 +42,7 @@ def outage_delay(failures: int) -> float:
 
 
 class Loop:
-    """Call ``step()`` until ``stop()``; sleep what it returns, or until ``wake()``.
+    """Call ``step()`` until ``stop()``; sleep what it returns, or until ``wake`` is set.
 
     ``activity`` names the duty in log lines ("database unavailable while
     claiming").  ``wake`` may be an Event shared with others (the process-wide
@@ -83,7 +83,7 @@ class Loop:
                 self.sleep(delay)
 
     def sleep(self, seconds: float) -> None:
-        """Wait up to ``seconds``; return early on ``wake()``, ``stop()`` or an interruption."""
+        """Wait up to ``seconds``; return early when woken, stopped or interrupted."""
         if seconds <= 0:
             return
         remaining = seconds
@@ -93,9 +93,6 @@ class Loop:
                 self._wake.clear()
                 return
             remaining -= slice_seconds
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def stop(self) -> None:
         """Finish the current step, then end (``join`` waits for that)."""

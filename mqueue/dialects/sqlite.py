@@ -77,8 +77,9 @@ class SQLiteDialect(Dialect):
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}
 
     def worker_engine_options(self, concurrency: int, lease_seconds: float = 60.0) -> dict[str, Any]:
-        """A pool sized as on the servers (SQLite's default 5 + 10 is too small past 4 threads)."""
-        return {"pool_size": concurrency + 6, "max_overflow": concurrency}
+        """The servers' pool size (SQLite's default 5 + 10 is too small past 4 threads); no lock-wait bound."""
+        options = super().worker_engine_options(concurrency, lease_seconds)
+        return {key: options[key] for key in ("pool_size", "max_overflow")}
 
     def database_identity(self, url: URL) -> tuple | None:
         """The database file's absolute path (as the driver resolves it now); None in memory.
