@@ -40,14 +40,6 @@ class UsageError(MQueueError, ValueError):
     """Bad input on the command line; exits with ``EXIT_USAGE``."""
 
 
-class WorkerError(MQueueError):
-    """A database error ended a running worker; exits with ``EXIT_ERROR``.
-
-    Not ``EXIT_DATABASE``: the start-up already checked the database, so a
-    supervisor restarts this process rather than giving up on it.
-    """
-
-
 def add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", metavar="URL",
                         help=f"database URL (default: ${config.ENV_URL}, else sqlite:///mqueue.db)")
@@ -273,16 +265,11 @@ def cmd_start(args) -> int:
                 db.dispose()  # the supervisor needs no connection while it supervises
                 return run_supervisor(args, url, package)
             from .worker import Worker
-            try:
-                worker = Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-                                poll_interval=args.poll_interval, grace=args.grace)
-                if worker.db is not db:
-                    db.dispose()
-                worker.run()
-            except SchemaMissingError:
-                raise  # the tables went away: a restart would fail the same way
-            except (SQLAlchemyError, DatabaseUnavailableError) as error:
-                raise WorkerError(f"worker stopped by a database error: {one_line(error)}") from error
+            worker = Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
+                            poll_interval=args.poll_interval, grace=args.grace)
+            if worker.db is not db:
+                db.dispose()
+            worker.run()  # rides out outages itself (its loops back off and retry)
         except StopRequested as stop:
             logging.getLogger("mqueue.startup").info("received %s: exiting", signal_name(stop.args[0]))
     return EXIT_OK

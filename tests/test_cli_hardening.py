@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import sqlalchemy.exc
 from helpers import run_python
 
 import mqueue
@@ -109,24 +108,3 @@ def test_migrate_is_an_attribute_of_the_package(handle, database_url):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     mqueue.Database(database_url).check_schema()
-
-
-@pytest.mark.parametrize("error", [
-    sqlalchemy.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"),
-    mqueue.DatabaseUnavailableError("cannot reach database sqlite:///x.db: gone")], ids=["pool", "unreachable"])
-def test_a_database_error_that_ends_a_running_worker_exits_1_so_a_supervisor_restarts_it(
-        error, monkeypatch, capsys, tmp_path):
-    """Status 3 is final for a supervisor (configuration); a failure of a running worker is not."""
-    db = mqueue.Database(f"sqlite:///{tmp_path / 'q.db'}")
-    mqueue.migrate.upgrade(db)
-    db.dispose()
-
-    def run(self):
-        raise error
-    monkeypatch.setattr(mqueue.Worker, "run", run)
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    line = one_line_error(capsys, ["start", "q", "--tasks", "jobs", "--database", f"sqlite:///{tmp_path / 'q.db'}"],
-                          cli.EXIT_ERROR, "mqueue: error: worker stopped by a database error: ")
-    assert cli.EXIT_ERROR not in cli.FINAL_EXIT_CODES, line
