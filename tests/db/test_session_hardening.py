@@ -9,6 +9,7 @@ job's completion, never commit on its own (issue 10, item 4).
 from __future__ import annotations
 
 import os
+import contextlib
 import threading
 
 import pytest
@@ -202,24 +203,33 @@ def test_a_failed_task_rolls_back_what_it_wrote_through_the_applications_handle(
     assert "failed after writing" in row.last_error
 
 
-def test_a_refused_completion_rolls_back_what_the_task_wrote_through_the_applications_handle(
-        app_db, worker_db, observer):
-    with app_db.session():
-        job_id = wait_then_write.enqueue("must not stay")
-    w = worker(worker_db)
+@contextlib.contextmanager
+def task_started(w):
+    """Run ``w.run_until_empty`` in a thread; inside the block the task waits at ``gate``.
+
+    Yields a dict that holds the run's ``result`` once the block ends.
+    """
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=w.run_until_empty(timeout=30)))
     thread.start()
     try:
         assert started.wait(10), "the task did not start"
-        # Another worker took the job over meanwhile: the fence must refuse this run's completion.
-        with observer.begin() as conn:
-            conn.execute(update(task_table).where(task_table.c.id == job_id)
-                         .values(token=task_table.c.token + 1))
+        yield outcome
     finally:
         gate.set()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_a_refused_completion_rolls_back_what_the_task_wrote_through_the_applications_handle(
+        app_db, worker_db, observer):
+    with app_db.session():
+        job_id = wait_then_write.enqueue("must not stay")
+    with task_started(worker(worker_db)) as outcome:
+        # Another worker took the job over meanwhile: the fence must refuse this run's completion.
+        with observer.begin() as conn:
+            conn.execute(update(task_table).where(task_table.c.id == job_id)
+                         .values(token=task_table.c.token + 1))
     result = outcome["result"]
     assert (result.succeeded, result.lost) == (0, 1)
     assert notes(observer) == []
@@ -230,18 +240,9 @@ def test_a_successful_task_commits_its_writes_through_the_applications_handle_on
         app_db, worker_db, observer):
     with app_db.session():
         job_id = write_and_wait.enqueue("kept")
-    w = worker(worker_db)
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=w.run_until_empty(timeout=30)))
-    thread.start()
-    try:
-        assert started.wait(10), "the task did not start"
+    with task_started(worker(worker_db)) as outcome:
         assert notes(observer) == []  # not committed apart from the job
         assert job_row(observer, job_id).state == "running"
-    finally:
-        gate.set()
-        thread.join(30)
-    assert not thread.is_alive()
     assert outcome["result"].succeeded == 1
     assert notes(observer) == ["kept", "kept again"]
     assert job_row(observer, job_id) is None
