@@ -17,8 +17,9 @@ that names the state and token the job was just read in.  If a worker got
 there first, zero rows change, and the job is read again to say what
 happened instead of touching a running job.  This module holds no SQL.
 
-Finished jobs are not here: a job that succeeds is deleted from
-``mqueue_task`` in the transaction that completes it.
+Finished jobs (``succeeded``, ``canceled``, ``expired``) stay readable
+until workers prune them (``jobs-history``, ``jobs-history-count``; see
+``history.py``); ``get_job`` gives their history too.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from . import wakeup
+from . import history, shared_settings, wakeup
 from .config import settings
 from .dialects.functions import utc_now
 from .encoding import decode_args, encode_args
 from .errors import InvalidStateError, JobNotFoundError
 from .registry import get_task, registered_tasks
-from .schema import QUEUED, RUNNING, STATES, read_time
+from .history import DayStats, HistoryEntry
+from .schema import FAILED, FINISHED, QUEUED, RUNNING, STATES, read_time
 from .session import Database, as_database
 
 #: Attempts at a cancel/retry whose row keeps changing under it (a worker
@@ -57,11 +59,13 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class JobInfo:
-    """One row of ``mqueue_task`` as an operator sees it.  Times are naive UTC.
+    """One job as an operator sees it.  Times are naive UTC.
 
     ``raw_args`` is the stored JSON text; ``decoded_args()`` gives the named
     arguments the task will be called with (ValueError if they cannot be
-    decoded, as the worker would find too).
+    decoded, as the worker would find too).  ``owner`` is the worker of the
+    last run (it stays after the run ends); ``runs`` counts claims.
+    ``history`` is filled by ``get_job`` only (``list_jobs`` leaves it empty).
     """
 
     id: int
@@ -80,13 +84,30 @@ class JobInfo:
     lease_expires_at: dt.datetime | None
     created_at: dt.datetime
     last_error: str | None
+    finished_at: dt.datetime | None = None
+    runs: int = 0
+    wait_seconds: float | None = None
+    run_seconds: float | None = None
+    history: tuple[HistoryEntry, ...] = ()
 
     @classmethod
-    def from_row(cls, row) -> "JobInfo":
+    def from_row(cls, row, events=None) -> "JobInfo":
         """A failed job shows the unique key that ``retry`` will restore."""
-        values = {field.name: getattr(row, field.name)
-                  for field in dataclasses.fields(cls) if field.name not in ("raw_args", "unique_key")}
-        return cls(**values, raw_args=row.args, unique_key=row.unique_key or row.failed_unique_key)
+        values = {field.name: getattr(row, field.name) for field in dataclasses.fields(cls)
+                  if field.name not in ("raw_args", "unique_key", "history")}
+        entries = tuple(history.job_history(row, events)) if events is not None else ()
+        return cls(**values, raw_args=row.args, unique_key=row.unique_key or row.failed_unique_key,
+                   history=entries)
+
+    @property
+    def finished(self) -> bool:
+        """Succeeded, canceled or expired: never run again."""
+        return self.state in FINISHED
+
+    @property
+    def errors(self) -> list[HistoryEntry]:
+        """Every failed run's history entry (``retried``, ``rescued``, ``failed``) with its error, oldest first."""
+        return [entry for entry in self.history if entry.detail and entry.kind in ("retried", "rescued", "failed")]
 
     @property
     def leaseless(self) -> bool:
@@ -107,8 +128,9 @@ class JobInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ISO times; ``args`` is the stored JSON object (what ``enqueue`` takes)."""
         out = dataclasses.asdict(self)
-        for key in ("eta", "started_at", "lease_expires_at", "created_at"):
+        for key in ("eta", "started_at", "lease_expires_at", "created_at", "finished_at"):
             out[key] = _iso(out[key])
+        out["history"] = [entry.to_dict() for entry in self.history]
         raw = out.pop("raw_args")
         try:
             out["args"] = json.loads(raw)
@@ -133,6 +155,10 @@ class QueueStats:
     oldest_due_seconds: float | None
     #: Jobs in a state mqueue does not know (rows written by hand): ``list`` shows them, ``retry`` queues them.
     other: int = 0
+    waiting: int = 0
+    succeeded: int = 0
+    canceled: int = 0
+    expired: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,13 +228,16 @@ def _read(db: Database, conn: Session | Connection, job_id: int) -> JobInfo | No
 
 
 def _not_found(job_id: int) -> JobNotFoundError:
-    return JobNotFoundError(f"no job {job_id} (finished jobs are removed from mqueue_task)")
+    return JobNotFoundError(f"no job {job_id} (never existed, or finished and pruned after jobs-history)")
 
 
 def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
-    """The job if it exists and is not running; else the error that says why not."""
+    """The job if it exists, is not finished and is not running; else the error that says why not."""
     if job is None:
         raise _not_found(job_id)
+    if job.finished:
+        raise InvalidStateError(f"job {job.id} has already finished ({job.state}) and cannot be {action}; "
+                                f"a finished job never runs again: enqueue a new one")
     if job.state == RUNNING and not job.leaseless:
         raise InvalidStateError(
             f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
@@ -230,11 +259,12 @@ def _check_not_running(db: Database, job_id: int, action: str) -> None:
 
 def list_jobs(database: "Database | str", queue: str | None = None, state: str | None = None,
               limit: int = 50) -> list[JobInfo]:
-    """Jobs in ``mqueue_task``, optionally of one queue and/or state, at most ``limit``.
+    """Jobs, optionally of one queue and/or state, at most ``limit``.
 
     Order: running jobs first, then queued ones in the order workers claim
-    them (highest priority, then oldest eta, then lowest id), then failed
-    ones in that same order.
+    them (highest priority, then oldest eta, then lowest id), then waiting,
+    failed and finished ones.  Finished jobs of one state
+    (``state="succeeded"``) come newest first.
     """
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}; choose from {', '.join(STATES)}")
@@ -245,13 +275,16 @@ def list_jobs(database: "Database | str", queue: str | None = None, state: str |
 
 
 def get_job(database: "Database | str", job_id: int) -> JobInfo:
-    """One job by id; ``JobNotFoundError`` if there is no such row (finished or never existed)."""
+    """One job by id, live or finished, with its ``history`` (and so ``errors``).
+
+    ``JobNotFoundError`` if there is no such job (never existed, or pruned).
+    """
     _check_id(job_id)
     with _opened(database) as db, _reading(db) as conn:
-        job = _read(db, conn, job_id)
-    if job is None:
-        raise _not_found(job_id)
-    return job
+        row = db.dialect.read_job(conn, job_id)
+        if row is None:
+            raise _not_found(job_id)
+        return JobInfo.from_row(row, db.dialect.job_events(conn, job_id))
 
 
 def stats(database: "Database | str") -> list[QueueStats]:
@@ -268,8 +301,52 @@ def stats(database: "Database | str") -> list[QueueStats]:
         oldest = read_time(row.oldest_due)
         stats.append(QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
                                 None if oldest is None else max(0.0, (now - oldest).total_seconds()),
-                                int(row.other)))
+                                int(row.other), int(row.waiting), int(row.succeeded), int(row.canceled),
+                                int(row.expired)))
     return stats
+
+
+def queue_stats(database: "Database | str", queue: str, day: "dt.date | str | None" = None) -> DayStats:
+    """qless's stats of ``queue`` for one UTC ``day`` (default: today by the database's clock).
+
+    ``wait`` (eta to first start) and ``run`` (last run's start to finish) of
+    the jobs that succeeded that day: count, mean, sample std (seconds) and a
+    histogram over ``history.BUCKETS``; counts of jobs ``failed`` for good,
+    runs ``retried`` (lost leases included) and jobs ``expired``.  Exact
+    whether or not the day's jobs have been pruned.
+    """
+    _check_queue(queue)
+    if isinstance(day, str):
+        try:
+            day = dt.date.fromisoformat(day)
+        except ValueError:
+            raise ValueError(f"day must be YYYY-MM-DD, got {day!r}") from None
+    elif day is not None and (not isinstance(day, dt.date) or isinstance(day, dt.datetime)):
+        raise ValueError(f"day must be a date or YYYY-MM-DD, got {day!r}")
+    with _opened(database) as db, _reading(db) as conn:
+        if day is None:
+            day = db.dialect.db_now(conn).date()
+        return history.read_day_stats(db.dialect, conn, queue, day)
+
+
+def get_config(database: "Database | str") -> dict[str, int]:
+    """Every shared setting (``mqueue config``): stored values over defaults."""
+    with _opened(database) as db, _reading(db) as conn:
+        return shared_settings.read(db.dialect, conn)
+
+
+def set_config(database: "Database | str", key: str, value: "int | str | None") -> int:
+    """Set a shared setting for every worker (None: back to its default); returns the value now in force.
+
+    Unknown keys and bad values raise ``ValueError``.  Workers pick a change
+    up within a minute, without a restart.
+    """
+    if key not in shared_settings.KEYS:
+        shared_settings.parse(key, value)  # raises: unknown setting, naming the known ones
+    parsed = shared_settings.parse(key, shared_settings.KEYS[key].default if value is None else value)
+    with _opened(database) as db, _writing(db) as session:
+        db.dialect.write_setting(session.connection(), key, None if value is None else str(parsed))
+    return parsed
 
 
 def list_crons(database: "Database | str") -> list[CronInfo]:
@@ -287,11 +364,13 @@ def list_crons(database: "Database | str") -> list[CronInfo]:
 # -- writing ----------------------------------------------------------------------
 
 def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
-    """Delete a queued or failed job; return it as it was.
+    """Cancel a queued, waiting or failed job: it becomes ``canceled`` (finished, kept in history
+    until pruned); return it as it was.
 
     A running job raises ``InvalidStateError``: its task may already have
-    written, and only its worker can roll that back.  The DELETE names the
-    state and token just read, so a job claimed in between is never deleted.
+    written, and only its worker can roll that back; so does a finished one.
+    The UPDATE names the state and token just read, so a job claimed in
+    between is never touched.
     """
     _check_id(job_id)
     with _opened(database) as db:
@@ -311,10 +390,10 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
     gets its full retry budget again), ``eta`` now and its ``unique_key``
     back; ``last_error`` is kept until the next run.  If a live job took
     that key meanwhile, ``InvalidStateError`` names it and nothing changes.
-    A queued job that waits for a later eta is made due now.  A running job
-    raises ``InvalidStateError``; a running row without a lease, or a row in
-    a state mqueue does not know (both written by hand), is queued like a
-    failed one.
+    A queued job that waits for a later eta is made due now.  A running or
+    finished job raises ``InvalidStateError``; a running row without a
+    lease, or a row in a state mqueue does not know (both written by hand),
+    is queued like a failed one.  The history gets a ``put`` entry.
     """
     _check_id(job_id)
     with _opened(database) as db:

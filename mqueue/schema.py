@@ -1,10 +1,21 @@
-"""The two tables mqueue owns, as SQLAlchemy Core metadata.
+"""The tables mqueue owns, as SQLAlchemy Core metadata.
 
-``mqueue_task`` is the hot table: only jobs that are waiting, running or
-failed live in it.  A job that succeeds is deleted in the same transaction
-as the task's own writes, so finished work never piles up where workers
-claim.  Later features (tags, dependencies, a history table) are additive
-migrations.
+``mqueue_task`` holds every job, live or finished.  A job that succeeds
+stays as ``succeeded`` (the completion is one fenced UPDATE in the task's
+own transaction, where it used to be a DELETE: no extra statement), so its
+row is its record: times, run count, wait and run seconds.  Finished rows
+never slow a claim: the claim index starts with ``(queue, state)``, so a
+claim reads only ``queued`` entries.  Workers prune finished rows after
+``jobs-history`` (see ``history.py``), folding them into ``mqueue_stats``
+first so the daily numbers stay exact.
+
+``mqueue_event`` keeps what the job row cannot: one row per run that ended
+without success (``retried`` with its error, ``failed``, ``rescued``,
+``released``), with the worker and the run's start.  The success path
+writes none: ``put``, the last ``popped`` and ``succeeded`` are read off the
+job row (``created_at``, ``started_at``/``owner``, ``finished_at``).  Every
+event is written in the transaction of the change it records, after the
+fenced UPDATE matched, so history never disagrees with the job.
 
 Design notes, each backed by a measurement in DATABASE-NOTES.md:
 
@@ -15,8 +26,8 @@ Design notes, each backed by a measurement in DATABASE-NOTES.md:
   makes InnoDB filesort and lock every candidate row, starving SKIP LOCKED.
 * Lease columns (``owner``, ``token``, ``lease_expires_at``) are in no
   index, so heartbeats on PostgreSQL stay HOT updates.
-* ``unique_key`` holds a key only while the job is queued or running (the
-  row is deleted when it succeeds), so a plain UNIQUE index gives "one live
+* ``unique_key`` holds a key only while the job is queued or running (it
+  is cleared when the job finishes), so a plain UNIQUE index gives "one live
   job per key" on all three backends.  A job that fails for good moves its
   key to ``failed_unique_key``, which no index covers: the key is free for a
   new job, and retrying the failed one by hand puts it back (or says which
@@ -35,8 +46,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import (BigInteger, Column, Computed, DateTime, Index, Integer, MetaData,
-                        String, Table, Text)
+from sqlalchemy import (BigInteger, Column, Computed, DateTime, Float, Index, Integer, MetaData,
+                        PrimaryKeyConstraint, String, Table, Text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
@@ -113,7 +124,13 @@ JobId = BigInteger().with_variant(Integer(), "sqlite")
 QUEUED = "queued"
 RUNNING = "running"
 FAILED = "failed"
-STATES = (QUEUED, RUNNING, FAILED)
+WAITING = "waiting"
+SUCCEEDED = "succeeded"
+CANCELED = "canceled"
+EXPIRED = "expired"
+#: Finished jobs are never run again; workers prune them after ``jobs-history``.
+FINISHED = (SUCCEEDED, CANCELED, EXPIRED)
+STATES = (QUEUED, RUNNING, FAILED, WAITING) + FINISHED
 
 
 task_table = Table(
@@ -137,7 +154,15 @@ task_table = Table(
     Column("created_at", UTCDateTime, nullable=False, server_default=utc_now()),
     # The key of a job that failed for good, kept for ``retry`` (no index: it must not block new jobs).
     Column("failed_unique_key", String(255), nullable=True),
+    # Set when the job finishes (succeeded, canceled, expired); pruning walks it.
+    Column("finished_at", UTCDateTime, nullable=True),
+    # Claims so far (each claim is a run, whatever its end).
+    Column("runs", Integer, nullable=False, server_default="0"),
+    # Seconds from eta to the first claim, and from the last claim to success (for ``mqueue stats``).
+    Column("wait_seconds", Float, nullable=True),
+    Column("run_seconds", Float, nullable=True),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
+    Index(None, "finished_at", "id"),
     # SQLite reuses the largest rowid once that row is deleted (as a succeeded
     # job's is); AUTOINCREMENT never does, so (id, token) fences never collide.
     sqlite_autoincrement=True,
@@ -152,5 +177,51 @@ cron_table = Table(
     Column("last_slot", UTCDateTime, nullable=True),
     Column("next_slot", UTCDateTime, nullable=True),
     Column("last_job_id", BigInteger, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False, server_default=utc_now()),
+)
+
+event_table = Table(
+    "mqueue_event", metadata,
+    Column("id", JobId, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("at", UTCDateTime, nullable=False, server_default=utc_now()),
+    Column("kind", String(16), nullable=False),
+    Column("queue", String(100), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("worker", String(255), nullable=True),
+    # The start of the run this event ended (``popped`` in the history), if it ended one.
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("detail", LongText, nullable=True),
+    Index(None, "job_id", "id"),
+    Index(None, "at"),
+    sqlite_autoincrement=True,
+)
+
+#: Per queue per UTC day, what pruning removed: counts, mean and M2 (sum of
+#: squared deviations, so two parts combine exactly) and a qless histogram
+#: (JSON object bucket -> count) for wait and run, and counts of events.
+stats_table = Table(
+    "mqueue_stats", metadata,
+    Column("queue", String(100), nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("wait_count", BigInteger, nullable=False, server_default="0"),
+    Column("wait_mean", Float, nullable=False, server_default="0"),
+    Column("wait_m2", Float, nullable=False, server_default="0"),
+    Column("wait_histogram", Text, nullable=False),
+    Column("run_count", BigInteger, nullable=False, server_default="0"),
+    Column("run_mean", Float, nullable=False, server_default="0"),
+    Column("run_m2", Float, nullable=False, server_default="0"),
+    Column("run_histogram", Text, nullable=False),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+    Column("retried", BigInteger, nullable=False, server_default="0"),
+    Column("expired", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("queue", "day"),
+)
+
+#: Settings shared by every worker (``mqueue config``); absent keys take their defaults.
+setting_table = Table(
+    "mqueue_setting", metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", String(255), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False, server_default=utc_now()),
 )

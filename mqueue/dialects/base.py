@@ -14,14 +14,16 @@ import datetime as dt
 import functools
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (Float, Integer, and_, bindparam, case, delete, event, func, insert, literal,
-                        or_, select, update)
+from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, func, insert,
+                        literal, or_, select, update)
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import InvalidStateError
-from ..schema import FAILED, QUEUED, RUNNING, STATES, cron_table, task_table
-from .functions import due_now, utc_now
+from ..schema import (CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, WAITING,
+                      cron_table, event_table, task_table)
+from .functions import due_now, seconds_since, utc_now
+from .history import HistoryStatements
 
 t = task_table
 DEFAULT_MAX_RETRIES = 10
@@ -48,18 +50,24 @@ class ClaimedRow:
 # ~200 us to build the claim vs ~20 us to execute it pre-built).
 _FENCE = and_(t.c.id == bindparam("job_id"), t.c.token == bindparam("job_token"), t.c.state == RUNNING)
 _LEASE = utc_now(bindparam("lease_seconds", type_=Float))
-COMPLETE = delete(t).where(_FENCE)
+#: What success writes: the row stays as the job's record (``owner`` and
+#: ``started_at`` name its last run) and frees its unique key.
+SUCCESS_VALUES = dict(state=SUCCEEDED, finished_at=utc_now(), run_seconds=seconds_since(t.c.started_at),
+                      unique_key=None, lease_expires_at=None)
+COMPLETE = update(t).where(_FENCE).values(**SUCCESS_VALUES)
 #: Many completions: lock the rows (by primary key, in id order like
-#: heartbeats, so the two never deadlock), then delete those still running
+#: heartbeats, so the two never deadlock), then finish those still running
 #: under the caller's token.
 LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state)
              .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
              .order_by(t.c.id).with_for_update())
-DELETE_MANY = delete(t).where(t.c.id.in_(bindparam("job_ids", expanding=True)))
+COMPLETE_MANY = update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True))).values(**SUCCESS_VALUES)
 HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
+# The run-ending transitions below keep ``owner`` and ``started_at``: the
+# event they write next reads the run's worker and start from the row.
 RETRY = update(t).where(_FENCE).values(
     state=QUEUED, retries=t.c.retries + 1, eta=utc_now(bindparam("delay_seconds", type_=Float)),
-    last_error=bindparam("error_text"), owner=None, lease_expires_at=None)
+    last_error=bindparam("error_text"), lease_expires_at=None)
 #: A job that fails for good frees its unique key for new jobs and keeps it
 #: in ``failed_unique_key`` for a later ``retry``.  The SET order is
 #: explicit: MySQL assigns left to right, each seeing the previous ones.
@@ -67,15 +75,25 @@ _PARK_KEY = ((t.c.failed_unique_key, func.coalesce(t.c.unique_key, t.c.failed_un
              (t.c.unique_key, None))
 FAIL = update(t).where(_FENCE).ordered_values(
     *_PARK_KEY, (t.c.state, FAILED), (t.c.retries, t.c.retries + 1), (t.c.last_error, bindparam("error_text")),
-    (t.c.owner, None), (t.c.lease_expires_at, None))
-RELEASE = update(t).where(_FENCE).values(state=QUEUED, owner=None, lease_expires_at=None)
-#: Running jobs first, then waiting ones in claim order, then failed ones, then any other state.
-_STATE_ORDER = case({RUNNING: 0, QUEUED: 1, FAILED: 2}, value=t.c.state, else_=3)
+    (t.c.lease_expires_at, None))
+RELEASE = update(t).where(_FENCE).values(state=QUEUED, lease_expires_at=None)
+#: The event of a run that just ended (``:event_kind``, ``:event_detail``) for
+#: job ``:job_id``, with the run's worker and start read off its row.  Run
+#: after the fenced UPDATE matched, in its transaction (the row is locked).
+RUN_EVENT = insert(event_table).from_select(
+    ["job_id", "kind", "queue", "name", "worker", "started_at", "detail"],
+    select(t.c.id, cast(bindparam("event_kind"), String), t.c.queue, t.c.name, t.c.owner, t.c.started_at,
+           cast(bindparam("event_detail"), Text)).where(t.c.id == bindparam("job_id")))
+#: Running jobs first, then queued ones in claim order, then waiting, failed, finished, then any other state.
+_STATE_ORDER = case({RUNNING: 0, QUEUED: 1, WAITING: 2, FAILED: 3, SUCCEEDED: 4, CANCELED: 5, EXPIRED: 6},
+                    value=t.c.state, else_=7)
 #: A running job whose lease ran out, or that never had one (a row written by hand).
 _EXPIRED = or_(t.c.lease_expires_at < utc_now(), t.c.lease_expires_at.is_(None))
 #: What a claim writes on each row it takes; ``token + 1`` is the new fence.
+#: ``runs`` counts claims; ``wait_seconds`` is set by the first claim only (eta to first start).
 CLAIM_VALUES = dict(state=RUNNING, token=t.c.token + 1, owner=bindparam("new_owner"),
-                    lease_expires_at=_LEASE, started_at=utc_now())
+                    lease_expires_at=_LEASE, started_at=utc_now(), runs=t.c.runs + 1,
+                    wait_seconds=func.coalesce(t.c.wait_seconds, seconds_since(t.c.eta)))
 
 
 def due_jobs(*columns, at_level: bool = True):
@@ -142,8 +160,11 @@ def _time_key(value) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.min
 
 
-class Dialect:
-    """Portable defaults.  Subclasses: ``mysql.py``, ``postgresql.py``, ``sqlite.py``."""
+class Dialect(HistoryStatements):
+    """Portable defaults.  Subclasses: ``mysql.py``, ``postgresql.py``, ``sqlite.py``.
+
+    Pruning, stats and settings statements live in ``history.py``.
+    """
 
     name = "base"
     #: Whether ``SELECT ... FOR UPDATE SKIP LOCKED`` exists (else writes are serialized).
@@ -355,51 +376,67 @@ class Dialect:
         return lost
 
     def complete_job(self, conn, job_id: int, token: int) -> bool:
-        """Delete a finished job inside the task's own transaction.
+        """Mark a job ``succeeded`` inside the task's own transaction: one UPDATE, no event row.
 
         Fenced; row lock by primary key, held until the task's transaction
-        commits (with the task's writes) or rolls back.
+        commits (with the task's writes) or rolls back, so a rolled-back
+        completion leaves no trace in the job's history.
         """
         return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
 
     def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Delete many finished jobs ``(id, token)`` at once; return ``(lost, gone)``.
+        """Mark many jobs ``(id, token)`` succeeded at once; return ``(lost, done)``.
 
         For jobs whose task wrote nothing, so there is no task transaction to
         join.  The fence is checked on rows locked by primary key (SQLite: the
-        write lock), so nothing can change between the check and the delete.
-        ``lost``: ids not deleted (the lease was lost); ``gone``: those of
-        them whose row no longer exists (completed already: after a COMMIT
+        write lock), so nothing can change between the check and the update.
+        ``lost``: ids not completed now (the lease was lost); ``done``: those
+        of them already succeeded under the caller's token (after a COMMIT
         whose reply was lost, by this very worker).
         """
         wanted = dict(jobs)
         rows = conn.execute(LOCK_JOBS, dict(job_ids=list(wanted))).all()
         ours = [job_id for job_id, token, state in rows if state == RUNNING and wanted[job_id] == token]
         if ours:
-            conn.execute(DELETE_MANY, dict(job_ids=ours))
-        kept, present = set(ours), {row[0] for row in rows}
+            conn.execute(COMPLETE_MANY, dict(job_ids=ours))
+        kept = set(ours)
+        done = {job_id for job_id, token, state in rows if state == SUCCEEDED and wanted[job_id] == token}
         lost = [job_id for job_id in wanted if job_id not in kept]
-        return lost, [job_id for job_id in lost if job_id not in present]
+        return lost, [job_id for job_id in lost if job_id in done]
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
-        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``.  Fenced; row lock by primary key."""
+        """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``; a ``retried`` event with the error.
+
+        Fenced; row lock by primary key, then one insert into ``mqueue_event``.
+        """
         params = dict(job_id=job_id, job_token=token, delay_seconds=delay_seconds, error_text=error)
-        return conn.execute(RETRY, params).rowcount == 1
+        return self._ended_run(conn, conn.execute(RETRY, params), job_id, "retried", error)
 
     def fail_job(self, conn, job_id: int, token: int, error: str) -> bool:
-        """Mark ``failed`` for good, kept for inspection.  Fenced; row lock by primary key.
+        """Mark ``failed`` for good, kept for inspection; a ``failed`` event with the error.
 
+        Fenced; row lock by primary key, then one insert into ``mqueue_event``.
         Its unique key moves to ``failed_unique_key``: free for new jobs,
         restored by ``requeue_job`` (a retry by hand).
         """
-        return conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error)).rowcount == 1
+        result = conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error))
+        return self._ended_run(conn, result, job_id, "failed", error)
 
     def release_job(self, conn, job_id: int, token: int) -> bool:
-        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries.
+        """Hand an unfinished job back on shutdown: ``queued``, same eta and retries; a ``released`` event.
 
-        Fenced; row lock by primary key.
+        Fenced; row lock by primary key, then one insert into ``mqueue_event``.
         """
-        return conn.execute(RELEASE, dict(job_id=job_id, job_token=token)).rowcount == 1
+        return self._ended_run(conn, conn.execute(RELEASE, dict(job_id=job_id, job_token=token)), job_id,
+                               "released", None)
+
+    @staticmethod
+    def _ended_run(conn, result, job_id: int, kind: str, detail: str | None) -> bool:
+        """Record the event of a fenced run-ending UPDATE that matched; False (nothing written) if it did not."""
+        if result.rowcount != 1:
+            return False
+        conn.execute(RUN_EVENT, dict(job_id=job_id, event_kind=kind, event_detail=detail))
+        return True
 
     def rescue_expired(self, conn, queues: Sequence[str]) -> int:
         """Re-queue running jobs whose lease expired (their worker died).
@@ -407,12 +444,14 @@ class Dialect:
         A running row with no lease at all (written by hand) counts as
         expired: nothing would ever extend it.  The lost run counts as a
         failed attempt, so a job that kills its worker every time ends
-        ``failed`` instead of looping forever.  Uses the claim index prefix
+        ``failed`` instead of looping forever.  Each rescued job gets a
+        ``rescued`` event (``failed`` if that was its last run).  Uses the claim index prefix
         ``(queue, state)``; rows locked by a live transaction are skipped
         where the backend can (the UPDATE then locks the chosen rows by
         primary key and checks expiry again).
         """
-        expired = (select(t.c.id).where(t.c.queue.in_(list(queues)), t.c.state == RUNNING, _EXPIRED))
+        expired = (select(t.c.id).where(t.c.queue.in_(list(queues)), t.c.state == RUNNING, _EXPIRED)
+                   .order_by(t.c.id))
         if self.skip_locked:
             expired = expired.with_for_update(skip_locked=True)
         ids = [row[0] for row in conn.execute(expired)]
@@ -426,7 +465,12 @@ class Dialect:
             (t.c.state, case((exhausted, FAILED), else_=QUEUED)),
             (t.c.retries, t.c.retries + 1),
             (t.c.last_error, "lease expired: the worker running this job stopped heartbeating (killed or stalled)"),
-            (t.c.owner, None), (t.c.lease_expires_at, None)))
+            (t.c.lease_expires_at, None)))
+        # Every chosen row was locked (or the write lock held), so each was updated.
+        conn.execute(insert(event_table).from_select(
+            ["job_id", "kind", "queue", "name", "worker", "started_at", "detail"],
+            select(t.c.id, case((t.c.state == FAILED, "failed"), else_="rescued"), t.c.queue, t.c.name,
+                   t.c.owner, t.c.started_at, t.c.last_error).where(t.c.id.in_(ids), t.c.state != RUNNING)))
         return result.rowcount
 
     def job_state(self, conn, job_id: int) -> tuple[str, int] | None:
@@ -444,13 +488,18 @@ class Dialect:
         return conn.execute(select(t).where(t.c.id == job_id)).first()
 
     def list_jobs(self, conn, queue: str | None, state: str | None, limit: int) -> list:
-        """Rows: running first, then queued in claim order, then failed, then any other state.
+        """Rows: running first, then queued in claim order, then waiting, failed, finished, any other state.
 
         Plain read, no lock.  With a queue (and state) it follows the claim
         index; without, it sorts what it reads (an operator's listing, bounded
-        by ``limit``).
+        by ``limit``).  Finished jobs of one state come newest first
+        (``finished_at`` index when no queue is given).
         """
-        query = select(t).order_by(_STATE_ORDER, t.c.neg_priority, t.c.eta, t.c.id).limit(limit)
+        if state in FINISHED:
+            order = (t.c.finished_at.desc(), t.c.id.desc())
+        else:
+            order = (_STATE_ORDER, t.c.neg_priority, t.c.eta, t.c.id)
+        query = select(t).order_by(*order).limit(limit)
         if queue is not None:
             query = query.where(t.c.queue == queue)
         if state is not None:
@@ -458,7 +507,7 @@ class Dialect:
         return conn.execute(query).all()
 
     def queue_stats(self, conn, now) -> list:
-        """Per queue: due, scheduled, running, failed and other-state counts, and the oldest due eta.
+        """Per queue: due, scheduled, running, failed, waiting, finished and other-state counts, oldest due eta.
 
         One grouped scan of the table (no lock); ``now`` is the database
         time read once by the caller, so the counts agree with each other.
@@ -474,6 +523,7 @@ class Dialect:
         return conn.execute(
             select(t.c.queue, count(due).label("queued"), count(later).label("scheduled"),
                    count(t.c.state == RUNNING).label("running"), count(t.c.state == FAILED).label("failed"),
+                   *(count(t.c.state == state).label(state) for state in (WAITING,) + FINISHED),
                    count(or_(t.c.state.not_in(STATES), t.c.state.is_(None))).label("other"),
                    func.min(case((due, t.c.eta))).label("oldest_due"))
             .group_by(t.c.queue).order_by(t.c.queue)).all()
@@ -483,8 +533,12 @@ class Dialect:
         return conn.execute(select(cron_table).order_by(cron_table.c.queue, cron_table.c.name)).all()
 
     def cancel_job(self, conn, job_id: int, state: str, token: int) -> bool:
-        """Delete a job that is still in ``state`` with ``token``.  Row lock by primary key."""
-        return conn.execute(delete(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token)).rowcount == 1
+        """A job still in ``state`` with ``token`` becomes ``canceled`` (finished, kept in history).
+
+        Its unique key is freed.  Row lock by primary key.
+        """
+        return conn.execute(update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token).values(
+            state=CANCELED, finished_at=utc_now(), unique_key=None, lease_expires_at=None)).rowcount == 1
 
     def hasten_job(self, conn, job_id: int, token: int) -> bool:
         """A queued job waiting for a later eta becomes due now.  Row lock by primary key."""
@@ -498,32 +552,52 @@ class Dialect:
         row that never had a lease (all written by hand).  ``last_error``
         stays until the next run.  Row lock by primary key, then the UNIQUE
         index on ``unique_key`` (in a savepoint): if a live job took the key
-        meanwhile, ``InvalidStateError`` names it and nothing changes.
+        meanwhile, ``InvalidStateError`` names it and nothing changes.  A
+        ``put`` event records the retry.
         """
         values = ((t.c.unique_key, func.coalesce(t.c.failed_unique_key, t.c.unique_key)),
                   (t.c.failed_unique_key, None), (t.c.state, QUEUED), (t.c.eta, utc_now()), (t.c.retries, 0),
-                  (t.c.owner, None), (t.c.lease_expires_at, None))
+                  (t.c.lease_expires_at, None))
         fenced = update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token).ordered_values(*values)
         try:
             with conn.begin_nested():
-                return conn.execute(fenced).rowcount == 1
+                updated = conn.execute(fenced).rowcount == 1
         except IntegrityError:
             key = conn.execute(select(t.c.failed_unique_key).where(t.c.id == job_id)).scalar()
             holder = conn.execute(select(t.c.id).where(t.c.unique_key == key)).scalar()
             raise InvalidStateError(
                 f"job {job_id} cannot be retried: its unique_key {key!r} is held by live job {holder}; "
                 f"retry it once job {holder} has finished, or cancel job {holder} first") from None
+        if updated:
+            self._put_by_hand(conn, [job_id])
+        return updated
 
-    def retry_failed(self, conn, queue: str | None) -> tuple[int, list[int]]:
+    def _put_by_hand(self, conn, job_ids: Sequence[int]) -> None:
+        """``put`` events for jobs just queued again by hand (rows this transaction changed)."""
+        conn.execute(insert(event_table).from_select(
+            ["job_id", "kind", "queue", "name", "detail"],
+            select(t.c.id, literal("put"), t.c.queue, t.c.name, literal("retried by hand"))
+            .where(t.c.id.in_(list(job_ids)))))
+
+    def retry_failed(self, conn, queue: str | None, batch: int = 500) -> tuple[int, list[int]]:
         """Retry every failed job (of ``queue``, or all); return ``(count, ids left failed)``.
 
-        Jobs without a unique key: one UPDATE over the failed rows.  Jobs
-        with one: ``requeue_job`` each, in id order; one whose key a live job
-        holds stays failed and is reported.
+        Jobs without a unique key: locked by primary key ``batch`` at a time,
+        then one UPDATE and one event insert per batch.  Jobs with one:
+        ``requeue_job`` each, in id order; one whose key a live job holds
+        stays failed and is reported.
         """
         where = [t.c.state == FAILED] + ([t.c.queue == queue] if queue is not None else [])
-        count = conn.execute(update(t).where(*where, t.c.failed_unique_key.is_(None)).values(
-            state=QUEUED, eta=utc_now(), retries=0, owner=None, lease_expires_at=None)).rowcount
+        count, after = 0, 0
+        while True:
+            ids = list(conn.execute(select(t.c.id).where(*where, t.c.failed_unique_key.is_(None), t.c.id > after)
+                                    .order_by(t.c.id).limit(batch).with_for_update()).scalars())
+            if not ids:
+                break
+            count += conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == FAILED).values(
+                state=QUEUED, eta=utc_now(), retries=0, lease_expires_at=None)).rowcount
+            self._put_by_hand(conn, ids)
+            after = ids[-1]
         held = []
         for job_id, token in conn.execute(select(t.c.id, t.c.token).where(
                 *where, t.c.failed_unique_key.is_not(None)).order_by(t.c.id)).all():

@@ -7,7 +7,7 @@ worker's, so hosts with skewed clocks still agree.
 
 from __future__ import annotations
 
-from sqlalchemy import DateTime, literal
+from sqlalchemy import DateTime, Float, literal
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
@@ -89,3 +89,36 @@ def _due_now_default(element, compiler, **kw):
 @compiles(due_now, "postgresql")
 def _postgresql_due_now(element, compiler, **kw):
     return "(statement_timestamp() AT TIME ZONE 'utc')"
+
+
+class seconds_since(FunctionElement):
+    """Seconds from a stored time to the database's clock now (a float; negative if it is ahead).
+
+    Lets a claim record how long a job waited, and a completion how long it
+    ran, inside the statements they already are, by the one clock that
+    judged due-ness and leases.
+    """
+
+    type = Float()
+    inherit_cache = True
+    name = "seconds_since"
+
+
+@compiles(seconds_since, "mysql")
+@compiles(seconds_since, "mariadb")
+def _mysql_seconds_since(element, compiler, **kw):
+    since = compiler.process(list(element.clauses)[0], **kw)
+    return f"(TIMESTAMPDIFF(MICROSECOND, {since}, UTC_TIMESTAMP(6)) / 1000000.0)"
+
+
+@compiles(seconds_since, "postgresql")
+def _postgresql_seconds_since(element, compiler, **kw):
+    since = compiler.process(list(element.clauses)[0], **kw)
+    return f"CAST(EXTRACT(EPOCH FROM ((clock_timestamp() AT TIME ZONE 'utc') - {since})) AS double precision)"
+
+
+@compiles(seconds_since, "sqlite")
+def _sqlite_seconds_since(element, compiler, **kw):
+    since = compiler.process(list(element.clauses)[0], **kw)
+    # julianday() is a double in days: about 40 us of resolution today.
+    return f"((julianday('now') - julianday({since})) * 86400.0)"

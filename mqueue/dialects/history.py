@@ -1,0 +1,155 @@
+"""Statements for the record of finished work: history reads, pruning, daily stats, shared settings.
+
+Mixed into ``Dialect`` (``base.py``); backends override nothing here.
+Pruning takes finished rows in small batches, each in a short transaction
+of its own, locked ``FOR UPDATE SKIP LOCKED`` where the backend has it: two
+pruners then take disjoint batches, and neither waits for the other except
+on the daily stats rows, which both lock in (queue, day) order.  Workers
+never touch finished rows, so pruning never waits for a claim or a
+completion either.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Sequence
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .functions import utc_now
+
+from ..schema import EXPIRED, FINISHED, SUCCEEDED, event_table, setting_table, stats_table, task_table
+
+t = task_table
+e = event_table
+s = stats_table
+
+#: Event kinds that count as a failed run retried, and as a job failed for good (``mqueue stats``).
+RETRIED_KINDS = ("retried", "rescued")
+FAILED_KINDS = ("failed",)
+
+
+class HistoryStatements:
+    """History, retention, stats and settings statements (a mixin of ``Dialect``)."""
+
+    skip_locked: bool
+
+    # -- a job's history ----------------------------------------------------
+    def job_events(self, conn, job_id: int) -> list:
+        """Events of one job in the order they were written.  Index ``(job_id, id)``; plain read."""
+        return conn.execute(select(e).where(e.c.job_id == job_id).order_by(e.c.id)).all()
+
+    # -- pruning ------------------------------------------------------------
+    def history_count_cutoff(self, conn, keep: int) -> tuple[dt.datetime, int] | None:
+        """``(finished_at, id)`` of the ``keep``-th newest finished job: older ones are beyond the count.
+
+        None when there are at most ``keep``.  Walks ``keep`` entries of the
+        ``(finished_at, id)`` index backwards; plain read.
+        """
+        row = conn.execute(select(t.c.finished_at, t.c.id).where(t.c.finished_at.is_not(None))
+                           .order_by(t.c.finished_at.desc(), t.c.id.desc()).offset(keep - 1).limit(1)).first()
+        return (row.finished_at, row.id) if row is not None else None
+
+    def prunable_jobs(self, conn, older_than: dt.datetime, beyond: tuple[dt.datetime, int] | None,
+                      limit: int) -> list:
+        """Up to ``limit`` finished jobs that finished before ``older_than`` or before ``beyond`` (a
+        ``(finished_at, id)`` position), oldest first, locked for this transaction.
+
+        Index range on ``(finished_at, id)``; rows another pruner holds are
+        skipped where the backend can (SQLite: the write lock serializes).
+        """
+        old = t.c.finished_at < older_than
+        if beyond is not None:
+            at, job_id = beyond
+            old = or_(old, t.c.finished_at < at, and_(t.c.finished_at == at, t.c.id < job_id))
+        query = (select(t.c.id, t.c.queue, t.c.state, t.c.finished_at, t.c.wait_seconds, t.c.run_seconds)
+                 .where(t.c.finished_at.is_not(None), old, t.c.state.in_(FINISHED))
+                 .order_by(t.c.finished_at, t.c.id).limit(limit))
+        if self.skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        return conn.execute(query).all()
+
+    def events_of_jobs(self, conn, job_ids: Sequence[int]) -> list:
+        """``(queue, kind, at)`` of every event of these jobs (to fold before they go).  Index ``(job_id, id)``."""
+        return conn.execute(select(e.c.queue, e.c.kind, e.c.at).where(e.c.job_id.in_(list(job_ids)))).all()
+
+    def delete_jobs(self, conn, job_ids: Sequence[int]) -> int:
+        """Delete finished jobs and their events (rows the caller locked).  Primary key and ``(job_id, id)``."""
+        ids = list(job_ids)
+        conn.execute(delete(e).where(e.c.job_id.in_(ids)))
+        return conn.execute(delete(t).where(t.c.id.in_(ids), t.c.state.in_(FINISHED))).rowcount
+
+    def prunable_events(self, conn, older_than: dt.datetime, limit: int) -> list:
+        """Up to ``limit`` events written before ``older_than`` (jobs still live, such as failed
+        ones, lose their oldest history too), oldest first, locked; index on ``at``."""
+        query = (select(e.c.id, e.c.queue, e.c.kind, e.c.at).where(e.c.at < older_than)
+                 .order_by(e.c.at, e.c.id).limit(limit))
+        if self.skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        return conn.execute(query).all()
+
+    def delete_events(self, conn, event_ids: Sequence[int]) -> int:
+        return conn.execute(delete(e).where(e.c.id.in_(list(event_ids)))).rowcount
+
+    # -- daily stats ----------------------------------------------------------
+    def lock_stats_row(self, conn, queue: str, day: str):
+        """The ``mqueue_stats`` row of ``(queue, day)`` locked for this transaction, or None.
+
+        Pruners lock these in sorted key order, so two never deadlock.
+        """
+        return conn.execute(select(s).where(s.c.queue == queue, s.c.day == day).with_for_update()).first()
+
+    def write_stats_row(self, conn, values: dict[str, Any], exists: bool) -> bool:
+        """Update the locked row, or insert a new one; False if another pruner inserted it first
+        (the caller then locks it and folds again)."""
+        if exists:
+            conn.execute(update(s).where(s.c.queue == values["queue"], s.c.day == values["day"]).values(**values))
+            return True
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(s).values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    def stats_row(self, conn, queue: str, day: str):
+        """The folded stats of one queue and day, or None.  Primary key; plain read."""
+        return conn.execute(select(s).where(s.c.queue == queue, s.c.day == day)).first()
+
+    def delete_stats_before(self, conn, day: str) -> int:
+        """Drop daily stats older than ``day`` (``YYYY-MM-DD``).  Primary key order is (queue, day): few rows."""
+        return conn.execute(delete(s).where(s.c.day < day)).rowcount
+
+    def finished_in(self, conn, queue: str, start: dt.datetime, end: dt.datetime) -> list:
+        """``(state, wait_seconds, run_seconds)`` of jobs of ``queue`` that succeeded or expired in
+        ``[start, end)``.  Claim index prefix ``(queue, state)``; plain read."""
+        return conn.execute(select(t.c.state, t.c.wait_seconds, t.c.run_seconds).where(
+            t.c.queue == queue, t.c.state.in_((SUCCEEDED, EXPIRED)),
+            t.c.finished_at >= start, t.c.finished_at < end)).all()
+
+    def event_counts(self, conn, queue: str, start: dt.datetime, end: dt.datetime) -> dict[str, int]:
+        """Events of ``queue`` written in ``[start, end)``, counted by kind.  Index on ``at``; plain read."""
+        rows = conn.execute(select(e.c.kind, func.count()).where(
+            e.c.queue == queue, e.c.at >= start, e.c.at < end).group_by(e.c.kind)).all()
+        return {kind: int(count) for kind, count in rows}
+
+    # -- shared settings ------------------------------------------------------
+    def read_settings(self, conn) -> dict[str, str]:
+        """Every stored setting (a handful of rows); plain read."""
+        return {row.key: row.value for row in conn.execute(select(setting_table.c.key, setting_table.c.value))}
+
+    def write_setting(self, conn, key: str, value: str | None) -> None:
+        """Set (or with None, remove) one setting.  Row lock on its primary key."""
+        c = setting_table.c
+        if value is None:
+            conn.execute(delete(setting_table).where(c.key == key))
+            return
+        change = update(setting_table).where(c.key == key).values(value=value, updated_at=utc_now())
+        if conn.execute(change).rowcount:
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(setting_table).values(key=key, value=value))
+        except IntegrityError:  # set at the same moment by someone else: the later write wins
+            conn.execute(change)
