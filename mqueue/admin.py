@@ -42,7 +42,7 @@ from .encoding import decode_args, encode_args
 from .errors import InvalidStateError, JobNotFoundError
 from .registry import get_task, registered_tasks
 from .history import DayStats, HistoryEntry
-from .schema import FAILED, FINISHED, QUEUED, RUNNING, STATES, read_time
+from .schema import FINISHED, QUEUED, RUNNING, STATES, read_time
 from .session import Database, as_database
 
 #: Attempts at a cancel/retry whose row keeps changing under it (a worker

@@ -101,18 +101,20 @@ def add_job_commands(commands) -> None:
     enqueue.set_defaults(handler=cmd_enqueue)
 
     jobs = commands.add_parser("list", help="list jobs: running, then queued in claim order, then failed",
-                               description="List jobs in mqueue_task: running first, then queued in the order "
-                                           "workers claim them, then failed. Finished jobs are not kept.")
+                               description="List jobs: running first, then queued in the order workers claim "
+                                           "them, then waiting, failed and finished ones. Finished jobs "
+                                           "(--state succeeded, canceled or expired) come newest first and are "
+                                           "kept for jobs-history (see: mqueue config).")
     jobs.add_argument("--queue", type=queue_name, metavar="QUEUE", help="only this queue")
     jobs.add_argument("--state", choices=STATES, help="only jobs in this state")
     jobs.add_argument("--limit", type=job_limit, default=50, metavar="N", help="at most N jobs (default 50)")
     jobs.set_defaults(handler=cmd_list)
 
-    show = commands.add_parser("show", help="everything about one job, with its last traceback")
+    show = commands.add_parser("show", help="everything about one job: times, runs, history, every error")
     show.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
     show.set_defaults(handler=cmd_show)
 
-    cancel = commands.add_parser("cancel", help="delete a queued or failed job (not a running one)")
+    cancel = commands.add_parser("cancel", help="cancel a queued or failed job (not a running one); kept as canceled")
     cancel.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
     cancel.set_defaults(handler=cmd_cancel)
 
@@ -123,13 +125,30 @@ def add_job_commands(commands) -> None:
     retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     retry.set_defaults(handler=cmd_retry)
 
-    counts = commands.add_parser("stats", help="per queue: due, scheduled, running, failed, oldest due age")
+    counts = commands.add_parser(
+        "stats", help="per queue: counts by state; with QUEUE: that queue's wait and run times for a day",
+        description="Without QUEUE: per queue, jobs by state and the oldest due job's age. With QUEUE: for one "
+                    "UTC day (default today), the wait (eta to first start) and run (start to finish) of the "
+                    "jobs that succeeded, as count, mean, std and a histogram, and counts of jobs failed, "
+                    "runs retried and jobs expired.")
+    counts.add_argument("queue", nargs="?", type=queue_name, metavar="QUEUE", help="one queue's daily stats")
+    counts.add_argument("--day", type=utc_day, metavar="YYYY-MM-DD", help="with QUEUE: this UTC day")
     counts.set_defaults(handler=cmd_stats)
+
+    configure = commands.add_parser(
+        "config", help="settings shared by every worker: list, show KEY, or set KEY VALUE",
+        description="Settings stored in the database and read by every worker within a minute: "
+                    "jobs-history (seconds a finished job is kept, default 30 days), jobs-history-count "
+                    "(finished jobs kept at most, default 50000), stats-history (days of daily stats, "
+                    "default 30). 'default' as VALUE puts a key back to its default.")
+    configure.add_argument("key", nargs="?", metavar="KEY")
+    configure.add_argument("value", nargs="?", metavar="VALUE")
+    configure.set_defaults(handler=cmd_config)
 
     crons = commands.add_parser("crons", help="registered crons with their last and next run")
     crons.set_defaults(handler=cmd_crons)
 
-    for command in (enqueue, jobs, show, cancel, retry, counts, crons):
+    for command in (enqueue, jobs, show, cancel, retry, counts, crons, configure):
         add_database_option(command)
         if command not in (enqueue, cancel, retry):
             command.add_argument("--json", action="store_true", help="print one JSON document")
@@ -208,6 +227,13 @@ worker_count = _integer_type("a positive integer", 1, MAX_WORKERS)
 priority = _integer_type("an integer", -MAX_PRIORITY, MAX_PRIORITY)
 positive_float = _seconds_type("a positive number of seconds", lambda v: v > 0)
 non_negative_float = _seconds_type("a number of seconds >= 0", lambda v: v >= 0)
+
+
+def utc_day(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a UTC day as YYYY-MM-DD, got {text!r}") from None
 
 
 def queue_name(text: str) -> str:
@@ -399,23 +425,42 @@ def cmd_show(args) -> int:
 
 
 def describe_job(job) -> list[str]:
-    """``show``: every field, the decoded arguments one per line, the whole last traceback."""
+    """``show``: every field, the decoded arguments one per line, the history, every failed run's error."""
     fields = [("task", job.name), ("queue", job.queue), ("state", job.state), ("priority", job.priority),
               ("eta", format_time(job.eta, " UTC")),
               ("retries", f"{job.retries} (max {'default' if job.max_retries is None else job.max_retries})"),
+              ("runs", job.runs),
               ("unique key", job.unique_key or "-"), ("worker", job.owner or "-"),
+              ("created", format_time(job.created_at, " UTC")),
               ("started", format_time(job.started_at, " UTC")),
-              ("lease expires", format_time(job.lease_expires_at, " UTC")),
-              ("created", format_time(job.created_at, " UTC"))]
+              ("finished", format_time(job.finished_at, " UTC")),
+              ("waited", format_seconds(job.wait_seconds)), ("ran", format_seconds(job.run_seconds)),
+              ("lease expires", format_time(job.lease_expires_at, " UTC"))]
     lines = [f"job {job.id}", *(f"  {label + ':':<15}{value}" for label, value in fields), "  arguments:"]
     try:
         arguments = [f"{name} = {value!r}" for name, value in job.decoded_args().items()] or ["(none)"]
     except ValueError as error:
         arguments = [f"(cannot be decoded: {error})", job.raw_args]
     lines += [f"    {text}" for text in arguments]
-    lines.append("  last error:")
-    lines += [f"    {text}".rstrip() for text in (job.last_error.rstrip().splitlines() if job.last_error else ["-"])]
+    lines.append("  history:")
+    for entry in job.history:
+        by = f" by {entry.worker}" if entry.worker else ""
+        detail = f": {excerpt(error_headline(entry.detail), 80)}" if entry.detail else ""
+        lines.append(f"    {format_time(entry.at, precise=True)}  {entry.kind}{by}{detail}")
+    errors = [(entry.kind, entry.at, entry.detail) for entry in job.errors]
+    if not errors and job.last_error:  # a row from before history was kept, or written by hand
+        errors = [("last", None, job.last_error)]
+    lines.append(f"  errors ({len(errors)}):" if errors else "  errors: -")
+    for number, (kind, at, text) in enumerate(errors, 1):
+        lines.append(f"    #{number} {kind}{f' at {format_time(at)} UTC' if at else ''}:")
+        lines += [f"      {line}".rstrip() for line in text.rstrip().splitlines()]
     return lines
+
+
+def error_headline(text: str) -> str:
+    """The last non-blank line of a stored error (the exception itself)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def cmd_cancel(args) -> int:
@@ -444,10 +489,64 @@ def cmd_retry(args) -> int:
 
 def cmd_stats(args) -> int:
     from . import admin
+    if args.queue is not None:
+        return print_day_stats(args, admin.queue_stats(admin_database(args), args.queue, args.day))
+    if args.day is not None:
+        raise UsageError("--day goes with a QUEUE: mqueue stats QUEUE --day YYYY-MM-DD")
     return print_listing(
         args, admin.stats(admin_database(args)), "no jobs",
         ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST DUE"),
         lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other, format_age(q.oldest_due_seconds)))
+
+
+def print_day_stats(args, stats) -> int:
+    """``stats QUEUE``: counts, then each timing with its non-empty histogram buckets as text bars."""
+    if args.json:
+        return print_json(stats.to_dict())
+    print(f"queue {stats.queue}, {stats.day.isoformat()} (UTC): {stats.failed} failed, {stats.retried} retried, "
+          f"{stats.expired} expired")
+    for label, timing in (("wait", stats.wait), ("run", stats.run)):
+        if not timing.count:
+            print(f"{label}: no jobs succeeded")
+            continue
+        print(f"{label}: {timing.count} job{'' if timing.count == 1 else 's'}, mean {format_seconds(timing.mean)}, "
+              f"std {format_seconds(timing.std)}")
+        for bar in histogram_bars(timing.histogram):
+            print(f"  {bar}")
+    return EXIT_OK
+
+
+def histogram_bars(counts, width: int = 40) -> list[str]:
+    """Non-empty buckets as aligned text lines ``label count ####`` (bars scaled to the largest)."""
+    from .history import BUCKETS
+    filled = [(label, count) for label, count in zip(BUCKETS, counts) if count]
+    largest = max((count for _, count in filled), default=0)
+    digits = len(str(largest))
+    return [f"{label:>4} {count:>{digits}} {'#' * max(1, round(width * count / largest))}" for label, count in filled]
+
+
+def cmd_config(args) -> int:
+    from . import admin
+    from .shared_settings import KEYS
+    db = admin_database(args)
+    if args.key is None:
+        values = admin.get_config(db)
+        if args.json:
+            return print_json(values)
+        print_table(("KEY", "VALUE", "DEFAULT", "MEANING"),
+                    [(name, values[name], key.default, key.meaning) for name, key in KEYS.items()])
+        return EXIT_OK
+    if args.key not in KEYS:
+        raise UsageError(f"unknown setting {args.key!r}; known: {', '.join(KEYS)}")
+    if args.value is None:
+        value = admin.get_config(db)[args.key]
+        return print_json({args.key: value}) if args.json else (print(value) or EXIT_OK)
+    try:
+        value = admin.set_config(db, args.key, None if args.value == "default" else args.value)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"{args.key} = {value} (workers pick it up within a minute)")
+    return EXIT_OK
 
 
 def cmd_crons(args) -> int:
@@ -563,8 +662,18 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(line(row))
 
 
-def format_time(value: dt.datetime | None, suffix: str = "") -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + suffix
+def format_time(value: dt.datetime | None, suffix: str = "", precise: bool = False) -> str:
+    """``-`` or ``YYYY-MM-DD HH:MM:SS`` (with milliseconds if ``precise``)."""
+    if value is None:
+        return "-"
+    return (value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else value.strftime("%Y-%m-%d %H:%M:%S")) + suffix
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration: ``-``, ``3.2ms``, then as ``format_age``."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else format_age(seconds)
 
 
 def format_age(seconds: float | None) -> str:

@@ -38,6 +38,7 @@ from .errors import Fail, JobTimeout, LeaseLostError, Retry, UnknownTaskError, f
 from .jobs import Job, reset_current_job, set_current_job
 from .registry import DEFAULT_MAX_RETRIES, get_task
 from .retry import Decision, decide
+from .schema import SUCCEEDED as SUCCEEDED_STATE
 from .session import Database, _current as _current_session
 
 log = logging.getLogger("mqueue.executor")
@@ -304,9 +305,11 @@ class Executor:
             state = self._retrying(lambda conn: self.dialect.job_state(conn, row.id), running)
             if state is _GAVE_UP:
                 return LOST
+            if state == (SUCCEEDED_STATE, row.token):
+                return SUCCEEDED  # our COMMIT did it; only its reply was lost
             if state is None:
                 if time.monotonic() < self._lease_deadline(running):
-                    return SUCCEEDED  # gone while our lease held: our COMMIT did it
+                    return SUCCEEDED  # pruned while our lease held: our COMMIT did it
                 log.warning("job=%s commit outcome unknown (the row is gone and the lease had expired)", row.id)
                 return LOST
             if state != ("running", row.token):

@@ -11,7 +11,8 @@
 * the *heartbeat* loop extends the leases of every job this worker holds,
   on a thread of its own so no rescue, cron tick or slow statement delays it;
 * the *rescuer* re-queues jobs whose worker died; the *scheduler* enqueues
-  due crons; the *watchdog* enforces ``timeout=`` (no database wait before it).
+  due crons; the *watchdog* enforces ``timeout=`` (no database wait before it);
+  the *pruner* deletes finished jobs past ``jobs-history`` (``history.py``).
 
 Each is a ``loops.Loop``: start, stop, one step.  Signal handlers only
 record the signal; the producer acts on it.
@@ -28,13 +29,14 @@ import dataclasses
 import logging
 import os
 import queue as queue_module
+import random
 import signal
 import socket
 import threading
 import time
 from typing import Sequence
 
-from . import wakeup
+from . import history, wakeup
 from .errors import LeaseLostError
 from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running
 from .jobs import Job
@@ -62,8 +64,13 @@ CLAIM_LINGER_SECONDS = 0.003
 #: After a job was handed back because its run could not get a connection.
 RELEASE_PAUSE_SECONDS = 0.5
 #: Threads of a worker that use a connection besides the executors: producer,
-#: completer, heartbeat, rescuer, scheduler, and the watchdog's timeout write.
-SERVICE_CONNECTIONS = 6
+#: completer, heartbeat, rescuer, scheduler, pruner, and the watchdog's timeout write.
+SERVICE_CONNECTIONS = 7
+#: Each worker prunes about this often (randomised, so many workers spread out;
+#: two at once are harmless), first a random part of it after starting.
+PRUNE_SECONDS = 60.0
+#: Batches (``history.PRUNE_BATCH`` rows each) per turn; a turn that hits it goes on soon after.
+PRUNE_BATCHES_PER_TURN = 20
 
 
 @dataclasses.dataclass
@@ -124,6 +131,7 @@ class Worker:
         self._idle_seconds = min(0.005, self.poll_seconds)
         self._linger_until: float | None = None
         self._claim_pause_until = 0.0
+        self._prune_started = False
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -188,6 +196,7 @@ class Worker:
         watchdog = Loop("enforcing timeouts", self._watchdog_step).start("mqueue-watchdog")
         rescuer = Loop("rescuing expired jobs", self._rescue_step).start("mqueue-rescue")
         crons = Loop("scheduling crons", lambda: self._cron_step(scheduler)).start("mqueue-cron")
+        pruner = Loop("pruning history", self._prune_step).start("mqueue-prune")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake,
                               interrupted=lambda: self._pending_signal is not None)
         log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
@@ -196,7 +205,7 @@ class Worker:
             self._producer.run()
         finally:
             self._stop.set()
-            for loop in (rescuer, crons):
+            for loop in (rescuer, crons, pruner):
                 loop.stop()
             self._shutdown(executors, completer)
             for loop in (heartbeat, watchdog):
@@ -382,6 +391,15 @@ class Worker:
             log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
             self._wake.set()
         return self.rescue_seconds
+
+    def _prune_step(self) -> float:
+        """One turn of pruning, then the seconds until the next (the first turn waits too)."""
+        if self._prune_started:
+            result = history.prune(self.db, max_batches=PRUNE_BATCHES_PER_TURN)
+            if result.jobs + result.events >= PRUNE_BATCHES_PER_TURN * history.PRUNE_BATCH:
+                return 1.0  # more to do: go on soon, in short transactions
+        self._prune_started = True
+        return PRUNE_SECONDS * random.uniform(0.5, 1.5)
 
     def _cron_step(self, scheduler) -> float:
         if scheduler.tick():

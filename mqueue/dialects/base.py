@@ -182,7 +182,8 @@ class Dialect(HistoryStatements):
 
         Two connections per executor thread (the task's session, and an
         outcome or heartbeat write beside it) plus one per service loop
-        (producer, completer, heartbeat, rescuer, scheduler, watchdog).  No pre-ping and no reset-on-return: every worker
+        (producer, completer, heartbeat, rescuer, scheduler, pruner,
+        watchdog).  No pre-ping and no reset-on-return: every worker
         transaction ends in COMMIT or ROLLBACK already, and a dead connection
         is a transient error the worker retries (measured: the ping and the
         reset ROLLBACK were 4 of 9 round trips per job on MariaDB).
@@ -193,7 +194,7 @@ class Dialect(HistoryStatements):
         waiting until its own jobs' leases expire and they are re-run
         elsewhere.  ``configure_engine`` applies it on every new connection.
         """
-        return {"pool_size": concurrency + 6, "max_overflow": concurrency, "pool_pre_ping": False,
+        return {"pool_size": concurrency + 7, "max_overflow": concurrency, "pool_pre_ping": False,
                 "pool_reset_on_return": None,
                 "execution_options": {LOCK_WAIT_OPTION: lock_wait_seconds(lease_seconds)}}
 
