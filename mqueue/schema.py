@@ -46,7 +46,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import (BigInteger, Column, Computed, DateTime, Float, Index, Integer, MetaData,
+from sqlalchemy import (BigInteger, Column, Computed, DateTime, Double, Index, Integer, MetaData,
                         PrimaryKeyConstraint, String, Table, Text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
@@ -159,8 +159,8 @@ task_table = Table(
     # Claims so far (each claim is a run, whatever its end).
     Column("runs", Integer, nullable=False, server_default="0"),
     # Seconds from eta to the first claim, and from the last claim to success (for ``mqueue stats``).
-    Column("wait_seconds", Float, nullable=True),
-    Column("run_seconds", Float, nullable=True),
+    Column("wait_seconds", Double, nullable=True),
+    Column("run_seconds", Double, nullable=True),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
     Index(None, "finished_at", "id"),
     # SQLite reuses the largest rowid once that row is deleted (as a succeeded
@@ -205,12 +205,12 @@ stats_table = Table(
     Column("queue", String(100), nullable=False),
     Column("day", String(10), nullable=False),
     Column("wait_count", BigInteger, nullable=False, server_default="0"),
-    Column("wait_mean", Float, nullable=False, server_default="0"),
-    Column("wait_m2", Float, nullable=False, server_default="0"),
+    Column("wait_mean", Double, nullable=False, server_default="0"),
+    Column("wait_m2", Double, nullable=False, server_default="0"),
     Column("wait_histogram", Text, nullable=False),
     Column("run_count", BigInteger, nullable=False, server_default="0"),
-    Column("run_mean", Float, nullable=False, server_default="0"),
-    Column("run_m2", Float, nullable=False, server_default="0"),
+    Column("run_mean", Double, nullable=False, server_default="0"),
+    Column("run_m2", Double, nullable=False, server_default="0"),
     Column("run_histogram", Text, nullable=False),
     Column("failed", BigInteger, nullable=False, server_default="0"),
     Column("retried", BigInteger, nullable=False, server_default="0"),

@@ -38,8 +38,8 @@ def upgrade() -> None:
     now = sa.text(NOW[op.get_bind().dialect.name])
     op.add_column("mqueue_task", sa.Column("finished_at", UTCDateTime, nullable=True))
     op.add_column("mqueue_task", sa.Column("runs", sa.Integer, nullable=False, server_default="0"))
-    op.add_column("mqueue_task", sa.Column("wait_seconds", sa.Float, nullable=True))
-    op.add_column("mqueue_task", sa.Column("run_seconds", sa.Float, nullable=True))
+    op.add_column("mqueue_task", sa.Column("wait_seconds", sa.Double, nullable=True))
+    op.add_column("mqueue_task", sa.Column("run_seconds", sa.Double, nullable=True))
     op.create_index("ix_mqueue_task_finished_at_id", "mqueue_task", ["finished_at", "id"])
     op.create_table(
         "mqueue_event",
@@ -62,12 +62,12 @@ def upgrade() -> None:
         sa.Column("queue", sa.String(100), nullable=False),
         sa.Column("day", sa.String(10), nullable=False),
         sa.Column("wait_count", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("wait_mean", sa.Float, nullable=False, server_default="0"),
-        sa.Column("wait_m2", sa.Float, nullable=False, server_default="0"),
+        sa.Column("wait_mean", sa.Double, nullable=False, server_default="0"),
+        sa.Column("wait_m2", sa.Double, nullable=False, server_default="0"),
         sa.Column("wait_histogram", sa.Text, nullable=False),
         sa.Column("run_count", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("run_mean", sa.Float, nullable=False, server_default="0"),
-        sa.Column("run_m2", sa.Float, nullable=False, server_default="0"),
+        sa.Column("run_mean", sa.Double, nullable=False, server_default="0"),
+        sa.Column("run_m2", sa.Double, nullable=False, server_default="0"),
         sa.Column("run_histogram", sa.Text, nullable=False),
         sa.Column("failed", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("retried", sa.BigInteger, nullable=False, server_default="0"),
