@@ -24,10 +24,15 @@ import datetime as dt
 import json
 import logging
 import math
+import random
+import time
 from typing import Any, Iterable
+
+from sqlalchemy.exc import DBAPIError
 
 from . import shared_settings
 from .dialects.history import FAILED_KINDS, RETRIED_KINDS
+from .errors import first_line
 from .schema import EXPIRED, FINISHED, RUNNING, SUCCEEDED
 from .session import Database
 
@@ -52,7 +57,7 @@ def bucket(seconds: float) -> int:
         return 59 + int(seconds // 60)
     if seconds < 86400:
         return 118 + int(seconds // 3600)
-    return min(140 + int(seconds // 86400), len(BUCKETS) - 1)
+    return min(141 + int(seconds // 86400), len(BUCKETS) - 1)
 
 
 # -- summaries that combine exactly ------------------------------------------------
@@ -253,37 +258,52 @@ def _fold(dialect, conn, parts: dict[tuple[str, str], DayPart]) -> None:
             raise RuntimeError(f"could not fold stats of queue {queue!r} on {day}: the row keeps changing")
 
 
-def _prune_jobs_batch(db: Database, older_than: dt.datetime, beyond, limit: int) -> tuple[int, int]:
-    """One short transaction: lock a batch of old finished jobs, fold them and their events, delete."""
-    dialect = db.dialect
-    with db.engine.begin() as conn:
-        rows = dialect.prunable_jobs(conn, older_than, beyond, limit)
-        if not rows:
-            return 0, 0
-        ids = [row.id for row in rows]
-        events = dialect.events_of_jobs(conn, ids)
-        parts: dict[tuple[str, str], DayPart] = collections.defaultdict(DayPart)
-        for row in rows:
-            if row.finished_at is not None:
-                parts[(row.queue, _day(row.finished_at))].add_job(row.state, row.wait_seconds, row.run_seconds)
-        for event in events:
-            if event.at is not None:
-                parts[(event.queue, _day(event.at))].add_events(event.kind)
-        _fold(dialect, conn, parts)
-        return dialect.delete_jobs(conn, ids), len(events)
+def _batch(db: Database, prune_batch, *args):
+    """Run one pruning batch in its own transaction, again after a deadlock or lock timeout.
+
+    Two pruners lock stats rows in the same order, but a backend may still
+    pick a scan that waits on rows the other holds (InnoDB on small
+    tables); the batch rolls back whole, so running it again folds nothing twice.
+    """
+    for attempt in range(1, 6):
+        try:
+            with db.engine.begin() as conn:
+                return prune_batch(db.dialect, conn, *args)
+        except DBAPIError as error:
+            if attempt == 5 or not db.dialect.is_transient(error):
+                raise
+            log.info("pruning batch rolled back (%s); trying again", first_line(error))
+            time.sleep(0.05 * attempt * random.uniform(1, 2))
 
 
-def _prune_events_batch(db: Database, older_than: dt.datetime, limit: int) -> int:
-    dialect = db.dialect
-    with db.engine.begin() as conn:
-        events = dialect.prunable_events(conn, older_than, limit)
-        if not events:
-            return 0
-        parts: dict[tuple[str, str], DayPart] = collections.defaultdict(DayPart)
-        for event in events:
+def _prune_jobs_batch(dialect, conn, older_than: dt.datetime, beyond, limit: int) -> tuple[int, int]:
+    """Lock a batch of old finished jobs and their events, fold them into daily stats, delete them."""
+    rows = dialect.prunable_jobs(conn, older_than, beyond, limit)
+    if not rows:
+        return 0, 0
+    ids = [row.id for row in rows]
+    events = dialect.events_of_jobs(conn, ids, lock=True)
+    parts: dict[tuple[str, str], DayPart] = collections.defaultdict(DayPart)
+    for row in rows:
+        if row.finished_at is not None:
+            parts[(row.queue, _day(row.finished_at))].add_job(row.state, row.wait_seconds, row.run_seconds)
+    for event in events:
+        if event.at is not None:
             parts[(event.queue, _day(event.at))].add_events(event.kind)
-        _fold(dialect, conn, parts)
-        return dialect.delete_events(conn, [event.id for event in events])
+    _fold(dialect, conn, parts)
+    return dialect.delete_jobs(conn, ids), len(events)
+
+
+def _prune_events_batch(dialect, conn, older_than: dt.datetime, limit: int) -> int:
+    """Old events of jobs not finished (a failed job's oldest runs); a finished job's go with it."""
+    events = dialect.prunable_events(conn, older_than, limit)
+    if not events:
+        return 0
+    parts: dict[tuple[str, str], DayPart] = collections.defaultdict(DayPart)
+    for event in events:
+        parts[(event.queue, _day(event.at))].add_events(event.kind)
+    _fold(dialect, conn, parts)
+    return dialect.delete_events(conn, [event.id for event in events])
 
 
 def prune(database: "Database | str", now: dt.datetime | None = None, batch: int = PRUNE_BATCH,
@@ -313,14 +333,14 @@ def prune(database: "Database | str", now: dt.datetime | None = None, batch: int
         jobs = events = batches = 0
         while max_batches is None or batches < max_batches:
             batches += 1
-            deleted, their_events = _prune_jobs_batch(db, older_than, beyond, batch)
+            deleted, their_events = _batch(db, _prune_jobs_batch, older_than, beyond, batch)
             jobs, events = jobs + deleted, events + their_events
             if deleted < batch:
                 break
         event_cutoff = now - dt.timedelta(seconds=config["jobs-history"])
         while max_batches is None or batches < max_batches:
             batches += 1
-            deleted = _prune_events_batch(db, event_cutoff, batch)
+            deleted = _batch(db, _prune_events_batch, event_cutoff, batch)
             events += deleted
             if deleted < batch:
                 break

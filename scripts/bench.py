@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mqueue's benchmarks: what an enqueue costs, how fast daemons drain, how soon a job starts.
 
-    python scripts/bench.py {enqueue,drain,latency,scheduled,all} [--backend sqlite|mariadb|postgresql|all]
+    python scripts/bench.py {enqueue,drain,latency,scheduled,prune,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
     python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
 
@@ -55,6 +55,11 @@ scheduled
     mqueue runs (a walk over priority levels) and for one scan over all
     levels ordered by ``(neg_priority, eta, id)`` (the claim before issue
     10, item 15), which reads every future row of the levels it passes.
+prune
+    100,000 succeeded jobs finished 40 days ago (and an event per 50) are
+    pruned by ``mqueue.history.prune`` while a 1x4 daemon drains 20,000
+    no-op jobs; prints the seconds pruning took and the drain's rate during
+    it against the same drain alone just before.
 profile
     one 1x1 drain daemon under cProfile, every thread profiled (a hook in the
     throwaway tasks package, switched on by ``MQUEUE_BENCH_PROFILE``); prints
@@ -93,7 +98,8 @@ from sqlalchemy.engine import URL, make_url  # noqa: E402
 import mqueue  # noqa: E402
 from mqueue.encoding import encode_args  # noqa: E402
 from mqueue.migrate import upgrade  # noqa: E402
-from mqueue.schema import NAMING_CONVENTION, task_table  # noqa: E402
+from mqueue import admin, history  # noqa: E402
+from mqueue.schema import FINISHED, NAMING_CONVENTION, event_table, stats_table, task_table  # noqa: E402
 
 BACKENDS = ("sqlite", "mariadb", "postgresql")
 DEFAULT_URLS = {
@@ -299,8 +305,12 @@ class BenchDatabase:
         tasks_metadata.create_all(self.db.engine)
 
     def count(self, table: Table = task_table) -> int:
+        """Rows of ``table``; of ``mqueue_task`` only jobs not finished (succeeded rows stay as history)."""
+        query = select(func.count()).select_from(table)
+        if table is task_table:
+            query = query.where(task_table.c.state.not_in(FINISHED))
         with self.monitor.connect() as conn:
-            return conn.execute(select(func.count()).select_from(table)).scalar_one()
+            return conn.execute(query).scalar_one()
 
     def clean(self, *tables: Table) -> None:
         """Empty the given tables (TRUNCATE on servers: no dead rows carried into the next run)."""
@@ -375,7 +385,7 @@ class Bench:
         self.database = BenchDatabase(backend, server_url, workdir)
         self.database.create_scratch(tasks.metadata)
         self.db = self.database.db
-        self.all_tables = (task_table, plain_table, raw_table, tasks.started, tasks.written)
+        self.all_tables = (task_table, event_table, stats_table, plain_table, raw_table, tasks.started, tasks.written)
 
     def close(self) -> None:
         self.database.close()
@@ -606,6 +616,65 @@ def scheduled_claims(bench: "Bench", jobs: int, polls: int = 200) -> dict[str, f
     return result
 
 
+def prune_while_draining(bench: "Bench", finished: int, drain_jobs: int) -> dict[str, float]:
+    """Seconds to prune ``finished`` old succeeded jobs while a 1x4 daemon drains ``drain_jobs`` no-op jobs,
+    and that drain's rate against the same drain alone just before (the ratio is what pruning costs it)."""
+    db = bench.db
+    alone = bench.drain_once(1, 4, 0, jobs=drain_jobs, log_name=f"prune-alone-{bench.backend}.log")
+    bench.clean()
+    db.engine.dispose()
+    with db.engine.begin() as conn:
+        now = bench.db.dialect.db_now(conn)
+    old = now - dt.timedelta(days=40)
+    with db.engine.begin() as conn:
+        for start in range(0, finished, 10_000):
+            conn.execute(insert(task_table), [
+                dict(queue="bench_old", name="bench.old", args="{}", state="succeeded", eta=old, created_at=old,
+                     started_at=old, finished_at=old + dt.timedelta(microseconds=n), runs=1,
+                     wait_seconds=(n % 90) / 10, run_seconds=(n % 7) / 100, owner="bench:1")
+                for n in range(start, min(finished, start + 10_000))])
+        conn.execute(insert(event_table), [dict(job_id=n, at=old, kind="retried", queue="bench_old",
+                                                name="bench.old", detail="ValueError: old")
+                                           for n in range(1, finished + 1, 50)])
+    outcome: dict[str, Any] = {}
+
+    def drain() -> None:
+        outcome.update(bench.drain_once(1, 4, 0, jobs=drain_jobs, log_name=f"prune-during-{bench.backend}.log"))
+
+    thread = threading.Thread(target=drain, name="bench-drain")
+    admin.set_config(db, "stats-history", 365)  # keep the folded day, to check it
+    thread.start()
+    time.sleep(1.0)  # the daemon started and is draining
+    try:
+        started = time.perf_counter()
+        result = history.prune(db, batch=history.PRUNE_BATCH)
+        seconds = time.perf_counter() - started
+    finally:
+        thread.join()
+        admin.set_config(db, "stats-history", None)
+    if result.jobs != finished:
+        raise RuntimeError(f"pruned {result.jobs} of {finished} finished jobs")
+    with db.engine.begin() as conn:
+        folded = conn.execute(select(stats_table.c.wait_count).where(stats_table.c.queue == "bench_old")).scalar()
+    if folded != finished:
+        raise RuntimeError(f"stats folded {folded} of {finished} jobs")
+    bench.clean()
+    return {"prune seconds": seconds, "pruned/s": finished / seconds, "drain alone/s": alone["steady"],
+            "drain during/s": outcome["steady"], "ratio": outcome["steady"] / alone["steady"]}
+
+
+def report_prune(args, runs: list[dict]) -> dict:
+    say(f"\npruning {args.prune_jobs:,} finished jobs (batches of {history.PRUNE_BATCH}) while a 1x4 daemon drains "
+        f"{args.prune_drain_jobs:,} no-op jobs")
+    keys = ["prune seconds", "pruned/s", "drain alone/s", "drain during/s", "ratio"]
+    rows = [[f"run {n}"] + [f"{r[k]:,.2f}" if k in ("prune seconds", "ratio") else rate(r[k]) for k in keys]
+            for n, r in enumerate(runs, 1)]
+    med = {k: median([r[k] for r in runs]) for k in keys}
+    rows.append(["median"] + [f"{med[k]:,.2f}" if k in ("prune seconds", "ratio") else rate(med[k]) for k in keys])
+    say(table(["", "prune s", "pruned jobs/s", "drain alone jobs/s", "drain while pruning", "ratio"], rows))
+    return med
+
+
 def report_scheduled(args, runs: list[dict]) -> dict:
     say(f"\nidle poll and claim with {args.scheduled_jobs:,} scheduled jobs (median ms per statement group)")
     keys = ["idle walk", "idle scan", "claim walk", "claim scan"]
@@ -813,7 +882,8 @@ def raw_child(threads: int, seconds: float, start_at: float) -> None:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "scheduled", "all", "profile", "_raw"])
+    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "scheduled", "prune", "all", "profile",
+                                              "_raw"])
     parser.add_argument("--backend", default="all", choices=[*BACKENDS, "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mariadb-url", default=None,
@@ -830,6 +900,8 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--latency-gap", type=float, default=0.05)
     sizes.add_argument("--profile-jobs", type=int, default=3000)
     sizes.add_argument("--scheduled-jobs", type=int, default=100_000)
+    sizes.add_argument("--prune-jobs", type=int, default=100_000)
+    sizes.add_argument("--prune-drain-jobs", type=int, default=20_000)
     parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
                         help="profile: wall time (waits included) or each thread's CPU time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
@@ -866,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "_raw":
         raw_child(args.threads, args.seconds, args.start_at)
         return 0
-    chosen = ["enqueue", "drain", "latency", "scheduled"] if args.benchmark == "all" else [args.benchmark]
+    chosen = ["enqueue", "drain", "latency", "scheduled", "prune"] if args.benchmark == "all" else [args.benchmark]
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     began = time.monotonic()
     summary: dict[str, dict[str, Any]] = {}
@@ -896,6 +968,10 @@ def main(argv: list[str] | None = None) -> int:
                     if "scheduled" in chosen:
                         runs = [scheduled_claims(bench, args.scheduled_jobs) for _ in range(args.runs)]
                         summary[backend]["scheduled"] = report_scheduled(args, runs)
+                    if "prune" in chosen:
+                        runs = [prune_while_draining(bench, args.prune_jobs, args.prune_drain_jobs)
+                                for _ in range(args.runs)]
+                        summary[backend]["prune"] = report_prune(args, runs)
                 finally:
                     bench.close()
         if args.benchmark != "profile" and len(chosen) + len(backends) > 2:

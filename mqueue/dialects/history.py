@@ -70,9 +70,15 @@ class HistoryStatements:
             query = query.with_for_update(skip_locked=True)
         return conn.execute(query).all()
 
-    def events_of_jobs(self, conn, job_ids: Sequence[int]) -> list:
-        """``(queue, kind, at)`` of every event of these jobs (to fold before they go).  Index ``(job_id, id)``."""
-        return conn.execute(select(e.c.queue, e.c.kind, e.c.at).where(e.c.job_id.in_(list(job_ids)))).all()
+    def events_of_jobs(self, conn, job_ids: Sequence[int], lock: bool = False) -> list:
+        """``(queue, kind, at)`` of every event of these jobs (to fold before they go).  Index ``(job_id, id)``.
+
+        With ``lock`` they are locked (waiting, in id order) for this
+        transaction, so no other pruner folds them too; one that had
+        already deleted them leaves them out.
+        """
+        query = select(e.c.queue, e.c.kind, e.c.at).where(e.c.job_id.in_(list(job_ids))).order_by(e.c.id)
+        return conn.execute(query.with_for_update() if lock else query).all()
 
     def delete_jobs(self, conn, job_ids: Sequence[int]) -> int:
         """Delete finished jobs and their events (rows the caller locked).  Primary key and ``(job_id, id)``."""
@@ -81,9 +87,11 @@ class HistoryStatements:
         return conn.execute(delete(t).where(t.c.id.in_(ids), t.c.state.in_(FINISHED))).rowcount
 
     def prunable_events(self, conn, older_than: dt.datetime, limit: int) -> list:
-        """Up to ``limit`` events written before ``older_than`` (jobs still live, such as failed
-        ones, lose their oldest history too), oldest first, locked; index on ``at``."""
-        query = (select(e.c.id, e.c.queue, e.c.kind, e.c.at).where(e.c.at < older_than)
+        """Up to ``limit`` events written before ``older_than`` of jobs that are not finished (a
+        failed job loses its oldest history; a finished job's events go with it, in
+        ``delete_jobs``), oldest first, locked; index on ``at``, then the job by primary key."""
+        finished_job = select(t.c.id).where(t.c.id == e.c.job_id, t.c.state.in_(FINISHED)).exists()
+        query = (select(e.c.id, e.c.queue, e.c.kind, e.c.at).where(e.c.at < older_than, ~finished_job)
                  .order_by(e.c.at, e.c.id).limit(limit))
         if self.skip_locked:
             query = query.with_for_update(skip_locked=True)
