@@ -171,14 +171,10 @@ def adopt(context: EnvironmentContext) -> None:
     table = migration.version_table
     if not recorded:
         if current is None and inspect(connection).has_table(TASK_TABLE):
-            raise MigrationConflictError(
-                f"table {TASK_TABLE} exists in {where} but neither {VERSION_TABLE} nor {table} records "
-                f"its revision: if its schema is mqueue's latest, run: alembic stamp {ours[-1]}")
+            raise _unrecorded_tables(where, table, "run alembic upgrade heads again")
         return
     if len(recorded) > 1 or not _knows(script, recorded[0]):
-        raise MigrationConflictError(
-            f"{VERSION_TABLE} in {where} records {', '.join(recorded)}, which this mqueue does not know: "
-            f"install the mqueue that migrated it, or a later one")
+        raise _unknown_revision(recorded, where)
     if current is None:
         migration.stamp(script, recorded[0])
         log.warning("took over mqueue's revision %s from %s into %s; %s is dropped: "
@@ -205,13 +201,13 @@ def _take_over_from_application(connection: Connection, where: str) -> None:
     """
     ours = revisions()
     recorded = _recorded(connection, VERSION_TABLE)
+    if any(revision not in ours for revision in recorded):
+        raise _unknown_revision(recorded, where)
     theirs = [revision for revision in _recorded(connection, APP_VERSION_TABLE) if revision in ours]
     if not theirs:
         if not recorded and inspect(connection).has_table(TASK_TABLE):
-            raise MigrationConflictError(
-                f"table {TASK_TABLE} exists in {where} but neither {VERSION_TABLE} nor {APP_VERSION_TABLE} "
-                f"records its revision: if your Alembic made it, run alembic upgrade heads there; if "
-                f"db.create_all() did, drop mqueue's tables and run python -m mqueue migrate again")
+            raise _unrecorded_tables(where, APP_VERSION_TABLE, "run python -m mqueue migrate again (if your "
+                                     "Alembic made them, run its alembic upgrade heads instead)")
         return
     if len(theirs) > 1 or (recorded and recorded != theirs):
         raise MigrationConflictError(
@@ -225,6 +221,21 @@ def _take_over_from_application(connection: Connection, where: str) -> None:
     log.warning("took over mqueue's revision %s from %s into %s: python -m mqueue migrate runs mqueue's "
                 "migrations from now on; remove mqueue's version location from the application's Alembic",
                 theirs[0], APP_VERSION_TABLE, VERSION_TABLE)
+
+
+def _unrecorded_tables(where: str, app_table: str, then: str) -> MigrationConflictError:
+    """mqueue's tables with no record (``db.create_all()``, by hand, the original MQueue's): never guess."""
+    return MigrationConflictError(
+        f"table {TASK_TABLE} exists in {where} but neither {VERSION_TABLE} nor {app_table} records its "
+        f"revision: rename or drop mqueue's tables (the original MQueue's: see 'Coming from MQueue' in "
+        f"mqueue's README), then {then}")
+
+
+def _unknown_revision(recorded: list[str], where: str) -> MigrationConflictError:
+    """A database migrated by a later mqueue (a deploy rolled back): never guess its schema."""
+    return MigrationConflictError(
+        f"{VERSION_TABLE} in {where} records {', '.join(recorded)}, which this mqueue does not know: "
+        f"install the mqueue that migrated it, or a later one")
 
 
 def _version_context(connection: Connection) -> MigrationContext:

@@ -10,7 +10,6 @@ installed package.
 
 from __future__ import annotations
 
-import configparser
 import os
 import shutil
 import subprocess
@@ -20,18 +19,12 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
+from test_readme import distribution_name
 from sqlalchemy import create_engine, inspect, text
 
 BUILD_TIMEOUT = 300
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
                                      ".pytest_cache", ".benchmarks", "*.db", "*.db-wal", "*.db-shm")
-
-
-def distribution_name() -> str:
-    """The name setup.cfg publishes under (``mqueue`` on PyPI is another project)."""
-    config = configparser.ConfigParser()
-    config.read(REPO_ROOT / "setup.cfg")
-    return config["metadata"]["name"]
 
 
 def clean_env() -> dict[str, str]:
