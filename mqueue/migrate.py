@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from .errors import MQueueError
-from .session import Database, as_database
+from .session import Database, as_database, safe_url
 
 #: Where ``python -m mqueue migrate`` records mqueue's revision.
 VERSION_TABLE = "mqueue_alembic_version"
@@ -164,7 +164,7 @@ def adopt(context: EnvironmentContext) -> None:
     if not _knows(script, ours[0]):
         return  # mqueue's revisions are not in this environment: python -m mqueue migrate runs them
     opened_transaction = not connection.in_transaction()
-    where = connection.engine.url.render_as_string(hide_password=True)
+    where = safe_url(connection.engine.url)
     recorded = _recorded(connection, VERSION_TABLE)
     applied = [revision.revision for revision in script.iterate_revisions(migration.get_current_heads(), "base")]
     current = _latest(ours, applied)

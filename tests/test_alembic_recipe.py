@@ -26,20 +26,12 @@ import mqueue
 from mqueue import admin
 from mqueue.migrate import VERSION_TABLE, MigrationConflictError, revisions, upgrade, version_location
 
-APP_MODELS = '''
-from sqlalchemy import Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+APP_MODELS = """
+from sqlalchemy import Column, Integer, MetaData, String, Table
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Customer(Base):
-    __tablename__ = "app_customer"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    email: Mapped[str] = mapped_column(String(255))
-'''
+metadata = MetaData()
+Table("app_customer", metadata, Column("id", Integer, primary_key=True), Column("email", String(255)))
+"""
 
 
 # -- the recipe as the README gives it --------------------------------------------------
@@ -85,7 +77,7 @@ class AlembicApp:
         env = self.env_py.read_text()
         assert "target_metadata = None" in env
         self.env_py.write_text(env.replace(
-            "target_metadata = None", "import app_models\ntarget_metadata = app_models.Base.metadata"))
+            "target_metadata = None", "import app_models\ntarget_metadata = app_models.metadata"))
         self.set_ini("sqlalchemy.url", database_url.replace("%", "%%"))
 
     def set_ini(self, key: str, value: str) -> None:
