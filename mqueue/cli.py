@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="create or upgrade mqueue's tables")
     add_database_option(migrate)
+    migrate.add_argument("--print-location", action="store_true",
+                         help="print the directory of mqueue's Alembic revisions (for an application's "
+                              "version_locations) and exit without touching a database")
     migrate.set_defaults(handler=cmd_migrate)
     add_job_commands(commands)
     return parser
@@ -320,7 +323,10 @@ def signal_name(signum: int | None) -> str:
 
 
 def cmd_migrate(args) -> int:
-    from .migrate import upgrade
+    from .migrate import upgrade, version_location
+    if args.print_location:
+        print(version_location())
+        return EXIT_OK
     db = open_database(args)
     upgrade(db)
     print(f"mqueue tables are up to date in {db.safe_url}")

@@ -1,6 +1,6 @@
 """README.rst as a test: its quick start runs as written and prints what the
-README says it prints, every command it names exists, and its Alembic recipe
-works against a real Alembic environment on every backend.
+README says it prints, and every command it names exists.  Its Alembic
+recipe runs in ``test_alembic_recipe.py``.
 
 The quick start runs in a copy of the working tree (no ``.venv``, ``.git``
 or ``*.db``) with ``MQUEUE_PYTHON`` set to this interpreter, which
@@ -10,13 +10,14 @@ runs exactly as the README shows it.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -184,6 +185,113 @@ def test_quick_start_on_a_server_database(tmp_path, database_url):
     assert password is None or password.group(1) not in output
 
 
+def by_hand_commands() -> list[str]:
+    """The commands of "The example by hand"."""
+    block = next(b for b in code_blocks(readme_text(), "bash") if "cd tasks_example" in b)
+    return [command.split(" #")[0].strip() for command in shell_commands(block)]
+
+
+def checkout_virtualenv(repo: Path) -> Path:
+    """``repo/.venv`` as ``pip install -e .`` would make it: the checkout importable, and
+    this interpreter's third-party packages through a ``.pth`` line (no network)."""
+    venv = repo / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    Path(site, "checkout.pth").write_text("".join(f"{path}\n" for path in (str(repo), *ours)))
+    return venv
+
+
+@pytest.mark.timeout(60)
+def test_the_example_by_hand_runs_in_the_virtualenv_it_activates(tmp_path):
+    """Each command as written, in one shell whose PATH has no python of its own:
+    only the activated .venv makes ``python -m mqueue`` work."""
+    commands = by_hand_commands()
+    assert commands[0] == ". .venv/bin/activate", commands
+    start = next(i for i, c in enumerate(commands) if c.startswith("python -m mqueue start"))
+    repo = copy_of_repository(tmp_path / "checkout")
+    checkout_virtualenv(repo)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    script = "set -e\n" + "\n".join(commands[:start])  # start serves until Ctrl-C
+    result = run_in_shell(script, repo, env, timeout=50)
+    assert result.returncode == 0, result.stdout
+    job = re.search(r"^welcome job (\d+) enqueued for ada@example\.com", result.stdout, re.M)
+    assert job, result.stdout
+    assert re.search(rf"^\s*{job.group(1)}\s+default\s+tasks\.mail\.welcome\b", result.stdout, re.M), result.stdout
+
+    without = run_in_shell("set -e\n" + "\n".join(commands[1:start]), repo, env, timeout=50)
+    assert without.returncode != 0  # the step item 2 of issue 11 was about
+
+
+# -- what the README says about installing and arguments ---------------------------
+
+def readme_section(title: str) -> str:
+    text = readme_text()
+    start = text.index(f"\n{title}\n")
+    following = re.search(r"\n[^\n]+\n[-~=]{4,}\n", text[start + len(title) + 2:])
+    return text[start:start + len(title) + 2 + (following.start() if following else len(text))]
+
+
+def setup_cfg() -> configparser.ConfigParser:
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    return config
+
+
+def distribution_name() -> str:
+    """The name setup.cfg publishes under (``mqueue`` on PyPI is another project)."""
+    return setup_cfg()["metadata"]["name"]
+
+
+def test_the_install_lines_install_this_project():
+    """``mqueue`` on PyPI is another project: the README installs this one, by its own name."""
+    name = distribution_name()
+    assert name != "mqueue"
+    section = readme_section("Installing")
+    assert f"distribution is named ``{name}``" in section and "the package you import\nis ``mqueue``" in section
+    assert "``pip install mqueue`` installs that one, not this" in section
+    assert f"``{name}[postgres] @ git+" in section
+    installs = [c for b in code_blocks(readme_text(), "bash") for c in shell_commands(b) if "pip install" in c]
+    assert installs and all(re.search(r"pip install (-e )?'\.\[postgres\]'", c) for c in installs), installs
+    assert "postgres" in setup_cfg()["options.extras_require"]
+
+
+def test_arguments_are_checked_as_the_readme_says(tmp_path):
+    """Binding and storable types are checked at enqueue; annotations never are."""
+    import datetime as dt
+    import decimal
+    import uuid
+
+    import mqueue
+    from mqueue import admin
+    section = readme_section("Arguments")
+    assert "Type annotations are not checked" in section
+    received = []
+
+    @mqueue.task(name="readme.invoice")
+    def invoice(customer: uuid.UUID, amount: decimal.Decimal, due: dt.date) -> None:
+        received.append((customer, amount, due))
+
+    db = mqueue.Database(f"sqlite:///{tmp_path / 'arguments.db'}")
+    try:
+        db.create_all()
+        with db.session():
+            job_id = invoice.enqueue("c0ffee", "9.90", "2030-01-31")
+            with pytest.raises(TypeError, match="due"):
+                invoice.enqueue(uuid.uuid4(), 9.90, due=object())
+            with pytest.raises(TypeError, match="due"):
+                invoice.enqueue(uuid.uuid4(), decimal.Decimal("9.90"))
+        assert [job.id for job in admin.list_jobs(db)] == [job_id]  # the refused ones stored nothing
+        assert admin.get_job(db, job_id).decoded_args() == {"customer": "c0ffee", "amount": "9.90",
+                                                            "due": "2030-01-31"}
+        assert mqueue.Worker(db).run_until_empty(timeout=30).succeeded == 1
+    finally:
+        db.dispose()
+    assert received == [("c0ffee", "9.90", "2030-01-31")]
+
+
 # -- the command line ---------------------------------------------------------
 
 def cli_commands() -> set[str]:
@@ -222,141 +330,6 @@ def test_options_in_the_readme_exist():
     for command, options in sorted(wanted.items()):
         missing = options - command_options(command) - {"--help"}
         assert not missing, f"README uses {sorted(missing)} with 'python -m mqueue {command}'"
-
-
-# -- Alembic ----------------------------------------------------------------------
-
-APP_MODELS = '''
-from sqlalchemy import Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Customer(Base):
-    __tablename__ = "app_customer"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    email: Mapped[str] = mapped_column(String(255))
-'''
-
-
-def readme_include_object() -> str:
-    """The README's ``include_object`` function, as written there."""
-    block = next(b for b in code_blocks(readme_text(), "python") if "def include_object" in b)
-    function = block[block.index("def include_object"):].split("\n\n")[0]
-    compile(function, "README include_object", "exec")
-    return function
-
-
-def mqueue_install_dir() -> str:
-    """Run the README's one-liner that finds where mqueue is installed."""
-    line = next(c for b in code_blocks(readme_text(), "bash") for c in shell_commands(b)
-                if "mqueue.__file__" in c)
-    argv = shlex.split(line)
-    assert argv[0] == "python"
-    result = run_python(argv[1:], cwd="/")
-    assert result.returncode == 0, result.stderr
-    path = result.stdout.strip()
-    assert os.path.isdir(os.path.join(path, "migrations", "versions")), path
-    return path
-
-
-class AlembicProject:
-    """A scratch application with its own Alembic environment, set up as the README says."""
-
-    def __init__(self, root: Path, database_url: str) -> None:
-        from alembic import command
-        from alembic.config import Config
-        self.root = root
-        root.mkdir()
-        (root / "app_models.py").write_text(APP_MODELS)
-        command.init(Config(str(root / "alembic.ini")), str(root / "migrations"))
-        env_py = root / "migrations" / "env.py"
-        env = env_py.read_text()
-        assert "target_metadata = None" in env and "target_metadata=target_metadata\n" in env
-        env = env.replace("target_metadata = None",
-                          "import app_models\ntarget_metadata = app_models.Base.metadata\n\n\n"
-                          + readme_include_object() + "\n")
-        env = env.replace("target_metadata=target_metadata\n",
-                          "target_metadata=target_metadata, include_object=include_object\n")
-        env_py.write_text(env)
-        self.ini = root / "alembic.ini"
-        ini = self.ini.read_text()
-        ini = re.sub(r"(?m)^sqlalchemy\.url = .*$", lambda _: "sqlalchemy.url = " + database_url.replace("%", "%%"), ini)
-        self.ini.write_text(ini)
-
-    def set_version_locations(self, *extra: str) -> None:
-        ini = self.ini.read_text()
-        line = "version_locations = " + ":".join(["%(here)s/migrations/versions", *extra])
-        ini = re.sub(r"(?m)^#? ?version_locations = .*$", lambda _: line, ini, count=1)
-        assert line in ini
-        self.ini.write_text(ini)
-
-    def alembic(self, *args: str) -> str:
-        result = run_python(["-m", "alembic", *args], cwd=self.root, env={"PYTHONPATH": str(self.root)})
-        assert result.returncode == 0, f"alembic {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout + result.stderr
-
-    def revision_upgrade_body(self, message: str) -> str:
-        path = next((self.root / "migrations" / "versions").glob(f"*_{message}.py"))
-        text = path.read_text()
-        return text[text.index("def upgrade"):text.index("def downgrade")]
-
-    def revision_id(self, message: str) -> str:
-        path = next((self.root / "migrations" / "versions").glob(f"*_{message}.py"))
-        return path.name.split("_")[0]
-
-
-def table_names(database_url: str) -> set[str]:
-    from sqlalchemy import create_engine, inspect
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
-
-
-@pytest.mark.timeout(120)
-def test_alembic_version_locations_recipe(tmp_path, database_url):
-    """Way 2: mqueue's revisions inside the application's own Alembic environment."""
-    app = AlembicProject(tmp_path / "app", database_url)
-    app.set_version_locations()
-    app.alembic("revision", "--autogenerate", "-m", "customers")
-    app.alembic("upgrade", "head")
-
-    app.set_version_locations(os.path.join(mqueue_install_dir(), "migrations", "versions"))
-    heads = app.alembic("heads")
-    assert "(mqueue)" in heads and app.revision_id("customers") in heads
-    app.alembic("upgrade", "mqueue@head")
-    assert {"app_customer", "mqueue_task", "mqueue_cron", "alembic_version"} <= table_names(database_url)
-    app.alembic("upgrade", "heads")
-
-    app.alembic("revision", "--autogenerate", "-m", "nothing", "--head", f"{app.revision_id('customers')}@head")
-    body = app.revision_upgrade_body("nothing")
-    assert "op." not in body, f"autogenerate touched mqueue's tables despite include_object:\n{body}"
-
-    # The revisions applied are the ones python -m mqueue migrate would apply.
-    from mqueue.migrate import alembic_config
-    from alembic.script import ScriptDirectory
-    assert ScriptDirectory.from_config(alembic_config()).get_current_head() in app.alembic("current")
-
-
-@pytest.mark.timeout(120)
-def test_include_object_beside_mqueue_migrate(tmp_path, database_url):
-    """Way 1: ``python -m mqueue migrate`` plus the application's own Alembic history."""
-    result = run_python(["-m", "mqueue", "migrate", "--database", database_url])
-    assert result.returncode == 0, result.stderr
-    app = AlembicProject(tmp_path / "app", database_url)
-    app.set_version_locations()
-    app.alembic("revision", "--autogenerate", "-m", "customers")
-    assert "mqueue" not in app.revision_upgrade_body("customers")
-    app.alembic("upgrade", "head")
-    app.alembic("revision", "--autogenerate", "-m", "nothing")
-    assert "op." not in app.revision_upgrade_body("nothing")
-    assert {"mqueue_alembic_version", "alembic_version", "app_customer"} <= table_names(database_url)
 
 
 # -- the example's code as the README shows it -------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
+from test_readme import distribution_name
 from sqlalchemy import create_engine, inspect, text
 
 BUILD_TIMEOUT = 300
@@ -51,7 +52,7 @@ def installed(tmp_path_factory):
     shutil.copytree(REPO_ROOT, source, ignore=COPY_IGNORE, symlinks=True)
     dist = root / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, source], cwd=root)
-    wheels = list(dist.glob("mqueue-*.whl"))
+    wheels = list(dist.glob(f"{distribution_name().replace('-', '_')}-*.whl"))
     assert len(wheels) == 1, wheels
 
     venv = root / "venv"
@@ -95,3 +96,18 @@ def test_installed_wheel_migrates_a_fresh_database(installed, database_url, back
         engine.dispose()
     if backend == "sqlite":
         assert not (work / "mqueue.db").exists()  # the --database URL was used, not the default
+
+
+def test_installed_wheel_is_named_as_the_readme_says_and_shows_its_revisions(installed):
+    """The distribution's name (the README's install line), and mqueue's revisions found
+    from the installed package: the printed location and Alembic's ``mqueue:`` resource name."""
+    python, venv, work = installed
+    name = run([python, "-c", "import importlib.metadata as m; print(m.distribution('mqueue-sql').name)"], cwd=work)
+    assert name.stdout.strip() == distribution_name() == "mqueue-sql"
+    printed = run([python, "-m", "mqueue", "migrate", "--print-location"], cwd=work).stdout.strip()
+    assert venv.resolve() in Path(printed).resolve().parents, printed
+    assert sorted(p.name for p in Path(printed).glob("*.py")) == sorted(
+        p.name for p in (REPO_ROOT / "mqueue" / "migrations" / "versions").glob("*.py"))
+    resolved = run([python, "-c", "from alembic.util import coerce_resource_to_filename as c; "
+                                  "print(c('mqueue:migrations/versions'))"], cwd=work).stdout.strip()
+    assert Path(resolved).resolve() == Path(printed).resolve()
