@@ -46,8 +46,8 @@ from sqlalchemy.engine import make_url  # noqa: E402
 import mqueue  # noqa: E402
 from daemons import Daemon  # noqa: E402
 from helpers import sqlite_write_lock_free  # noqa: E402
-from ledger import (Harness, check, database_warnings, effect_count, live_jobs, log_problems,  # noqa: E402
-                    orphan_recoveries, percentile, prepare)
+from ledger import (COMPLETION, Harness, check, database_warnings, effect_count, live_jobs,  # noqa: E402
+                    log_problems, orphan_recoveries, percentile, prepare)
 from proxy import Proxy  # noqa: E402
 from servers import private_server  # noqa: E402
 
@@ -281,7 +281,7 @@ class Run:
             self.note(f"proxy: blackhole {argument:g}s, then RST")
         elif action == "hold":
             before = self.proxy.commits_held
-            self.proxy.hold_commit(after=b"DELETE FROM mqueue_task", count=argument, hold_seconds=1.0)
+            self.proxy.hold_commit(after=COMPLETION, count=argument, hold_seconds=1.0)
             deadline = time.monotonic() + 8
             while self.proxy.commits_held < before + argument and time.monotonic() < deadline:
                 time.sleep(0.05)
