@@ -17,9 +17,10 @@ the table says so.
 
 It prints one table (see ``tests/faults/ledger.py`` for how the books are
 kept) and exits 1 if an invariant failed: lost jobs, duplicate or phantom
-effects, a job failed by a transient database error, a recovery slower than
-lease + 5 s, a hung thread, a traceback, or a daemon that did not stop
-cleanly.  ``--ci`` is the short variant (about a minute per backend).
+effects, a job row that disagrees with the books (finished jobs stay in
+``mqueue_task``: a done job must be ``succeeded``), a job failed by a
+transient database error, a recovery slower than lease + 5 s, a hung
+thread, a traceback, or a daemon that did not stop cleanly.  ``--ci`` is the short variant (about a minute per backend).
 """
 
 from __future__ import annotations
@@ -436,6 +437,7 @@ class Run:
             ("lost", str(len(books.lost))),
             ("duplicate effects", str(books.duplicate_effects)),
             ("phantom effects / phantom jobs", f"{books.phantom_effects} / {len(books.phantom_jobs)}"),
+            ("job rows that disagree with the books", str(len(books.mismatched))),
             ("executions per job (mean, max)", f"{books.executions_mean:.3f}, {books.executions_max}"),
             ("worker SIGKILLs", str(len(self.killed))),
             ("recovery after worker kill (p50, max)",
