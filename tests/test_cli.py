@@ -382,4 +382,5 @@ def test_debug_log_level_adds_the_traceback(db, database_url, tmp_path):
     result = mq("--log-level", "debug", "show", "7", "--database", database_url, cwd=tmp_path)
     assert result.returncode == cli.EXIT_NOT_FOUND
     assert "Traceback" in result.stderr
-    assert result.stderr.rstrip().endswith("mqueue: error: no job 7 (never existed, or finished and pruned after jobs-history)")
+    assert result.stderr.rstrip().endswith(
+        "mqueue: error: no job 7 (never existed, or finished and pruned after jobs-history)")

@@ -173,7 +173,8 @@ def test_get_job_everything_about_one_job(db):
     assert document["eta"].endswith("+00:00")
     assert document["last_error"] == TRACEBACK and document["state"] == "failed"
 
-    with pytest.raises(JobNotFoundError, match=rf"^no job {job_id + 1} \(never existed, or finished and pruned after jobs-history\)$"):
+    with pytest.raises(JobNotFoundError,
+                       match=rf"^no job {job_id + 1} \(never existed, or finished and pruned after jobs-history\)$"):
         admin.get_job(db, job_id + 1)
 
 
@@ -187,16 +188,18 @@ def test_undecodable_args_are_shown_not_fatal(db):
 # -- cancel ----------------------------------------------------------------------
 
 def test_cancel_queued_and_failed_jobs(db):
-    queued = add(db, name="admin_test.queued", eta=-1, unique_key="q1")
+    queued = add(db, name="admin_test.queued", eta=3600, unique_key="q1")
+    due = add(db, eta=-1)
     failed = add(db, queue="bad", unique_key="f1")
     fail(db, "bad")
-    kept = add(db)
+    kept = add(db, eta=-1)
 
     was = admin.cancel_job(db, queued)
     assert (was.id, was.name, was.state) == (queued, "admin_test.queued", QUEUED)
+    assert admin.cancel_job(db, due).state == QUEUED
     assert admin.cancel_job(db, failed).state == FAILED
-    for job_id in (queued, failed):
-        row = row_of(db, job_id)  # kept on record as canceled, its key free for a new job
+    for job_id in (queued, due, failed):
+        row = row_of(db, job_id)  # kept on record as canceled, its unique key cleared
         assert (row.state, row.unique_key) == (CANCELED, None)
         assert row.finished_at is not None and row.lease_expires_at is None
         assert admin.get_job(db, job_id).finished
