@@ -33,9 +33,10 @@ drain
     to join, so the worker completes such jobs many per statement; a task that
     wrote commits alone with its completion, so ``write`` shows the cost of
     the transactional path.  ``wall`` counts from
-    starting the daemon (interpreter start-up included) until the table is
-    empty; ``steady`` from the first poll that sees a row gone until empty
-    (the row count is polled every 50 ms); targets are judged on ``steady``.
+    starting the daemon (interpreter start-up included) until every job has
+    finished (succeeded jobs stay in the table, as history); ``steady`` from
+    the first poll that sees a job finished until all are (the count of
+    unfinished jobs is polled every 50 ms); targets are judged on ``steady``.
     ``raw`` is the backend's commit rate over the same number of
     connections in the same run: P processes x C threads, each looping
     single-row INSERT + COMMIT for a few seconds through SQLAlchemy Core on an
@@ -304,13 +305,13 @@ class BenchDatabase:
         scratch.create_all(self.db.engine)
         tasks_metadata.create_all(self.db.engine)
 
-    def count(self, table: Table = task_table) -> int:
-        """Rows of ``table``; of ``mqueue_task`` only jobs not finished (succeeded rows stay as history)."""
-        query = select(func.count()).select_from(table)
-        if table is task_table:
-            query = query.where(task_table.c.state.not_in(FINISHED))
+    def count(self, table: Table = task_table, *where) -> int:
         with self.monitor.connect() as conn:
-            return conn.execute(query).scalar_one()
+            return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+    def unfinished(self) -> int:
+        """Jobs not finished yet: a job that succeeded stays in ``mqueue_task`` as ``succeeded``."""
+        return self.count(task_table, task_table.c.state.not_in(FINISHED))
 
     def clean(self, *tables: Table) -> None:
         """Empty the given tables (TRUNCATE on servers: no dead rows carried into the next run)."""
@@ -487,14 +488,14 @@ class Bench:
         daemon = Daemon(self, DRAIN_QUEUE, log_name or f"drain-{self.backend}-{processes}x{threads}-{task}-{run}.log",
                         processes=processes, concurrency=threads, poll_interval=POLL_SECONDS,
                         extra_env=extra_env)
-        first_gone = None
+        first_finished = None
         try:
             tick = started
             while True:
-                left = self.database.count()
+                left = self.database.unfinished()
                 now = time.monotonic()
-                if first_gone is None and left < jobs:
-                    first_gone = now
+                if first_finished is None and left < jobs:
+                    first_finished = now
                 if left == 0:
                     finished = now
                     break
@@ -505,7 +506,7 @@ class Bench:
                 time.sleep(max(0.0, tick - time.monotonic()))
         finally:
             daemon.stop()
-        steady = max(finished - first_gone, POLL_SECONDS)
+        steady = max(finished - first_finished, POLL_SECONDS)
         return {"wall": jobs / (finished - started), "steady": jobs / steady, "seconds": finished - started}
 
     # -- latency ----------------------------------------------------------------

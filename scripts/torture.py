@@ -17,9 +17,10 @@ the table says so.
 
 It prints one table (see ``tests/faults/ledger.py`` for how the books are
 kept) and exits 1 if an invariant failed: lost jobs, duplicate or phantom
-effects, a job failed by a transient database error, a recovery slower than
-lease + 5 s, a hung thread, a traceback, or a daemon that did not stop
-cleanly.  ``--ci`` is the short variant (about a minute per backend).
+effects, a job row that disagrees with the books (finished jobs stay in
+``mqueue_task``: a done job must be ``succeeded``), a job failed by a
+transient database error, a recovery slower than lease + 5 s, a hung
+thread, a traceback, or a daemon that did not stop cleanly.  ``--ci`` is the short variant (about a minute per backend).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from sqlalchemy.engine import make_url  # noqa: E402
 import mqueue  # noqa: E402
 from daemons import Daemon  # noqa: E402
 from helpers import sqlite_write_lock_free  # noqa: E402
-from ledger import (Harness, check, database_warnings, effect_count, live_jobs, log_problems,  # noqa: E402
-                    orphan_recoveries, percentile, prepare)
+from ledger import (COMPLETION, Harness, check, database_warnings, effect_count, live_jobs,  # noqa: E402
+                    log_problems, orphan_recoveries, percentile, prepare)
 from proxy import Proxy  # noqa: E402
 from servers import private_server  # noqa: E402
 
@@ -281,7 +282,7 @@ class Run:
             self.note(f"proxy: blackhole {argument:g}s, then RST")
         elif action == "hold":
             before = self.proxy.commits_held
-            self.proxy.hold_commit(after=b"DELETE FROM mqueue_task", count=argument, hold_seconds=1.0)
+            self.proxy.hold_commit(after=COMPLETION, count=argument, hold_seconds=1.0)
             deadline = time.monotonic() + 8
             while self.proxy.commits_held < before + argument and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -436,6 +437,7 @@ class Run:
             ("lost", str(len(books.lost))),
             ("duplicate effects", str(books.duplicate_effects)),
             ("phantom effects / phantom jobs", f"{books.phantom_effects} / {len(books.phantom_jobs)}"),
+            ("job rows that disagree with the books", str(len(books.mismatched))),
             ("executions per job (mean, max)", f"{books.executions_mean:.3f}, {books.executions_max}"),
             ("worker SIGKILLs", str(len(self.killed))),
             ("recovery after worker kill (p50, max)",

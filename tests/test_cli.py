@@ -234,7 +234,12 @@ def test_cancel_and_retry(db, database_url, tmp_path):
     queued = admin.enqueue_by_name(db, "cli_test.x", {})
     out = succeeds(mq("cancel", queued, *url, cwd=tmp_path))
     assert out == f"cancelled job {queued} (cli_test.x, was queued)\n"
-    assert admin.list_jobs(db) == []
+    assert [(j.id, j.state) for j in admin.list_jobs(db)] == [(queued, "canceled")]
+    fails(mq("cancel", queued, *url, cwd=tmp_path), cli.EXIT_STATE,
+          f"job {queued} has already finished (canceled) and cannot be cancelled")
+    fails(mq("retry", queued, *url, cwd=tmp_path), cli.EXIT_STATE,
+          f"job {queued} has already finished (canceled) and cannot be retried")
+    assert admin.get_job(db, queued).state == "canceled"
 
     failed = failed_job(db)
     out = succeeds(mq("retry", failed, *url, cwd=tmp_path))
@@ -296,7 +301,7 @@ def test_bad_input_in_a_subprocess(db, database_url, tmp_path):
     fails(mq("enqueue", "t.x", "[1, 2]", *url, cwd=tmp_path), cli.EXIT_USAGE,
           "arguments must be a JSON object of named arguments", "got an array")
     fails(mq("show", running + 1, *url, cwd=tmp_path), cli.EXIT_NOT_FOUND,
-          f"no job {running + 1} (finished jobs are removed from mqueue_task)")
+          f"no job {running + 1} (never existed, or finished and pruned after jobs-history)")
     fails(mq("cancel", running, *url, cwd=tmp_path), cli.EXIT_STATE,
           f"job {running} is running on worker web-9:4321:ff and cannot be cancelled safely")
     fails(mq("list", "--limit", "0", *url, cwd=tmp_path), cli.EXIT_USAGE,
@@ -377,4 +382,5 @@ def test_debug_log_level_adds_the_traceback(db, database_url, tmp_path):
     result = mq("--log-level", "debug", "show", "7", "--database", database_url, cwd=tmp_path)
     assert result.returncode == cli.EXIT_NOT_FOUND
     assert "Traceback" in result.stderr
-    assert result.stderr.rstrip().endswith("mqueue: error: no job 7 (finished jobs are removed from mqueue_task)")
+    assert result.stderr.rstrip().endswith(
+        "mqueue: error: no job 7 (never existed, or finished and pruned after jobs-history)")

@@ -21,7 +21,7 @@ from mqueue.dialects.functions import utc_now
 from mqueue.encoding import encode_args
 from mqueue.errors import InvalidStateError, JobNotFoundError, SchemaMissingError, UnknownTaskError
 from mqueue.registry import unregister
-from mqueue.schema import FAILED, QUEUED, RUNNING, cron_table, task_table
+from mqueue.schema import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, cron_table, task_table
 from mqueue.worker import Worker
 
 TRACEBACK = ('Traceback (most recent call last):\n  File "tasks.py", line 3, in send\n'
@@ -53,6 +53,13 @@ def fail(db, queue, error=TRACEBACK) -> int:
     [row] = claim(db, queue)
     with db.session() as session:
         assert db.dialect.fail_job(session, row.id, row.token, error)
+    return row.id
+
+
+def succeed(db, queue, owner="host-a:101:beef") -> int:
+    [row] = claim(db, queue, owner=owner)
+    with db.session() as session:
+        assert db.dialect.complete_job(session, row.id, row.token)
     return row.id
 
 
@@ -156,7 +163,8 @@ def test_get_job_everything_about_one_job(db):
     assert job.decoded_args() == {"to": "a@example.com", "when": dt.date(2030, 1, 2)}
     assert job.last_error == TRACEBACK
     assert job.error_summary == "ValueError: smtp down"
-    assert job.owner is None and job.started_at is not None
+    assert job.owner == "host-a:101:beef" and job.started_at is not None  # the worker of its last run
+    assert (job.runs, job.finished_at, job.finished) == (1, None, False)
     assert abs((job.created_at - db_now(db)).total_seconds()) < 30
 
     document = json.loads(json.dumps(job.to_dict()))
@@ -165,7 +173,8 @@ def test_get_job_everything_about_one_job(db):
     assert document["eta"].endswith("+00:00")
     assert document["last_error"] == TRACEBACK and document["state"] == "failed"
 
-    with pytest.raises(JobNotFoundError, match=rf"^no job {job_id + 1} \(finished jobs are removed"):
+    with pytest.raises(JobNotFoundError,
+                       match=rf"^no job {job_id + 1} \(never existed, or finished and pruned after jobs-history\)$"):
         admin.get_job(db, job_id + 1)
 
 
@@ -179,18 +188,31 @@ def test_undecodable_args_are_shown_not_fatal(db):
 # -- cancel ----------------------------------------------------------------------
 
 def test_cancel_queued_and_failed_jobs(db):
-    queued = add(db, name="admin_test.queued", eta=3600)
-    failed = add(db, queue="bad")
+    queued = add(db, name="admin_test.queued", eta=3600, unique_key="q1")
+    due = add(db, eta=-1)
+    failed = add(db, queue="bad", unique_key="f1")
     fail(db, "bad")
-    kept = add(db)
+    kept = add(db, eta=-1)
 
-    gone = admin.cancel_job(db, queued)
-    assert (gone.id, gone.name, gone.state) == (queued, "admin_test.queued", QUEUED)
+    was = admin.cancel_job(db, queued)
+    assert (was.id, was.name, was.state) == (queued, "admin_test.queued", QUEUED)
+    assert admin.cancel_job(db, due).state == QUEUED
     assert admin.cancel_job(db, failed).state == FAILED
-    assert row_of(db, queued) is None and row_of(db, failed) is None
-    assert row_of(db, kept) is not None
-    with pytest.raises(JobNotFoundError, match=f"no job {queued} "):
-        admin.cancel_job(db, queued)
+    for job_id in (queued, due, failed):
+        row = row_of(db, job_id)  # kept on record as canceled, its unique key cleared
+        assert (row.state, row.unique_key) == (CANCELED, None)
+        assert row.finished_at is not None and row.lease_expires_at is None
+        assert admin.get_job(db, job_id).finished
+    assert row_of(db, kept).state == QUEUED
+    assert [row.id for row in claim(db, "default", limit=5)] == [kept]  # a canceled job is never claimed
+    assert claim(db, "bad") == []
+    for operation, verb in ((admin.cancel_job, "cancelled"), (admin.retry_job, "retried")):
+        with pytest.raises(InvalidStateError, match=rf"^job {queued} has already finished \(canceled\) "
+                                                    rf"and cannot be {verb}; a finished job never runs again"):
+            operation(db, queued)
+    assert row_of(db, queued).state == CANCELED
+    with pytest.raises(JobNotFoundError, match=f"no job {kept + 1} "):
+        admin.cancel_job(db, kept + 1)
 
 
 def test_cancel_and_retry_refuse_a_running_job(db):
@@ -236,7 +258,7 @@ def test_cancel_racing_a_claim_never_touches_a_claimed_job(db):
     assert sorted(claimed + cancelled) == ids
     assert set(refused) <= set(claimed)
     assert all(row_of(db, job_id).state == RUNNING for job_id in claimed)
-    assert all(row_of(db, job_id) is None for job_id in cancelled)
+    assert all(row_of(db, job_id).state == CANCELED for job_id in cancelled)
 
 
 # -- retry -----------------------------------------------------------------------
@@ -297,8 +319,12 @@ def test_retried_job_runs_again_in_a_worker(db):
         admin.retry_job(db, job_id)
         second = Worker(db, queues=["default"], poll_interval=0.05).run_until_empty(timeout=30)
         assert (second.succeeded, attempts) == (1, [7, 7])
-        with pytest.raises(JobNotFoundError):
-            admin.get_job(db, job_id)
+        done = admin.get_job(db, job_id)
+        assert (done.state, done.runs, done.finished) == (SUCCEEDED, 2, True)
+        with pytest.raises(InvalidStateError, match="has already finished"):
+            admin.retry_job(db, job_id)  # a succeeded job never runs again
+        third = Worker(db, queues=["default"], poll_interval=0.05).run_until_empty(timeout=30)
+        assert (third.succeeded, third.failed, attempts) == (0, 0, [7, 7])
     finally:
         unregister("admin_test.flaky")
 
@@ -315,14 +341,18 @@ def test_stats_counts_and_oldest_due_age(db):
     add(db, queue="a", eta=-1)
     add(db, queue="a", eta=3600)        # scheduled
     add(db, queue="b", eta=60)
+    add(db, queue="b", priority=9)
+    succeed(db, "b")                    # succeeded: finished, neither due nor running
+    admin.cancel_job(db, add(db, queue="b", eta=-100))  # canceled: not due either
 
     assert [s.queue for s in admin.stats(db)] == ["a", "b"]
     a, b = admin.stats(db)
-    assert (a.queued, a.scheduled, a.running, a.failed) == (2, 1, 1, 1)
+    assert (a.queued, a.scheduled, a.running, a.failed, a.succeeded, a.canceled) == (2, 1, 1, 1, 0, 0)
     assert 30 <= a.oldest_due_seconds < 60
     assert (b.queued, b.scheduled, b.running, b.failed, b.oldest_due_seconds) == (0, 1, 0, 0, None)
     assert json.loads(json.dumps(b.to_dict())) == {
-        "queue": "b", "queued": 0, "scheduled": 1, "running": 0, "failed": 0, "oldest_due_seconds": None, "other": 0}
+        "queue": "b", "queued": 0, "scheduled": 1, "running": 0, "failed": 0, "oldest_due_seconds": None, "other": 0,
+        "waiting": 0, "succeeded": 1, "canceled": 1, "expired": 0}
 
 
 def test_stats_empty(db):

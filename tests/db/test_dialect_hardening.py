@@ -20,7 +20,7 @@ import mqueue
 from mqueue import admin
 from mqueue.dialects.functions import utc_now
 from mqueue.errors import InvalidStateError
-from mqueue.schema import FAILED, QUEUED, RUNNING, task_table
+from mqueue.schema import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, task_table
 
 t = task_table
 QUEUE = "thard"
@@ -81,7 +81,8 @@ def test_an_open_unique_enqueue_does_not_block_the_live_jobs_heartbeat_or_comple
         enqueuer.close()
         worker.join(30)
         worker_db.dispose()
-    assert row_of(db, live) is None
+    done = row_of(db, live)
+    assert (done.state, done.unique_key) == (SUCCEEDED, None)
     # The key is free again: the next enqueue makes a new job.
     assert add(db, unique_key="report:7") != live
 
@@ -92,6 +93,7 @@ def test_a_unique_enqueue_after_the_live_job_finished_makes_a_new_job(db):
     [row] = claim(db)
     with db.session() as session:
         assert db.dialect.complete_job(session.connection(), row.id, row.token)
+    assert (row_of(db, first).state, row_of(db, first).unique_key) == (SUCCEEDED, None)
     second = add(db, unique_key="k1")
     assert second != first
     assert row_of(db, second).unique_key == "k1"
@@ -313,7 +315,8 @@ def test_hand_written_times_on_sqlite_never_stop_the_queue(db):
                                                                 dt.datetime(2020, 1, 1)}
     result = mqueue.Worker(db, queues=[QUEUE], concurrency=2, poll_interval=0.05).run_until_empty(timeout=60)
     assert (result.succeeded, result.failed) == (207, 0)
-    [unreadable] = admin.list_jobs(db, queue=QUEUE)
+    assert len(admin.list_jobs(db, queue=QUEUE, state=SUCCEEDED, limit=1000)) == 207
+    [unreadable] = [job for job in admin.list_jobs(db, queue=QUEUE, limit=1000) if job.state != SUCCEEDED]
     assert (unreadable.state, unreadable.eta) == (FAILED, None)
     assert unreadable.error_summary.startswith("eta 'soon' is not a time; write UTC as")
 
@@ -346,10 +349,11 @@ def test_cancel_and_retry_act_on_leaseless_running_rows_and_unknown_states(db):
     assert retried.eta <= db_now(db)
     assert admin.retry_job(db, leaseless).state == QUEUED
     assert admin.cancel_job(db, other).state == "paused"
-    assert row_of(db, other) is None
+    assert row_of(db, other).state == CANCELED
     with db.engine.begin() as conn:
         conn.execute(update(t).where(t.c.id == leaseless).values(state=RUNNING, lease_expires_at=None))
     assert admin.cancel_job(db, leaseless).id == leaseless
+    assert row_of(db, leaseless).state == CANCELED
     # A running job with a lease is still refused.
     [row] = claim(db)
     with pytest.raises(InvalidStateError):

@@ -343,7 +343,7 @@ def test_unique_key_while_running_returns_the_running_job(db, observer):
     result = run_worker(db, "tenq-unique")
     assert result.succeeded == 1
     assert calls == [("self_unique", job_id, job_id)]
-    assert count(observer) == 0
+    assert [(r.id, r.state, r.unique_key, r.runs) for r in rows(observer)] == [(job_id, "succeeded", None, 1)]
 
 
 def test_unique_key_is_free_again_after_the_job_failed(db, observer):
@@ -362,11 +362,12 @@ def test_unique_key_is_free_again_after_the_job_succeeded(db, observer):
     with db.session():
         done_id = succeed.options(unique_key="daily").enqueue(1)
     assert run_worker(db, "tenq-unique").succeeded == 1
-    assert row(observer, done_id) is None
+    assert (row(observer, done_id).state, row(observer, done_id).unique_key) == ("succeeded", None)
     with db.session():
         new_id = succeed.options(unique_key="daily").enqueue(2)
     assert new_id != done_id
-    assert [r.id for r in rows(observer)] == [new_id]
+    assert [(r.id, r.state, r.unique_key) for r in rows(observer)] == [
+        (done_id, "succeeded", None), (new_id, "queued", "daily")]
 
 
 def test_unique_key_is_free_again_after_the_row_was_deleted_by_hand(db, observer):
@@ -490,7 +491,7 @@ def test_a_hand_inserted_row_is_a_valid_job(db, observer, db_time):
     result = run_worker(db, "tenq-hand")
     assert (result.succeeded, result.retried, result.failed) == (1, 0, 0)
     assert calls == [("hand", 7, "default", 0)]
-    assert count(observer) == 0
+    assert [(r.id, r.state, r.runs) for r in rows(observer)] == [(stored.id, "succeeded", 1)]
 
 
 def test_a_hand_inserted_row_with_only_a_name_uses_the_default_queue(db, observer):

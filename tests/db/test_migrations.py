@@ -56,6 +56,11 @@ def table_names(db) -> set[str]:
         return set(inspect(conn).get_table_names())
 
 
+#: Every table mqueue's migrations create (finished jobs' events, daily stats, shared settings since 0003).
+MQUEUE_TABLES = {"mqueue_task", "mqueue_cron", "mqueue_event", "mqueue_stats", "mqueue_setting",
+                 "mqueue_alembic_version"}
+
+
 def version_rows(db) -> list[str]:
     with db.engine.connect() as conn:
         return [row[0] for row in conn.execute(text("SELECT version_num FROM mqueue_alembic_version"))]
@@ -64,15 +69,15 @@ def version_rows(db) -> list[str]:
 def test_upgrade_twice_is_idempotent_and_tracked_in_its_own_table(db):
     assert table_names(db) == set()
     upgrade(db)
-    assert table_names(db) == {"mqueue_task", "mqueue_cron", "mqueue_alembic_version"}
+    assert table_names(db) == MQUEUE_TABLES
     assert "alembic_version" not in table_names(db)
-    assert version_rows(db) == [head_revision()]
+    assert version_rows(db) == [head_revision()] == ["mqueue_0003"]
     assert current_revision(db) == head_revision()
 
     with db.engine.begin() as conn:
         conn.execute(insert(task_table).values(queue="tmig", name="tmig.kept", args="{}"))
     upgrade(db)
-    assert table_names(db) == {"mqueue_task", "mqueue_cron", "mqueue_alembic_version"}
+    assert table_names(db) == MQUEUE_TABLES
     assert version_rows(db) == [head_revision()]
     with db.engine.connect() as conn:
         assert conn.execute(select(task_table.c.name)).scalars().all() == ["tmig.kept"]
@@ -108,6 +113,7 @@ def test_env_py_compares_only_mqueue_tables():
     include_object = env_namespace()["include_object"]
     assert include_object(None, "mqueue_task", "table", True, None)
     assert include_object(None, "mqueue_cron", "table", True, None)
+    assert include_object(None, "mqueue_event", "table", True, None)
     assert not include_object(None, "mqueue_alembic_version", "table", True, None)
     assert not include_object(None, "users", "table", True, None)
     assert not include_object(None, "alembic_version", "table", True, None)
@@ -252,10 +258,10 @@ def test_check_schema_names_the_missing_table_and_the_fix(db):
 
 def test_create_all_and_drop_all_for_tests(db):
     db.create_all()
-    assert {"mqueue_task", "mqueue_cron"} <= table_names(db)
+    assert MQUEUE_TABLES - {"mqueue_alembic_version"} <= table_names(db)
     db.check_schema()
     db.drop_all()
-    assert not {"mqueue_task", "mqueue_cron"} & table_names(db)
+    assert not MQUEUE_TABLES & table_names(db)
 
 
 def test_upgrade_from_0001_keeps_waiting_and_failed_jobs(db, backend):

@@ -23,10 +23,10 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, fun
 import mqueue
 from mqueue import admin
 from mqueue.cron import Schedule
-from mqueue.errors import JobNotFoundError, UnknownTaskError
+from mqueue.errors import UnknownTaskError
 from mqueue.registry import get_task, unregister
 from mqueue.scheduler import Scheduler, registered_crons, unregister_cron
-from mqueue.schema import FAILED, QUEUED, RUNNING, cron_table, task_table
+from mqueue.schema import FAILED, QUEUED, RUNNING, SUCCEEDED, cron_table, task_table
 
 MINUTE = dt.timedelta(minutes=1)
 #: A start far ahead of the real clock (see the module docstring).
@@ -498,7 +498,8 @@ def test_skip_if_scheduled_skips_while_the_previous_job_is_queued_or_running(edb
 
     with edb.engine.begin() as conn:
         assert dialect.complete_job(conn, claimed.id, claimed.token)
-    [second] = tick(4)  # gone (succeeded): runs again
+    assert admin.get_job(edb, first).state == SUCCEEDED
+    [second] = tick(4)  # finished (succeeded): runs again
     assert second != first
 
     with edb.engine.begin() as conn:
@@ -506,7 +507,8 @@ def test_skip_if_scheduled_skips_while_the_previous_job_is_queued_or_running(edb
         assert dialect.fail_job(conn, claimed.id, claimed.token, "it broke")
     assert admin.get_job(edb, second).state == FAILED
     [third] = tick(5)  # a failed job is neither queued nor running
-    assert [job.id for job in jobs_of(edb, "tsc.skip")] == [second, third]
+    assert [(job.id, job.state) for job in jobs_of(edb, "tsc.skip")] == [
+        (first, SUCCEEDED), (second, FAILED), (third, QUEUED)]
     assert cron_row(edb, "tsc.skip").last_job_id == third
 
 
@@ -582,8 +584,8 @@ def test_cron_job_is_an_ordinary_job(edb):
     admin.retry_job(edb, flaky_id)  # due now
     result = mqueue.Worker(edb, **worker_options).run_until_empty(timeout=30)
     assert (result.succeeded, result.retried, result.failed) == (1, 0, 0)
-    with pytest.raises(JobNotFoundError):
-        admin.get_job(edb, flaky_id)  # succeeded jobs are removed
+    job = admin.get_job(edb, flaky_id)  # kept on record, never run again
+    assert (job.state, job.runs, job.finished) == (SUCCEEDED, 2, True)
     assert [(e.job_id, e.note) for e in effects(edb)] == [(flaky_id, "flaky")]
 
     # its task can be enqueued by hand, like any task
@@ -599,6 +601,8 @@ def test_cron_job_is_an_ordinary_job(edb):
     with edb.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(task_table)
                             .where(task_table.c.state == QUEUED)).scalar_one() == 2
+    assert {(job.id, job.state) for job in admin.list_jobs(edb, queue="tsc_job", state=SUCCEEDED)} == {
+        (flaky_id, SUCCEEDED), (by_hand, SUCCEEDED)}
 
 
 # -- the crons command ----------------------------------------------------------------------

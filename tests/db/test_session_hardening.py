@@ -245,4 +245,4 @@ def test_a_successful_task_commits_its_writes_through_the_applications_handle_on
         assert job_row(observer, job_id).state == "running"
     assert outcome["result"].succeeded == 1
     assert notes(observer) == ["kept", "kept again"]
-    assert job_row(observer, job_id) is None
+    assert (job_row(observer, job_id).state, job_row(observer, job_id).runs) == ("succeeded", 1)

@@ -228,15 +228,21 @@ def test_run_until_empty_counts_outcomes(db):
 def test_success_commits_the_task_writes_with_the_completion(db):
     with db.session():
         job_id = ok.enqueue(7)
-    assert worker(db).run_until_empty(timeout=30).succeeded == 1
+    w = worker(db)
+    assert w.run_until_empty(timeout=30).succeeded == 1
     assert effect_count(db, job_id) == 1
-    assert job_row(db, job_id) is None
+    row = job_row(db, job_id)  # kept on record: succeeded by this worker's one run, its lease gone
+    assert (row.state, row.runs, row.owner, row.lease_expires_at) == ("succeeded", 1, w.owner, None)
+    assert row.finished_at is not None and row.started_at <= row.finished_at
+    assert worker(db).run_until_empty(timeout=30).succeeded == 0  # never run again
+    assert effect_count(db, job_id) == 1
 
 
 def test_exception_rolls_back_the_task_writes_and_backs_off(db):
     with db.session():
         job_id = boom.enqueue(3)
-    result = worker(db).run_until_empty(timeout=30)
+    w = worker(db)
+    result = w.run_until_empty(timeout=30)
     assert result.retried == 1
     assert effect_count(db, job_id) == 0
     row = job_row(db, job_id)
@@ -247,7 +253,7 @@ def test_exception_rolls_back_the_task_writes_and_backs_off(db):
     assert 50 < delay <= 60, delay
     assert "Traceback" in row.last_error
     assert "RuntimeError: boom number 3" in row.last_error
-    assert row.owner is None and row.lease_expires_at is None
+    assert row.owner == w.owner and row.lease_expires_at is None  # the worker of its last run, lease gone
 
 
 def test_retry_asks_for_a_delay_and_fail_gives_up_at_once(db):
@@ -325,7 +331,7 @@ def test_unknown_task_and_bad_arguments_fail_and_the_worker_goes_on(db):
     # An unknown name is a failed run retried with backoff (a rolling deploy may bring the task).
     assert (result.succeeded, result.retried, result.failed) == (1, 1, 3)
     assert seen == [5]
-    assert job_row(db, ids[-1]) is None
+    assert job_row(db, ids[-1]).state == "succeeded"
     errors = [job_row(db, job_id) for job_id in ids[:-1]]
     assert (errors[0].state, errors[0].retries) == ("queued", 1)
     assert all(row.state == "failed" for row in errors[1:])
@@ -405,7 +411,8 @@ def test_a_worker_that_lost_its_lease_cannot_complete(db, write):
     assert not thread.is_alive()
     assert (outcome["a"].succeeded, outcome["a"].lost) == (0, 1)
     assert effect_count(db, job_id) == int(write)
-    assert job_row(db, job_id) is None
+    row = job_row(db, job_id)  # succeeded once, by the second run: A's late completion changed nothing
+    assert (row.state, row.runs, row.retries) == ("succeeded", 2, 1)
 
 
 def test_a_stale_run_finishing_does_not_drop_the_same_jobs_new_run(db):
@@ -444,15 +451,20 @@ def test_tasks_that_wrote_nothing_are_completed_together_and_fenced(db):
     assert sorted(r.id for r in claimed) == ids
     stale = claimed[1]
     with db.engine.begin() as conn:
-        lost, gone = db.dialect.complete_jobs(conn, [(r.id, r.token + (r is stale)) for r in claimed])
-    assert (lost, gone) == ([stale.id], [])
-    assert [job_row(db, job_id) is None for job_id in ids] == [True, False, True]
-    assert job_row(db, stale.id).state == "running"
-    # Asked again (as after a COMMIT whose reply was lost): the completed ones are gone, not ours.
+        lost, done = db.dialect.complete_jobs(conn, [(r.id, r.token + (r is stale)) for r in claimed])
+    assert (lost, done) == ([stale.id], [])
+    assert [job_row(db, job_id).state for job_id in ids] == ["succeeded", "running", "succeeded"]
+    finished = {job_id: job_row(db, job_id).finished_at for job_id in (ids[0], ids[2])}
+    # Asked again (as after a COMMIT whose reply was lost): the completed ones are done already, not ours now.
     with db.engine.begin() as conn:
-        lost, gone = db.dialect.complete_jobs(conn, [(r.id, r.token) for r in claimed])
-    assert (lost, gone) == ([ids[0], ids[2]], [ids[0], ids[2]])
-    assert job_row(db, stale.id) is None
+        lost, done = db.dialect.complete_jobs(conn, [(r.id, r.token) for r in claimed])
+    assert (lost, done) == ([ids[0], ids[2]], [ids[0], ids[2]])
+    assert [job_row(db, job_id).state for job_id in ids] == ["succeeded"] * 3
+    assert {job_id: job_row(db, job_id).finished_at for job_id in (ids[0], ids[2])} == finished  # not again
+    # A token that never held the job is lost, not done.
+    with db.engine.begin() as conn:
+        lost, done = db.dialect.complete_jobs(conn, [(stale.id, stale.token + 5)])
+    assert (lost, done) == ([stale.id], [])
 
 
 def test_a_task_that_only_added_orm_objects_or_read_commits_through_its_session(db):
@@ -466,7 +478,7 @@ def test_a_task_that_only_added_orm_objects_or_read_commits_through_its_session(
 
 
 def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost(db, caplog):
-    """The completion's DELETE holds the row; a heartbeat waiting on it then finds no row.
+    """The completion's UPDATE holds the row; a heartbeat waiting on it then finds it succeeded.
 
     That is the job finishing, not another worker taking it over: no
     "lease lost" warning, and the run counts as succeeded.
@@ -477,7 +489,7 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
     heartbeats: list[threading.Thread] = []
 
     def before_commit(session) -> None:
-        # The task's session commits its completion (the fenced DELETE has
+        # The task's session commits its completion (the fenced UPDATE has
         # run): heartbeat from another thread now, while it holds the row.
         if seen == [7] and not heartbeats:
             heartbeats.append(threading.Thread(target=w._heartbeat_step))
@@ -485,7 +497,7 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
             time.sleep(0.3)  # the heartbeat blocks on the row (or SQLite's write lock)
 
     def after_commit(session) -> None:
-        # ... and finds the row gone while the worker still holds the job.
+        # ... and finds the job no longer running while the worker still holds it.
         if heartbeats:
             heartbeats[0].join(30)
 
@@ -499,16 +511,22 @@ def test_a_heartbeat_racing_the_jobs_own_completion_does_not_call_the_lease_lost
         event.remove(w.db.Session, "after_commit", after_commit)
     assert heartbeats and not heartbeats[0].is_alive()
     assert (result.succeeded, result.lost) == (1, 0)
-    assert effect_count(db, job_id) == 1 and job_row(db, job_id) is None
+    assert effect_count(db, job_id) == 1 and job_row(db, job_id).state == "succeeded"
     assert "lease lost" not in caplog.text
 
 
 def test_job_ids_are_never_reused(db):
-    """The fence is (id, token): a stale worker must never meet a later job under its old id."""
+    """The fence is (id, token): a stale worker must never meet a later job under its old id.
+
+    A succeeded job's row stays until pruning deletes it; after that (here:
+    deleted as pruning would) its id must not come back.
+    """
     with db.session():
         first = ok.enqueue(1)
     assert worker(db).run_until_empty(timeout=30).succeeded == 1
-    assert job_row(db, first) is None
+    assert job_row(db, first).state == "succeeded"
+    with db.engine.begin() as conn:
+        conn.execute(task_table.delete().where(task_table.c.id == first))
     with db.session():
         second = ok.enqueue(2)
     assert second > first

@@ -39,7 +39,7 @@ def rerun(harness, job_id, daemons, timeout):
 
 
 def drained_and_checked(db, harness, daemons, expect_fail=frozenset(), timeout=30):
-    """Wait until no job is queued or running, then assert the invariants."""
+    """Wait until no job is queued, waiting or running, then assert the invariants."""
     wait_for(lambda: live_jobs(db) == 0, timeout=timeout,
              message=lambda: f"{live_jobs(db)} live job(s)\n{daemons.output()}")
     report = check(db, harness, expect_fail=set(expect_fail))

@@ -11,13 +11,17 @@
   outcome is unknown (``U``), and of the ``n`` argument of every call whose
   transaction rolled back (``R``); ``Q`` marks quiet jobs (``kind="quiet"``:
   the task writes nothing, so the worker completes it in a batch), which are
-  done when their row is gone after an attempt that ended ``ok``.
+  done when their row is ``succeeded`` after an attempt that ended ``ok``.
+
+A job that succeeds stays in ``mqueue_task`` as ``succeeded`` and a
+cancelled one as ``canceled``; ``prepare`` keeps every finished job for the
+whole run (no pruning), so each committed job's row tells how it ended.
   Rolled-back calls are known by ``n``, not id: SQLite hands a rolled-back
   id out again.
 
 ``check(...)`` turns the three into counts: lost, duplicate effects,
-phantom effects and jobs, executions per job, jobs failed by a transient
-database error.  Tests assert them; ``scripts/torture.py`` prints them.
+phantom effects and jobs, rows that disagree with the books, executions per
+job, jobs failed by a transient database error.  Tests assert them; ``scripts/torture.py`` prints them.
 """
 
 from __future__ import annotations
@@ -36,12 +40,18 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Tab
 
 import mqueue
 from mqueue.migrate import upgrade
-from mqueue.schema import task_table
+from mqueue import admin
+from mqueue.schema import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, task_table
 
 PACKAGE = "faulttasks"
 WORK = "fault.work"
 BLOCK = "fault.block"
 CRON = "fault.minutely"
+#: Bytes only a completion sends (``UPDATE mqueue_task SET state=..., run_seconds=...``, one job or a
+#: batch): ``Proxy.hold_commit(after=COMPLETION)`` holds the reply to a task's COMMIT.
+COMPLETION = b"run_seconds="
+#: States of a job that is still to be run (or running); ``failed`` is an end the books judge.
+LIVE = (QUEUED, RUNNING, WAITING)
 
 ledger_metadata = MetaData()
 fault_effect = Table(
@@ -244,10 +254,15 @@ class Harness:
 
 
 def prepare(url: str) -> mqueue.Database:
-    """Migrate mqueue's tables and create the effect ledger."""
+    """Migrate mqueue's tables and create the effect ledger.
+
+    Finished jobs are kept for the whole run (workers prune beyond
+    ``jobs-history-count``), so the books can read how every job ended.
+    """
     db = mqueue.Database(url)
     upgrade(db)
     ledger_metadata.create_all(db.engine)
+    admin.set_config(db, "jobs-history-count", 10 ** 9)
     return db
 
 
@@ -267,9 +282,10 @@ def job_rows(db: mqueue.Database) -> list:
 
 
 def live_jobs(db: mqueue.Database) -> int:
+    """Jobs still queued, waiting or running (finished and failed ones are not)."""
     with db.dialect.reader(db.engine).connect() as conn:
         return conn.execute(select(func.count()).select_from(task_table)
-                            .where(task_table.c.state.in_(("queued", "running")))).scalar_one()
+                            .where(task_table.c.state.in_(LIVE))).scalar_one()
 
 
 def job_row(db: mqueue.Database, job_id: int):
@@ -298,6 +314,7 @@ class Report:
     duplicate_effects: int = 0
     phantom_effects: int = 0
     phantom_jobs: list = dataclasses.field(default_factory=list)
+    mismatched: list = dataclasses.field(default_factory=list)
     transient_failures: list = dataclasses.field(default_factory=list)
     unexpected_failures: list = dataclasses.field(default_factory=list)
     executions_mean: float = 0.0
@@ -314,6 +331,8 @@ class Report:
             out.append(f"phantom effects: {self.phantom_effects}")
         if self.phantom_jobs:
             out.append(f"phantom jobs: {sorted(self.phantom_jobs)[:20]}")
+        if self.mismatched:
+            out.append(f"jobs whose row disagrees with the books (id, state): {sorted(self.mismatched)[:20]}")
         if self.transient_failures:
             out.append(f"jobs failed by a transient database error: {self.transient_failures[:5]}")
         if self.unexpected_failures:
@@ -327,11 +346,15 @@ def check(db: mqueue.Database, harness: Harness, expect_fail: set[int] = frozens
           cron_ids: set[int] = frozenset()) -> Report:
     """Count the invariants once everything has drained.
 
-    A committed job ends with exactly one effect and no row, or (failed by
-    design) with a ``failed`` row and no effect; a quiet one with no row and
-    an attempt that ended ``ok``.  An id from a rolled-back
-    transaction must leave neither.  Unknown-outcome ids may go either way
-    but never twice.  Effects of a job the books do not know are phantoms.
+    A committed job ends ``succeeded`` with exactly one effect, or (failed
+    by design) ``failed`` with no effect; a quiet one ``succeeded`` after an
+    attempt that ended ``ok``; one the canceller picked may instead end
+    ``canceled`` with no effect.  An effect of a job whose row did not
+    succeed, a ``succeeded`` row without its effect (lost work) or a
+    ``canceled`` one nobody cancelled disagree with the books.  An id from
+    a rolled-back transaction must leave neither row nor effect.
+    Unknown-outcome ids may go either way but never twice.  Effects of a
+    job the books do not know are phantoms.
     """
     books = harness.ledger()
     committed, rolled, unknown = books["C"], books["R"], books["U"]
@@ -347,25 +370,36 @@ def check(db: mqueue.Database, harness: Harness, expect_fail: set[int] = frozens
     report.duplicate_effects = sum(n - 1 for n in per_job.values() if n > 1)
     for job_id in committed | unknown:
         row = rows.get(job_id)
-        if row is not None and row.state in ("queued", "running"):
+        state = None if row is None else row.state
+        if state in LIVE:
             report.still_live += 1
             continue
         if job_id in expect_fail:
-            if row is not None and row.state == "failed":
+            if state == FAILED:
                 report.failed_by_design += 1
+            elif state is not None:
+                report.mismatched.append((job_id, state))
             elif job_id in committed:
                 report.lost.append(job_id)
             if per_job.get(job_id):
                 report.phantom_effects += per_job[job_id]
             continue
-        if per_job.get(job_id) or (job_id in quiet and row is None and job_id in ended_ok):
-            report.done += 1
-        elif job_id in cancelled and row is None:
-            continue
-        elif row is not None and row.state == "failed":
+        if state == SUCCEEDED:
+            if per_job.get(job_id) or (job_id in quiet and job_id in ended_ok):
+                report.done += 1
+            else:
+                report.lost.append(job_id)  # marked done, but the work it committed is missing
+        elif per_job.get(job_id):
+            report.mismatched.append((job_id, state))  # an effect commits only with the job's success
+        elif state == CANCELED:
+            if job_id not in cancelled:
+                report.mismatched.append((job_id, state))
+        elif state == FAILED:
             error = row.last_error or ""
             (report.transient_failures if TRANSIENT_WORDS.search(error) else report.unexpected_failures
              ).append((job_id, error.strip().splitlines()[-1][:200] if error.strip() else ""))
+        elif state is not None:
+            report.mismatched.append((job_id, state))  # expired, or a state mqueue does not know
         elif job_id in committed:
             report.lost.append(job_id)
     # ``rolled`` holds the ``n`` argument of every rolled-back call.

@@ -52,7 +52,7 @@ def test_application_killed_before_its_enqueue_commits_leaves_no_job(backend, da
     drained_and_checked(fdb, harness, fdaemons)
     assert [r.job_id for r in work_effects(fdb)] == [marker]
     assert {a[1] for a in harness.starts()} == {marker}
-    assert [r.id for r in job_rows(fdb)] == []
+    assert [(r.id, r.state) for r in job_rows(fdb)] == [(marker, "succeeded")]
     no_tracebacks(fdaemons)
 
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import wait_for
 from jobs import (block_job, drained_and_checked, lease_expired, proxied, rerun, state_owner, work_effects,
                   work_jobs)
-from ledger import log_problems
+from ledger import COMPLETION, job_row, log_problems
 from sqlalchemy import select, text
 
 from mqueue.schema import task_table
@@ -122,10 +122,10 @@ def test_commit_reply_held(backend, database_url, fdb, harness, fdaemons, proxy,
     wait_for(lambda: harness.reached(job_id, "end"), timeout=15, message=fdaemons.output)
     rescuer = fdaemons.start(concurrency=1, lease=LEASE)
     rescuer.wait_serving()
-    proxy.hold_commit(after=b"DELETE FROM mqueue_task", hold_seconds=30 if then_kill else 1.0)
+    proxy.hold_commit(after=COMPLETION, hold_seconds=30 if then_kill else 1.0)
     harness.go(job_id)
     wait_for(lambda: proxy.commits_held == 1, timeout=10, message=fdaemons.output)
-    wait_for(lambda: state_owner(fdb, job_id) is None, timeout=10, message="the server did not commit")
+    wait_for(lambda: state_owner(fdb, job_id)[0] == "succeeded", timeout=10, message="the server did not commit")
     if then_kill:
         kill(victim)
         proxy.reset()
@@ -134,8 +134,9 @@ def test_commit_reply_held(backend, database_url, fdb, harness, fdaemons, proxy,
                                          if f"job={job_id} task=" in line and "outcome=" in line), None),
                            timeout=15, message=victim.stderr)
         assert outcome.endswith("outcome=succeeded"), victim.stderr()
-    # A wrong decision would leave the row for a rescue; the server already deleted it.
-    assert state_owner(fdb, job_id) is None
+    # A wrong decision would hand the job to a rescue; the server already marked it succeeded.
+    row = job_row(fdb, job_id)
+    assert (row.state, row.runs, row.owner.split(":")[1]) == ("succeeded", 1, str(victim.pid))
     drained_and_checked(fdb, harness, fdaemons)
     assert [r.job_id for r in work_effects(fdb)] == [job_id]
     assert len(harness.starts(job_id)) == 1

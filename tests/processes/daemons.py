@@ -5,7 +5,9 @@ append one line per run start to a log file (to count executions) and
 insert one row into the ``effect`` table (no unique constraint, to count
 effects) in the job's own session.  ``Daemon`` starts a worker process with
 its output in files, sends signals and collects the output.  The checks
-(``effects``, ``executions``, ``jobs_left``) read the database and the log.
+(``effects``, ``executions``, ``jobs_left``, ``job_states``) read the
+database and the log.  A job that succeeded stays in ``mqueue_task`` as
+``succeeded`` (until pruned), so "jobs left" counts jobs not yet finished.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Tab
 
 import mqueue
 from mqueue.migrate import upgrade
-from mqueue.schema import task_table
+from mqueue.schema import FINISHED, task_table
 
 TASKS_PACKAGE = "proctasks"
 
@@ -172,8 +174,16 @@ def enqueue(db: mqueue.Database, name: str, calls: list[dict], queue: str = "def
 
 
 def jobs_left(db: mqueue.Database) -> int:
+    """Jobs not finished yet: queued, running, failed (or in any state but succeeded/canceled/expired)."""
     with db.engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(task_table)).scalar_one()
+        return conn.execute(select(func.count()).select_from(task_table)
+                            .where(task_table.c.state.not_in(FINISHED))).scalar_one()
+
+
+def job_states(db: mqueue.Database) -> dict[str, int]:
+    """How many jobs are in each state, finished ones included."""
+    with db.engine.connect() as conn:
+        return dict(conn.execute(select(task_table.c.state, func.count()).group_by(task_table.c.state)).all())
 
 
 def job_row(db: mqueue.Database, job_id: int):

@@ -7,9 +7,9 @@
     proxy.blackhole()    # bytes stop flowing (held, not lost); new connections hang
     proxy.passthrough()  # back to normal; held bytes flow on
     proxy.delay(0.2)     # every chunk waits 0.2 s before it is forwarded (a slow link)
-    proxy.hold_commit(after=b"DELETE FROM mqueue_task")
+    proxy.hold_commit(after=b"run_seconds=")
                          # the next COMMIT of a transaction that sent those bytes
-                         # reaches the server, its reply is held, then both ends
+                         # (mqueue's completion of a job) reaches the server, its reply is held, then both ends
                          # get a RST: the client cannot know whether it committed
 
 One thread accepts; each connection has one thread pumping both directions.

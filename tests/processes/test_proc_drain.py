@@ -7,7 +7,7 @@ import signal
 import time
 from collections import Counter
 
-from daemons import effect_count, effects, enqueue, jobs_left, pid_alive
+from daemons import effect_count, effects, enqueue, job_states, jobs_left, pid_alive
 from helpers import wait_for
 
 JOBS = 3000
@@ -45,6 +45,7 @@ def test_four_processes_of_four_threads_drain_3000_jobs_exactly_once(backend, db
     runs = tasks.executions()
     assert len(runs) == JOBS, Counter(Counter(r[0] for r in runs).values())
     assert {r[0] for r in runs} == set(ids) | set(quiet)
+    assert job_states(db) == {"succeeded": JOBS}  # each one finished once, none left to run again
     assert {row.pid for row in rows} == set(workers), "every worker process served jobs"
 
     for daemon in stoppers:
@@ -75,6 +76,7 @@ def test_supervisor_restarts_a_killed_worker_process_and_stops_cleanly(db, tasks
     served = Counter(row.pid for row in effects(db) if row.job_id in set(ids))
     assert served[newcomer] > 0, served
     assert sum(served.values()) == 40
+    assert job_states(db) == {"succeeded": 40}
 
     supervisor.send(signal.SIGTERM)
     assert supervisor.wait(40) == 0

@@ -13,7 +13,7 @@ import os
 import traceback
 
 import pytest
-from daemons import effect, effects, enqueue, jobs_left
+from daemons import effect, effects, enqueue, job_states, jobs_left
 from sqlalchemy import create_engine, event, func, insert, select
 
 import mqueue
@@ -137,7 +137,7 @@ def test_forked_children_never_use_the_parents_pooled_connections(app_db, tmp_pa
         assert notes.count(f"child {n}") == TRANSACTIONS
     assert notes.count("parent") == TRANSACTIONS
     assert sorted(n for n in notes if n.startswith("job ")) == sorted(f"job {n}" for n in range(JOBS))
-    assert jobs_left(db) == 0
+    assert jobs_left(db) == 0 and job_states(db) == {"succeeded": JOBS}
 
 
 def test_a_session_current_when_forking_is_not_current_in_the_child(db, tmp_path):

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 import pytest
-from daemons import effect_count, effects, enqueue, jobs_left
+from daemons import effect_count, effects, enqueue, job_states, jobs_left
 from helpers import wait_for
 from proxy import Proxy
 from sqlalchemy.engine import make_url
@@ -86,6 +86,7 @@ def test_outage_mid_drain_loses_nothing_and_runs_nothing_twice(backend, database
     assert sorted(per_job) == sorted(ids)
     assert [job for job, count in per_job.items() if count != 1] == []
     assert {r[0] for r in tasks.executions()} == set(ids) | set(quiet)
+    assert job_states(db) == {"succeeded": JOBS}
 
     daemon.send(signal.SIGTERM)
     assert daemon.wait(30) == 0

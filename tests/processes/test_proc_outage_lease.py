@@ -14,7 +14,7 @@ import re
 import signal
 
 import pytest
-from daemons import effects, enqueue, first_start, jobs_left
+from daemons import effects, enqueue, first_start, job_row, jobs_left
 from helpers import wait_for
 from proxy import Proxy
 from sqlalchemy.engine import make_url
@@ -64,4 +64,6 @@ def test_an_outage_longer_than_the_lease_counts_the_run_lost_and_the_job_is_done
     assert outcomes(a, job_id) == ["lost"] and outcomes(b, job_id) == ["succeeded"]  # done once, by B
     rows = [row for row in effects(db) if row.job_id == job_id]
     assert [(row.pid, row.retries, row.note) for row in rows] == [(b.pid, 1, "first")]  # the effect once
+    done = job_row(db, job_id)
+    assert (done.state, done.runs, done.owner.split(":")[1]) == ("succeeded", 2, str(b.pid))
     assert "Traceback" not in a.stderr() + b.stderr()

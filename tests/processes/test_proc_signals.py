@@ -35,6 +35,8 @@ def assert_done_once_by(db, job_id, pid, daemons):
     wait_for(lambda: jobs_left(db) == 0, timeout=15, message=lambda: f"{job_row(db, job_id)}\n{daemons.output()}")
     rows = effects(db)
     assert [(r.job_id, r.pid) for r in rows] == [(job_id, pid)], rows
+    done = job_row(db, job_id)  # succeeded once, by that worker's run
+    assert (done.state, done.owner.split(":")[1]) == ("succeeded", str(pid))
 
 
 def test_sigkill_mid_task_runs_the_job_again_after_the_lease(backend, db, tasks, daemons):

@@ -65,7 +65,7 @@ def test_no_child_shows_the_database_password_on_its_command_line(backend, datab
             assert password not in command_line
             assert "--database" not in command_line.split("\0")
         (job_id,) = enqueue(db, "proc.effect", [{"n": 1}])
-        wait_for(lambda: job_row(db, job_id) is None, timeout=20, message=supervisor.stderr)
+        wait_for(lambda: job_row(db, job_id).state == "succeeded", timeout=20, message=supervisor.stderr)
         supervisor.send(signal.SIGTERM)
         assert supervisor.wait(20) == 0
         assert password not in supervisor.stderr()
