@@ -35,12 +35,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from . import history, shared_settings, wakeup
+from . import events as _events, history, shared_settings, wakeup
+from .events import Event
 from .config import settings
 from .dialects.functions import utc_now
 from .encoding import decode_args, encode_args
 from .errors import InvalidStateError, JobNotFoundError
-from .registry import get_task, registered_tasks
+from .registry import check_tags, get_task, registered_tasks
 from .history import DayStats, HistoryEntry
 from .schema import FINISHED, QUEUED, RUNNING, STATES, read_time
 from .session import Database, as_database
@@ -88,16 +89,18 @@ class JobInfo:
     runs: int = 0
     wait_seconds: float | None = None
     run_seconds: float | None = None
+    tracked: bool = False
+    tags: tuple[str, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
 
     @classmethod
-    def from_row(cls, row, events=None) -> "JobInfo":
+    def from_row(cls, row, events=None, tags: tuple[str, ...] = ()) -> "JobInfo":
         """A failed job shows the unique key that ``retry`` will restore."""
         values = {field.name: getattr(row, field.name) for field in dataclasses.fields(cls)
-                  if field.name not in ("raw_args", "unique_key", "history")}
+                  if field.name not in ("raw_args", "unique_key", "history", "tags", "tracked")}
         entries = tuple(history.job_history(row, events)) if events is not None else ()
         return cls(**values, raw_args=row.args, unique_key=row.unique_key or row.failed_unique_key,
-                   history=entries)
+                   tracked=bool(row.tracked), tags=tags, history=entries)
 
     @property
     def finished(self) -> bool:
@@ -131,6 +134,7 @@ class JobInfo:
         for key in ("eta", "started_at", "lease_expires_at", "created_at", "finished_at"):
             out[key] = _iso(out[key])
         out["history"] = [entry.to_dict() for entry in self.history]
+        out["tags"] = list(self.tags)
         raw = out.pop("raw_args")
         try:
             out["args"] = json.loads(raw)
@@ -224,7 +228,7 @@ def _check_id(job_id: Any) -> int:
 
 def _read(db: Database, conn: Session | Connection, job_id: int) -> JobInfo | None:
     row = db.dialect.read_job(conn, job_id)
-    return JobInfo.from_row(row) if row is not None else None
+    return JobInfo.from_row(row, tags=db.dialect.tags_of(conn, [job_id]).get(job_id, ())) if row is not None else None
 
 
 def _not_found(job_id: int) -> JobNotFoundError:
@@ -258,20 +262,33 @@ def _check_not_running(db: Database, job_id: int, action: str) -> None:
 # -- reading ----------------------------------------------------------------------
 
 def list_jobs(database: "Database | str", queue: str | None = None, state: str | None = None,
-              limit: int = 50) -> list[JobInfo]:
+              limit: int = 50, tag: str | None = None) -> list[JobInfo]:
     """Jobs, optionally of one queue and/or state, at most ``limit``.
 
     Order: running jobs first, then queued ones in the order workers claim
     them (highest priority, then oldest eta, then lowest id), then waiting,
     failed and finished ones.  Finished jobs of one state
-    (``state="succeeded"``) come newest first.
+    (``state="succeeded"``) come newest first.  With ``tag``: the jobs with
+    that tag, newest first (as ``jobs_tagged``).
     """
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}; choose from {', '.join(STATES)}")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if tag is not None:
+        check_tags([tag])
     with _opened(database) as db, _reading(db) as conn:
-        return [JobInfo.from_row(row) for row in db.dialect.list_jobs(conn, queue, state, limit)]
+        if tag is not None:
+            rows = db.dialect.jobs_tagged(conn, tag, limit, queue, state)
+        else:
+            rows = db.dialect.list_jobs(conn, queue, state, limit)
+        tags = db.dialect.tags_of(conn, [row.id for row in rows])
+        return [JobInfo.from_row(row, tags=tags.get(row.id, ())) for row in rows]
+
+
+def jobs_tagged(database: "Database | str", tag: str, limit: int = 50) -> list[JobInfo]:
+    """Live and finished jobs with ``tag``, newest first, at most ``limit`` (through the tag index)."""
+    return list_jobs(database, tag=tag, limit=limit)
 
 
 def get_job(database: "Database | str", job_id: int) -> JobInfo:
@@ -284,7 +301,8 @@ def get_job(database: "Database | str", job_id: int) -> JobInfo:
         row = db.dialect.read_job(conn, job_id)
         if row is None:
             raise _not_found(job_id)
-        return JobInfo.from_row(row, db.dialect.job_events(conn, job_id))
+        return JobInfo.from_row(row, db.dialect.job_events(conn, job_id),
+                                db.dialect.tags_of(conn, [job_id]).get(job_id, ()))
 
 
 def stats(database: "Database | str") -> list[QueueStats]:
@@ -409,6 +427,71 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
                     wakeup.notify_after_commit(session, job.queue)
                     return _read(db, session, job_id)
     raise InvalidStateError(f"job {job_id} kept changing while being retried; try again")
+
+
+def tag_job(database: "Database | str", job_id: int, *tags: str) -> list[str]:
+    """Add tags to a job, live or finished; return its tags, sorted.
+
+    Tags are strings of 1 to 100 characters, at most 50 per job
+    (``ValueError``, nothing changed); adding one it has changes nothing.
+    """
+    _check_id(job_id)
+    wanted = check_tags(tags)
+    with _opened(database) as db, _writing(db) as session:
+        conn = session.connection()
+        if db.dialect.read_job(conn, job_id) is None:
+            raise _not_found(job_id)
+        have = db.dialect.tags_of(conn, [job_id]).get(job_id, ())
+        check_tags(set(wanted) - set(have), already=len(have))
+        db.dialect.add_tags(conn, [(job_id, tag) for tag in wanted])
+        return sorted(set(have) | set(wanted))
+
+
+def untag_job(database: "Database | str", job_id: int, *tags: str) -> list[str]:
+    """Remove tags from a job (ones it does not have are ignored); return its tags, sorted."""
+    _check_id(job_id)
+    unwanted = check_tags(tags) if tags else ()
+    with _opened(database) as db, _writing(db) as session:
+        conn = session.connection()
+        if db.dialect.read_job(conn, job_id) is None:
+            raise _not_found(job_id)
+        db.dialect.remove_tags(conn, job_id, unwanted)
+        return list(db.dialect.tags_of(conn, [job_id]).get(job_id, ()))
+
+
+def track_job(database: "Database | str", job_id: int, tracked: bool = True) -> JobInfo:
+    """Track a job: from now on it publishes an event at every change of state (``events``)."""
+    _check_id(job_id)
+    with _opened(database) as db, _writing(db) as session:
+        if not db.dialect.set_tracked(session.connection(), job_id, tracked):
+            raise _not_found(job_id)
+        return _read(db, session, job_id)
+
+
+def untrack_job(database: "Database | str", job_id: int) -> JobInfo:
+    """Stop tracking a job (a job that fails for good still publishes ``failed``)."""
+    return track_job(database, job_id, tracked=False)
+
+
+def events(database: "Database | str", follow: bool = False, since: int | None = None,
+           kind: "str | list[str] | None" = None, job_id: int | None = None,
+           poll_interval: float = 0.5) -> Iterator[Event]:
+    """Published events, oldest first: every change of state of a tracked job (``put``, ``popped``,
+    ``succeeded``, ``retried``, ``failed``, ``canceled``, ``expired``, ``moved``, ``stalled``,
+    ``released``) and ``failed`` of every job.
+
+    Each has ``id, at, kind, job_id, queue, name, worker, detail``.  Only
+    events with an id above ``since``; of ``kind`` (one or a list) and of
+    ``job_id`` if given.  With ``follow`` the generator keeps waiting for
+    new events (polling every ``poll_interval`` seconds; on PostgreSQL a
+    commit also wakes it at once) until the caller stops iterating.  An
+    event exists if and only if the change it reports committed.
+    """
+    if job_id is not None:
+        _check_id(job_id)
+    _events.check_kinds([kind] if isinstance(kind, str) else list(kind or ()))  # ValueError now, not at next()
+    return _events.events(database, follow=follow, since=since, kind=kind, job_id=job_id,
+                          poll_interval=poll_interval)
 
 
 def retry_failed(database: "Database | str", queue: str | None) -> int:

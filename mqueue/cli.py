@@ -24,6 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import config
 from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundError, MQueueError,
                      SchemaMissingError, UnknownTaskError, first_line)
+from .events import KINDS as EVENT_KINDS
+from .registry import MAX_TAG_LENGTH
 from .schema import STATES
 from .session import Database, safe_url
 from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS
@@ -110,6 +112,7 @@ def add_job_commands(commands) -> None:
                                            "kept for jobs-history (see: mqueue config).")
     jobs.add_argument("--queue", type=queue_name, metavar="QUEUE", help="only this queue")
     jobs.add_argument("--state", choices=STATES, help="only jobs in this state")
+    jobs.add_argument("--tag", type=tag_text, metavar="TAG", help="only jobs with this tag, newest first")
     jobs.add_argument("--limit", type=job_limit, default=50, metavar="N", help="at most N jobs (default 50)")
     jobs.set_defaults(handler=cmd_list)
 
@@ -151,9 +154,35 @@ def add_job_commands(commands) -> None:
     crons = commands.add_parser("crons", help="registered crons with their last and next run")
     crons.set_defaults(handler=cmd_crons)
 
-    for command in (enqueue, jobs, show, cancel, retry, counts, crons, configure):
+    tag = commands.add_parser("tag", help="add tags to a job (live or finished); prints its tags")
+    untag = commands.add_parser("untag", help="remove tags from a job; prints its tags")
+    for command in (tag, untag):
+        command.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
+        command.add_argument("tags", nargs="+", type=tag_text, metavar="TAG", help="1 to 100 characters each")
+    tag.set_defaults(handler=cmd_tag)
+    untag.set_defaults(handler=cmd_untag)
+    track = commands.add_parser("track", help="track a job: it publishes an event at every change (see: events)")
+    untrack = commands.add_parser("untrack", help="stop tracking a job")
+    for command in (track, untrack):
+        command.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
+    track.set_defaults(handler=cmd_track, tracked=True)
+    untrack.set_defaults(handler=cmd_track, tracked=False)
+    follow = commands.add_parser(
+        "events", help="published events, one line each: tracked jobs' changes and every failed job",
+        description="Print published events oldest first, one line each (ID TIME KIND job= queue= task= "
+                    "[worker=] [error]): every change of a tracked job and every job that failed for good. "
+                    "With --follow, wait for new ones until Ctrl-C or SIGTERM (exit status 0).")
+    follow.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    follow.add_argument("--kind", action="append", choices=EVENT_KINDS, metavar="KIND",
+                        help=f"only this kind (repeatable): {', '.join(EVENT_KINDS)}")
+    follow.add_argument("--job", type=job_id, metavar="ID", help="only this job's events")
+    follow.add_argument("--since", type=event_id, metavar="ID", help="only events after this event id")
+    follow.set_defaults(handler=cmd_events)
+
+    for command in (enqueue, jobs, show, cancel, retry, counts, crons, configure, tag, untag, track, untrack,
+                    follow):
         add_database_option(command)
-        if command not in (enqueue, cancel, retry):
+        if command not in (enqueue, cancel, retry, tag, untag, track, untrack):
             command.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -225,11 +254,18 @@ def _seconds_type(expected: str, accept):
 
 
 job_id = _integer_type("a positive integer", 1, MAX_BIGINT)
+event_id = _integer_type("an event id (an integer >= 0)", 0, MAX_BIGINT)
 job_limit = _integer_type("a positive integer", 1, MAX_BIGINT)
 worker_count = _integer_type("a positive integer", 1, MAX_WORKERS)
 priority = _integer_type("an integer", -MAX_PRIORITY, MAX_PRIORITY)
 positive_float = _seconds_type("a positive number of seconds", lambda v: v > 0)
 non_negative_float = _seconds_type("a number of seconds >= 0", lambda v: v >= 0)
+
+
+def tag_text(text: str) -> str:
+    if not 0 < len(text) <= MAX_TAG_LENGTH:
+        raise argparse.ArgumentTypeError(f"expected a tag of 1 to {MAX_TAG_LENGTH} characters, got {_shown(text)}")
+    return text
 
 
 def utc_day(text: str) -> dt.date:
@@ -412,8 +448,9 @@ def cmd_enqueue(args) -> int:
 
 def cmd_list(args) -> int:
     from . import admin
-    jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit)
-    filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state)) if value)
+    jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit, tag=args.tag)
+    filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state),
+                                                            ("tag", args.tag)) if value)
     return print_listing(
         args, jobs, f"no jobs{f' ({filters})' if filters else ''}",
         ("ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ETA (UTC)", "RETRIES", "LAST ERROR"),
@@ -435,7 +472,7 @@ def describe_job(job) -> list[str]:
     fields = [("task", job.name), ("queue", job.queue), ("state", job.state), ("priority", job.priority),
               ("eta", format_time(job.eta, " UTC")),
               ("retries", f"{job.retries} (max {'default' if job.max_retries is None else job.max_retries})"),
-              ("runs", job.runs),
+              ("runs", job.runs), ("tags", " ".join(job.tags) or "-"), ("tracked", "yes" if job.tracked else "no"),
               ("unique key", job.unique_key or "-"), ("worker", job.owner or "-"),
               ("created", format_time(job.created_at, " UTC")),
               ("started", format_time(job.started_at, " UTC")),
@@ -467,6 +504,48 @@ def error_headline(text: str) -> str:
     """The last non-blank line of a stored error (the exception itself)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def cmd_tag(args) -> int:
+    from . import admin
+    tags = admin.tag_job(admin_database(args), args.id, *args.tags)
+    print(f"job {args.id} tags: {' '.join(tags) or '-'}")
+    return EXIT_OK
+
+
+def cmd_untag(args) -> int:
+    from . import admin
+    tags = admin.untag_job(admin_database(args), args.id, *args.tags)
+    print(f"job {args.id} tags: {' '.join(tags) or '-'}")
+    return EXIT_OK
+
+
+def cmd_track(args) -> int:
+    from . import admin
+    job = admin.track_job(admin_database(args), args.id, tracked=args.tracked)
+    print(f"job {job.id} ({job.name}, {job.state}) is {'tracked' if job.tracked else 'not tracked'}")
+    return EXIT_OK
+
+
+def cmd_events(args) -> int:
+    """One line (or JSON object) per event; with --follow until SIGTERM/SIGINT, which exit 0."""
+    import signal
+
+    from . import admin
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    stream = admin.events(admin_database(args), follow=args.follow, since=args.since, kind=args.kind,
+                          job_id=args.job)
+    try:
+        for event in stream:
+            print(json.dumps(event.to_dict()) if args.json else event, flush=args.follow)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.close()
+    return EXIT_OK
 
 
 def cmd_cancel(args) -> int:

@@ -236,7 +236,7 @@ class Executor:
                 if not (session.in_transaction() or session.new or session.dirty or session.deleted):
                     return DEFERRED  # nothing to commit with: the worker's completer batches it
                 session.flush()  # the task's pending ORM writes, then the fenced DELETE on the same connection
-                if not self.dialect.complete_job(session.connection(), row.id, row.token):
+                if not self.dialect.complete_job(session.connection(), row.id, row.token, row.tracked):
                     _rollback(session)
                     log.warning("job=%s lease lost before completion: its writes were rolled back", row.id)
                     return LOST
@@ -396,7 +396,7 @@ class Executor:
         def write(conn) -> list[int]:
             nonlocal attempts
             attempts += 1
-            lost, gone = self.dialect.complete_jobs(conn, pairs)
+            lost, gone = self.dialect.complete_jobs(conn, pairs, [r.row.id for r in batch if r.row.tracked])
             # After a failed attempt whose COMMIT may have landed, a row that
             # is gone was completed by it (as ``_commit`` decides for one job):
             # every attempt starts while all the leases hold.

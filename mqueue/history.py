@@ -225,10 +225,16 @@ def read_day_stats(dialect, conn, queue: str, day: dt.date) -> DayStats:
     return DayStats(queue, day, part.wait.timing(), part.run.timing(), part.failed, part.retried, part.expired)
 
 
+#: Stored events the history reads off the job row instead (a tracked job publishes them too).
+_FROM_ROW = frozenset({"popped", SUCCEEDED, "canceled", "expired"})
+
+
 def job_history(row, events: Iterable) -> list[HistoryEntry]:
     """A job's life in order: ``put``, then per run ``popped`` and how it ended, then how it finished."""
     entries = [HistoryEntry(row.created_at, "put")]
     for event in events:
+        if event.kind in _FROM_ROW or (event.kind == "put" and event.detail is None):
+            continue
         if event.started_at is not None:
             entries.append(HistoryEntry(event.started_at, "popped", event.worker))
         entries.append(HistoryEntry(event.at, event.kind, event.worker, event.detail))

@@ -14,7 +14,7 @@ import inspect
 import numbers
 import pkgutil
 import threading
-from typing import Any, Callable, Generic, Iterable, ParamSpec, TypeVar
+from typing import Any, Callable, Generic, Iterable, ParamSpec, Sequence, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
@@ -32,7 +32,9 @@ R = TypeVar("R")
 
 MAX_NAME_LENGTH = 255   # width of mqueue_task.name
 MAX_QUEUE_LENGTH = 100  # width of mqueue_task.queue
-ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key")
+ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key", "tags", "track")
+MAX_TAG_LENGTH = 100    # width of mqueue_tag.tag
+MAX_TAGS = 50           # tags per job
 
 _registry: dict[str, "Task"] = {}
 _registry_lock = threading.Lock()
@@ -70,7 +72,7 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     def options(self, **options: Any) -> "TaskCall":
-        """Per-call options: ``delay, eta, priority, queue, max_retries, unique_key``.
+        """Per-call options: ``delay, eta, priority, queue, max_retries, unique_key, tags, track``.
 
         e.g.::
 
@@ -166,6 +168,10 @@ class TaskCall:
         }
         if opts.get("unique_key") is not None:
             row["unique_key"] = opts["unique_key"]
+        if opts.get("track"):
+            row["tracked"] = 1
+        if opts.get("tags"):
+            row["tags"] = opts["tags"]
         if opts.get("eta") is not None:
             row["eta"] = opts["eta"]
         elif opts.get("delay") is not None:
@@ -180,9 +186,22 @@ def _insert_one(session, row: dict[str, Any]) -> int:
     if delay is not None:
         values["eta"] = utc_now(delay)
     dialect = dialect_for(session)
+    tags = values.pop("tags", ())
     if "unique_key" in values:
-        return dialect.insert_unique(session, values)
-    return dialect.insert_job(session, values)
+        job_id, created = dialect.insert_unique_job(session, values)
+    else:
+        job_id, created = dialect.insert_job(session, values), True
+    if created:
+        _put(dialect, session, [job_id], tags, values.get("tracked", False))
+    return job_id
+
+
+def _put(dialect, session, job_ids: list[int], tags: Sequence[str], tracked: bool) -> None:
+    """What a new job has besides its row: tags, a tracked job's ``put`` event.  Nothing for a plain job."""
+    if tags:
+        dialect.add_tags(session, [(job_id, tag) for job_id in job_ids for tag in tags])
+    if tracked:
+        dialect.emit_tracked(session, job_ids, "put")
 
 
 def _insert_many(session, rows: list[dict[str, Any]]) -> list[int]:
@@ -198,7 +217,10 @@ def _insert_many(session, rows: list[dict[str, Any]]) -> list[int]:
         default_now = dialect.db_now(session)
         for row in rows:
             row.setdefault("eta", default_now)
-    return dialect.insert_jobs(session, rows)
+    tags = [row.pop("tags", ()) for row in rows][0]  # one TaskCall: the same options for every row
+    job_ids = dialect.insert_jobs(session, rows)
+    _put(dialect, session, job_ids, tags, rows[0].get("tracked", False))
+    return job_ids
 
 
 def _store(write: Callable, queue: str):
@@ -257,7 +279,27 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     if out.get("unique_key") is not None and (not isinstance(out["unique_key"], str)
                                               or not 0 < len(out["unique_key"]) <= 255):
         raise ValueError(f"unique_key must be a string of 1 to 255 characters, got {out['unique_key']!r}")
+    if out.get("tags") is not None:
+        out["tags"] = check_tags(out["tags"])
+    if "track" in out and not isinstance(out["track"], bool):
+        raise ValueError(f"track must be True or False, got {out['track']!r}")
     return out
+
+
+def check_tags(tags: Any, already: int = 0) -> tuple[str, ...]:
+    """Tags as a sorted tuple without repeats; ``ValueError`` unless each is a string of 1 to
+    ``MAX_TAG_LENGTH`` characters and there are at most ``MAX_TAGS`` (with ``already`` on the job)."""
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise ValueError(f"tags must be a list of strings, got {tags!r}")
+    tags = list(tags)
+    for tag in tags:
+        if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_LENGTH:
+            shown = tag if not isinstance(tag, str) or len(tag) <= 40 else tag[:37] + "..."
+            raise ValueError(f"a tag must be a string of 1 to {MAX_TAG_LENGTH} characters, got {shown!r}")
+    unique = tuple(sorted(set(tags)))
+    if already + len(unique) > MAX_TAGS:
+        raise ValueError(f"a job has at most {MAX_TAGS} tags, got {already + len(unique)}")
+    return unique
 
 
 def check_queue_name(queue: Any) -> str:

@@ -47,7 +47,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (BigInteger, Column, Computed, DateTime, Double, Index, Integer, MetaData,
-                        PrimaryKeyConstraint, String, Table, Text)
+                        PrimaryKeyConstraint, SmallInteger, String, Table, Text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
@@ -161,6 +161,9 @@ task_table = Table(
     # Seconds from eta to the first claim, and from the last claim to success (for ``mqueue stats``).
     Column("wait_seconds", Double, nullable=True),
     Column("run_seconds", Double, nullable=True),
+    # 1: the job emits an event on every change of state (``admin.events``); 0/1 is portable where
+    # a boolean default is not (MySQL reports it as 0, PostgreSQL as false).
+    Column("tracked", SmallInteger, nullable=False, server_default="0"),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
     Index(None, "finished_at", "id"),
     # SQLite reuses the largest rowid once that row is deleted (as a succeeded
@@ -192,9 +195,20 @@ event_table = Table(
     # The start of the run this event ended (``popped`` in the history), if it ended one.
     Column("started_at", UTCDateTime, nullable=True),
     Column("detail", LongText, nullable=True),
+    # Published by ``admin.events``: every event of a tracked job, and every ``failed``.
+    Column("emitted", SmallInteger, nullable=False, server_default="0"),
     Index(None, "job_id", "id"),
     Index(None, "at"),
     sqlite_autoincrement=True,
+)
+
+#: A job's tags (qless): only jobs that have some have rows, found by tag through ``(tag, job_id)``.
+tag_table = Table(
+    "mqueue_tag", metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("tag", String(100), nullable=False),
+    PrimaryKeyConstraint("job_id", "tag"),
+    Index(None, "tag", "job_id"),
 )
 
 #: Per queue per UTC day, what pruning removed: counts, mean and M2 (sum of

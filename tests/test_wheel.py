@@ -87,12 +87,12 @@ def test_installed_wheel_migrates_a_fresh_database(installed, database_url, back
         run([script, "migrate", "--database", database_url], cwd=work, timeout=120)
 
         assert set(inspect(engine).get_table_names()) == {"mqueue_task", "mqueue_cron", "mqueue_event", "mqueue_stats",
-                                                          "mqueue_setting", "mqueue_alembic_version"}
+                                                          "mqueue_setting", "mqueue_tag", "mqueue_alembic_version"}
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM mqueue_alembic_version")).scalars().all()
         from mqueue.migrate import alembic_config
         from alembic.script import ScriptDirectory
-        assert versions == [ScriptDirectory.from_config(alembic_config()).get_current_head()] == ["mqueue_0003"]
+        assert versions == [ScriptDirectory.from_config(alembic_config()).get_current_head()] == ["mqueue_0004"]
     finally:
         engine.dispose()
     if backend == "sqlite":

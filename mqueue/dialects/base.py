@@ -30,7 +30,7 @@ DEFAULT_MAX_RETRIES = 10
 
 #: Columns a worker needs to run a claimed job.
 CLAIM_COLUMNS = (t.c.id, t.c.queue, t.c.name, t.c.args, t.c.retries, t.c.max_retries,
-                 t.c.token, t.c.neg_priority, t.c.eta)
+                 t.c.token, t.c.neg_priority, t.c.eta, t.c.tracked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ class ClaimedRow:
     max_retries: int | None
     token: int
     sort_key: tuple
+    #: Emits an event at each change of state (its completion writes ``succeeded``).
+    tracked: bool = False
 
 
 # Statements on the claim/complete hot path are built once, with bound
@@ -80,10 +82,19 @@ RELEASE = update(t).where(_FENCE).values(state=QUEUED, lease_expires_at=None)
 #: The event of a run that just ended (``:event_kind``, ``:event_detail``) for
 #: job ``:job_id``, with the run's worker and start read off its row.  Run
 #: after the fenced UPDATE matched, in its transaction (the row is locked).
-RUN_EVENT = insert(event_table).from_select(
-    ["job_id", "kind", "queue", "name", "worker", "started_at", "detail"],
+#: Published (``emitted``) if the job is tracked; ``RUN_EVENT_EMITTED`` always (``failed``).
+RUN_EVENT, RUN_EVENT_EMITTED = (insert(event_table).from_select(
+    ["job_id", "kind", "queue", "name", "worker", "started_at", "detail", "emitted"],
     select(t.c.id, cast(bindparam("event_kind"), String), t.c.queue, t.c.name, t.c.owner, t.c.started_at,
-           cast(bindparam("event_detail"), Text)).where(t.c.id == bindparam("job_id")))
+           cast(bindparam("event_detail"), Text), emitted).where(t.c.id == bindparam("job_id")))
+    for emitted in (t.c.tracked, literal(1)))
+#: Events of tracked jobs only (``put``, ``popped``, ``succeeded``, ``canceled``...), published:
+#: ``:event_kind`` for the jobs ``:job_ids`` that are tracked, by the worker on their row.
+TRACKED_EVENT = insert(event_table).from_select(
+    ["job_id", "kind", "queue", "name", "worker", "detail", "emitted"],
+    select(t.c.id, cast(bindparam("event_kind"), String), t.c.queue, t.c.name, t.c.owner,
+           cast(bindparam("event_detail"), Text), literal(1))
+    .where(t.c.id.in_(bindparam("job_ids", expanding=True)), t.c.tracked == 1))
 #: Running jobs first, then queued ones in claim order, then waiting, failed, finished, then any other state.
 _STATE_ORDER = case({RUNNING: 0, QUEUED: 1, WAITING: 2, FAILED: 3, SUCCEEDED: 4, CANCELED: 5, EXPIRED: 6},
                     value=t.c.state, else_=7)
@@ -264,17 +275,21 @@ class Dialect(HistoryStatements):
         shared locking read looks at the latest version.  If the live job
         finished in between, try again.
         """
+        return self.insert_unique_job(conn, values)[0]
+
+    def insert_unique_job(self, conn, values: dict[str, Any]) -> tuple[int, bool]:
+        """``insert_unique``, and whether the job is new (its tags and events are then written)."""
         key = values["unique_key"]
         by_key = select(t.c.id).where(t.c.unique_key == key)
         for _ in range(20):
             job_id = self.insert_if_key_free(conn, values)
             if job_id is not None:
-                return job_id
+                return job_id, True
             existing = conn.execute(by_key).scalar()
             if existing is None:
                 existing = conn.execute(by_key.with_for_update(read=True)).scalar()
             if existing is not None:
-                return int(existing)
+                return int(existing), False
         raise RuntimeError(f"could not enqueue unique_key {key!r}: it keeps changing")
 
     def insert_if_key_free(self, conn, values: dict[str, Any]) -> int | None:
@@ -334,7 +349,18 @@ class Dialect(HistoryStatements):
         """Claim up to ``limit`` due jobs of one priority level (``neg_priority``; None: every level)."""
         statement = self.claim_statement if level is not None else self.claim_any_level_statement
         params = dict(from_queue=queue, level=level, limit=limit, new_owner=owner, lease_seconds=lease_seconds)
-        return self._rows(conn.execute(statement, params))
+        return self._popped(conn, self._rows(conn.execute(statement, params)))
+
+    def _popped(self, conn, rows: list[ClaimedRow]) -> list[ClaimedRow]:
+        """``popped`` events of the tracked jobs among ``rows``, in the claim's transaction (none: no statement)."""
+        tracked = [row.id for row in rows if row.tracked]
+        if tracked:
+            self.emit_tracked(conn, tracked, "popped")
+        return rows
+
+    def emit_tracked(self, conn, job_ids: Sequence[int], kind: str, detail: str | None = None) -> None:
+        """Publish ``kind`` for those of ``job_ids`` that are tracked (rows this transaction changed)."""
+        conn.execute(TRACKED_EVENT, dict(job_ids=list(job_ids), event_kind=kind, event_detail=detail))
 
     @functools.cached_property
     def claim_statement(self):
@@ -359,7 +385,7 @@ class Dialect(HistoryStatements):
     def _rows(result, token_offset: int = 0) -> list[ClaimedRow]:
         """Claimed rows in claim order.  Nothing here raises on a hand-written value (see ``read_time``)."""
         rows = [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + token_offset,
-                           (r.neg_priority, _time_key(r.eta), r.id)) for r in result]
+                           (r.neg_priority, _time_key(r.eta), r.id), bool(r.tracked)) for r in result]
         rows.sort(key=lambda r: r.sort_key)
         return rows
 
@@ -376,16 +402,21 @@ class Dialect(HistoryStatements):
                 lost.append(job_id)
         return lost
 
-    def complete_job(self, conn, job_id: int, token: int) -> bool:
+    def complete_job(self, conn, job_id: int, token: int, tracked: bool = False) -> bool:
         """Mark a job ``succeeded`` inside the task's own transaction: one UPDATE, no event row.
 
         Fenced; row lock by primary key, held until the task's transaction
         commits (with the task's writes) or rolls back, so a rolled-back
-        completion leaves no trace in the job's history.
+        completion leaves no trace in the job's history.  A tracked job also
+        publishes ``succeeded`` (one more statement, tracked jobs only).
         """
-        return conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
+        done = conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
+        if done and tracked:
+            self.emit_tracked(conn, [job_id], "succeeded")
+        return done
 
-    def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    def complete_jobs(self, conn, jobs: Sequence[tuple[int, int]],
+                      tracked: Sequence[int] = ()) -> tuple[list[int], list[int]]:
         """Mark many jobs ``(id, token)`` succeeded at once; return ``(lost, done)``.
 
         For jobs whose task wrote nothing, so there is no task transaction to
@@ -400,6 +431,9 @@ class Dialect(HistoryStatements):
         ours = [job_id for job_id, token, state in rows if state == RUNNING and wanted[job_id] == token]
         if ours:
             conn.execute(COMPLETE_MANY, dict(job_ids=ours))
+            published = [job_id for job_id in ours if job_id in set(tracked)]
+            if published:
+                self.emit_tracked(conn, published, "succeeded")
         kept = set(ours)
         done = {job_id for job_id, token, state in rows if state == SUCCEEDED and wanted[job_id] == token}
         lost = [job_id for job_id in wanted if job_id not in kept]
@@ -421,7 +455,7 @@ class Dialect(HistoryStatements):
         restored by ``requeue_job`` (a retry by hand).
         """
         result = conn.execute(FAIL, dict(job_id=job_id, job_token=token, error_text=error))
-        return self._ended_run(conn, result, job_id, "failed", error)
+        return self._ended_run(conn, result, job_id, "failed", error, RUN_EVENT_EMITTED)
 
     def release_job(self, conn, job_id: int, token: int) -> bool:
         """Hand an unfinished job back on shutdown: ``queued``, same eta and retries; a ``released`` event.
@@ -432,11 +466,11 @@ class Dialect(HistoryStatements):
                                "released", None)
 
     @staticmethod
-    def _ended_run(conn, result, job_id: int, kind: str, detail: str | None) -> bool:
+    def _ended_run(conn, result, job_id: int, kind: str, detail: str | None, statement=RUN_EVENT) -> bool:
         """Record the event of a fenced run-ending UPDATE that matched; False (nothing written) if it did not."""
         if result.rowcount != 1:
             return False
-        conn.execute(RUN_EVENT, dict(job_id=job_id, event_kind=kind, event_detail=detail))
+        conn.execute(statement, dict(job_id=job_id, event_kind=kind, event_detail=detail))
         return True
 
     def rescue_expired(self, conn, queues: Sequence[str]) -> int:
@@ -469,9 +503,11 @@ class Dialect(HistoryStatements):
             (t.c.lease_expires_at, None)))
         # Every chosen row was locked (or the write lock held), so each was updated.
         conn.execute(insert(event_table).from_select(
-            ["job_id", "kind", "queue", "name", "worker", "started_at", "detail"],
+            ["job_id", "kind", "queue", "name", "worker", "started_at", "detail", "emitted"],
             select(t.c.id, case((t.c.state == FAILED, "failed"), else_="rescued"), t.c.queue, t.c.name,
-                   t.c.owner, t.c.started_at, t.c.last_error).where(t.c.id.in_(ids), t.c.state != RUNNING)))
+                   t.c.owner, t.c.started_at, t.c.last_error,
+                   case((or_(t.c.state == FAILED, t.c.tracked == 1), 1), else_=0))
+            .where(t.c.id.in_(ids), t.c.state != RUNNING)))
         return result.rowcount
 
     def job_state(self, conn, job_id: int) -> tuple[str, int] | None:
@@ -538,8 +574,11 @@ class Dialect(HistoryStatements):
 
         Its unique key is freed.  Row lock by primary key.
         """
-        return conn.execute(update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token).values(
+        done = conn.execute(update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token).values(
             state=CANCELED, finished_at=utc_now(), unique_key=None, lease_expires_at=None)).rowcount == 1
+        if done:
+            self.emit_tracked(conn, [job_id], "canceled")
+        return done
 
     def hasten_job(self, conn, job_id: int, token: int) -> bool:
         """A queued job waiting for a later eta becomes due now.  Row lock by primary key."""
@@ -574,10 +613,11 @@ class Dialect(HistoryStatements):
         return updated
 
     def _put_by_hand(self, conn, job_ids: Sequence[int]) -> None:
-        """``put`` events for jobs just queued again by hand (rows this transaction changed)."""
+        """``put`` events for jobs just queued again by hand (rows this transaction changed); a
+        tracked job's is published."""
         conn.execute(insert(event_table).from_select(
-            ["job_id", "kind", "queue", "name", "detail"],
-            select(t.c.id, literal("put"), t.c.queue, t.c.name, literal("retried by hand"))
+            ["job_id", "kind", "queue", "name", "detail", "emitted"],
+            select(t.c.id, literal("put"), t.c.queue, t.c.name, literal("retried by hand"), t.c.tracked)
             .where(t.c.id.in_(list(job_ids)))))
 
     def retry_failed(self, conn, queue: str | None, batch: int = 500) -> tuple[int, list[int]]:

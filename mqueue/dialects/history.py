@@ -19,11 +19,12 @@ from sqlalchemy.exc import IntegrityError
 
 from .functions import utc_now
 
-from ..schema import EXPIRED, FINISHED, SUCCEEDED, event_table, setting_table, stats_table, task_table
+from ..schema import EXPIRED, FINISHED, SUCCEEDED, event_table, setting_table, stats_table, tag_table, task_table
 
 t = task_table
 e = event_table
 s = stats_table
+g = tag_table
 
 #: Event kinds that count as a failed run retried, and as a job failed for good (``mqueue stats``).
 RETRIED_KINDS = ("retried", "rescued")
@@ -81,9 +82,10 @@ class HistoryStatements:
         return conn.execute(query.with_for_update() if lock else query).all()
 
     def delete_jobs(self, conn, job_ids: Sequence[int]) -> int:
-        """Delete finished jobs and their events (rows the caller locked).  Primary key and ``(job_id, id)``."""
+        """Delete finished jobs, their events and tags (rows the caller locked).  Primary keys."""
         ids = list(job_ids)
         conn.execute(delete(e).where(e.c.job_id.in_(ids)))
+        conn.execute(delete(g).where(g.c.job_id.in_(ids)))
         return conn.execute(delete(t).where(t.c.id.in_(ids), t.c.state.in_(FINISHED))).rowcount
 
     def prunable_events(self, conn, older_than: dt.datetime, limit: int) -> list:
@@ -141,6 +143,69 @@ class HistoryStatements:
         rows = conn.execute(select(e.c.kind, func.count()).where(
             e.c.queue == queue, e.c.at >= start, e.c.at < end).group_by(e.c.kind)).all()
         return {kind: int(count) for kind, count in rows}
+
+    # -- tags -----------------------------------------------------------------
+    def add_tags(self, conn, pairs: Sequence[tuple[int, str]]) -> None:
+        """Insert ``(job_id, tag)`` rows that do not exist yet.  Primary key ``(job_id, tag)``."""
+        job_ids = sorted({job_id for job_id, _ in pairs})
+        have = set(conn.execute(select(g.c.job_id, g.c.tag).where(g.c.job_id.in_(job_ids))).tuples())
+        new = [dict(job_id=job_id, tag=tag) for job_id, tag in dict.fromkeys(pairs) if (job_id, tag) not in have]
+        if new:
+            conn.execute(insert(g), new)
+
+    def remove_tags(self, conn, job_id: int, tags: Sequence[str]) -> None:
+        conn.execute(delete(g).where(g.c.job_id == job_id, g.c.tag.in_(list(tags))))
+
+    def tags_of(self, conn, job_ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """Each job's tags, sorted (jobs without tags are absent).  Primary key prefix ``job_id``."""
+        tags: dict[int, list[str]] = {}
+        if job_ids:
+            for job_id, tag in conn.execute(select(g.c.job_id, g.c.tag).where(g.c.job_id.in_(list(job_ids)))
+                                            .order_by(g.c.job_id, g.c.tag)):
+                tags.setdefault(job_id, []).append(tag)
+        return {job_id: tuple(values) for job_id, values in tags.items()}
+
+    def jobs_tagged(self, conn, tag: str, limit: int, queue: str | None = None, state: str | None = None) -> list:
+        """Rows of jobs with ``tag``, newest (highest id) first: the ``(tag, job_id)`` index walked
+        backwards, each job by primary key.  Plain read."""
+        query = (select(t).join(g, g.c.job_id == t.c.id).where(g.c.tag == tag)
+                 .order_by(g.c.job_id.desc()).limit(limit))
+        if queue is not None:
+            query = query.where(t.c.queue == queue)
+        if state is not None:
+            query = query.where(t.c.state == state)
+        return conn.execute(query).all()
+
+    def set_tracked(self, conn, job_id: int, tracked: bool) -> bool:
+        """Track or stop tracking a job (any state).  Row lock by primary key."""
+        return conn.execute(update(t).where(t.c.id == job_id).values(tracked=int(tracked))).rowcount == 1
+
+    # -- published events --------------------------------------------------------
+    def published_events(self, conn, after: int | None, limit: int, kinds: Sequence[str] = (),
+                         job_id: int | None = None, ids: Sequence[int] = ()) -> list:
+        """Published events with id above ``after`` (or with the given ``ids``), in id order.
+
+        A range of the primary key (or the ``(job_id, id)`` index for one
+        job); plain read.
+        """
+        query = select(e).where(e.c.emitted == 1).order_by(e.c.id).limit(limit)
+        if ids:
+            query = query.where(e.c.id.in_(list(ids)))
+        elif after is not None:
+            query = query.where(e.c.id > after)
+        if kinds:
+            query = query.where(e.c.kind.in_(list(kinds)))
+        if job_id is not None:
+            query = query.where(e.c.job_id == job_id)
+        return conn.execute(query).all()
+
+    def event_ids(self, conn, after: int, limit: int, also: Sequence[int] = ()) -> list[int]:
+        """Ids of every event (published or not) above ``after`` (at most ``limit``, ascending),
+        and those of ``also`` that exist: how a reader finds gaps.  Primary key only."""
+        ids = list(conn.execute(select(e.c.id).where(e.c.id > after).order_by(e.c.id).limit(limit)).scalars())
+        if also:
+            ids += conn.execute(select(e.c.id).where(e.c.id.in_(list(also)))).scalars()
+        return sorted(set(ids))
 
     # -- shared settings ------------------------------------------------------
     def read_settings(self, conn) -> dict[str, str]:

@@ -109,7 +109,7 @@ class MySQLDialect(Dialect):
         if not rows:
             return []
         conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
-        return self._rows(rows, token_offset=1)
+        return self._popped(conn, self._rows(rows, token_offset=1))
 
     def set_lock_wait(self, dbapi_connection, seconds: float) -> None:
         """``innodb_lock_wait_timeout`` for the session (whole seconds, at least 1; 1205 when exceeded)."""

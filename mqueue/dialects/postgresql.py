@@ -13,10 +13,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import DDL, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
+from ..schema import event_table
 from .base import Dialect, t
+
+#: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
+EVENTS_CHANNEL = "mqueue_events"
+#: The trigger that sends it, in the event's own transaction (a copy is in migration 0004).
+EVENT_NOTIFY_DDL = (
+    "CREATE OR REPLACE FUNCTION mqueue_event_notify() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    f"BEGIN PERFORM pg_notify('{EVENTS_CHANNEL}', NEW.id::text); RETURN NULL; END $$",
+    "CREATE TRIGGER mqueue_event_notify AFTER INSERT ON mqueue_event "
+    "FOR EACH ROW WHEN (NEW.emitted = 1) EXECUTE FUNCTION mqueue_event_notify()",
+)
+for _ddl in EVENT_NOTIFY_DDL:
+    event.listen(event_table, "after_create", DDL(_ddl.replace("%", "%%")).execute_if(dialect="postgresql"))
 
 # SQLSTATE classes and codes that mean "try again".
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03", "53300"}
