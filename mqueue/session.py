@@ -187,11 +187,27 @@ def translate_error(bind, error: BaseException) -> BaseException:
     dialect = dialect_for(engine)
     where = safe_url(engine.url)
     if dialect.is_missing_table(error):
-        return SchemaMissingError(f"mqueue tables missing in {where}; run: python -m mqueue migrate")
+        return SchemaMissingError(f"{_missing_table(error)} missing in {where}; run: python -m mqueue migrate")
     if dialect.is_unreachable(error):
         cause = first_line(error)
         return DatabaseUnavailableError(f"cannot reach database {where}: {cause}")
     return error
+
+
+def _missing_table(error: BaseException) -> str:
+    """``table mqueue_task`` when the driver's message names one of mqueue's tables, else ``mqueue tables``.
+
+    Whole names only: a MySQL message says ``'app.mqueue_task'``, and the
+    database's own name may start with ``mqueue_`` too.
+    """
+    import re
+
+    from .schema import metadata
+    message = first_line(error)
+    for name in sorted(metadata.tables, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(name)}\b", message):
+            return f"table {name}"
+    return "mqueue tables"
 
 
 def as_database(database: "Database | str | URL | Engine") -> Database:

@@ -36,9 +36,9 @@ from typing import Sequence
 
 from . import wakeup
 from .errors import LeaseLostError
-from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running
+from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running, log_outcome
 from .jobs import Job
-from .loops import Loop
+from .loops import Loop, OutageLog
 from .session import Database, as_database
 from .startup import wait_for_database
 
@@ -181,14 +181,15 @@ class Worker:
         wakeup.subscribe(self.queues, self._wake)
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
-        executors = [Loop("running a job", self._execute_step).start(f"mqueue-exec-{n}")
+        outages = OutageLog(self._describe_outage)
+        executors = [Loop("running a job", self._execute_step, outages=outages).start(f"mqueue-exec-{n}")
                      for n in range(self.concurrency)]
-        completer = Loop("completing jobs", self._complete_step).start("mqueue-complete")
-        heartbeat = Loop("heartbeating", self._heartbeat_step).start("mqueue-heartbeat")
-        watchdog = Loop("enforcing timeouts", self._watchdog_step).start("mqueue-watchdog")
-        rescuer = Loop("rescuing expired jobs", self._rescue_step).start("mqueue-rescue")
-        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler)).start("mqueue-cron")
-        self._producer = Loop("claiming", self._claim_step, wake=self._wake,
+        completer = Loop("completing jobs", self._complete_step, outages=outages).start("mqueue-complete")
+        heartbeat = Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat")
+        watchdog = Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")
+        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages).start("mqueue-rescue")
+        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages).start("mqueue-cron")
+        self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
                               interrupted=lambda: self._pending_signal is not None)
         log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds)
@@ -334,8 +335,7 @@ class Worker:
     def _hand_back(self, running: Running) -> None:
         self._finish(running, None)
         if self.executor.release(running.row):
-            log.info("job=%s task=%s queue=%s outcome=released", running.row.id, running.row.name,
-                     running.row.queue)
+            log_outcome(running.row, running.run_seconds(), RELEASED)
 
     def _heartbeat_step(self) -> float:
         with self._held_lock:
@@ -382,6 +382,12 @@ class Worker:
             log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
             self._wake.set()
         return self.rescue_seconds
+
+    def _describe_outage(self, error: BaseException) -> str | None:
+        """A missing table in the words of ``SchemaMissingError`` (what to run); None for an outage."""
+        if self.db.dialect.is_missing_table(error):
+            return str(self.db.translate(error))
+        return None
 
     def _cron_step(self, scheduler) -> float:
         if scheduler.tick():

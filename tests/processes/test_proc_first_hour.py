@@ -1,0 +1,64 @@
+"""First-hour behaviour of real daemons (issue 11): outage logging, forcing a stuck job back,
+and ``mqueue.start()`` logging to stderr by itself."""
+
+from __future__ import annotations
+
+import re
+import signal
+import textwrap
+import time
+
+import pytest
+from daemons import effects, enqueue, first_start, job_row, jobs_left, pause
+from helpers import run_python, wait_for
+from test_proc_outage import proxied, proxy  # noqa: F401 - ``proxy`` is a fixture
+
+from mqueue.loops import outage_delay
+
+OUTAGE_SECONDS = 6.0
+#: A cron that is never due during a test: its loop still reads ``mqueue_cron`` every second.
+CRONS = '''
+import mqueue
+
+
+@mqueue.cron("0 0 1 1 *", name="proc.new_year")
+def new_year():
+    pass
+'''
+
+
+def attempts_possible(elapsed: float) -> int:
+    """How many attempts one loop can make in ``elapsed`` seconds of outage (first at once, then backing off)."""
+    attempts, at = 1, 0.0
+    while at + outage_delay(attempts) <= elapsed:
+        at += outage_delay(attempts)
+        attempts += 1
+    return attempts
+
+
+@pytest.mark.backends("mariadb", "postgresql")
+def test_an_outage_is_one_warning_per_backoff_step_for_the_whole_worker(database_url, tasks, daemons, proxy):
+    (tasks.root / "proctasks" / "crons.py").write_text(CRONS)
+    daemon = daemons.start(url=proxied(database_url, proxy), lease=2)
+    daemon.wait_serving()
+    wait_for(lambda: "cron=proc.new_year" in daemon.stderr(), message=daemon.stderr)
+    before = len(daemon.stderr().splitlines())
+
+    proxy.refuse()
+    proxy.reset()
+    started = time.monotonic()
+    time.sleep(OUTAGE_SECONDS)  # the outage itself: claiming, rescuing and the cron loop all fail meanwhile
+    proxy.passthrough()
+    elapsed = time.monotonic() - started
+    wait_for(lambda: "database available again" in daemon.stderr(), timeout=15, message=daemon.stderr)
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+
+    lines = daemon.stderr().splitlines()[before:]
+    warnings = [line for line in lines if " WARNING " in line]
+    attempts = [int(re.search(r"\(attempt (\d+)\)", line).group(1)) for line in warnings]
+    # Each step logged once, by whichever loop got there first: 1, 2, 3, ... never a step twice.
+    assert attempts == list(range(1, len(warnings) + 1)), "\n".join(warnings)
+    assert len(warnings) <= attempts_possible(elapsed) + 1, "\n".join(warnings)
+    assert all("database unavailable while" in line for line in warnings)
+    assert sum("database available again" in line for line in lines) == 1
