@@ -26,7 +26,7 @@ from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundErr
                      SchemaMissingError, UnknownTaskError, first_line)
 from .schema import STATES
 from .session import Database, safe_url
-from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS
+from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS, LOG_FORMAT
 
 EXIT_OK = 0
 EXIT_ERROR = 1        # anything else (e.g. the tasks package fails to import)
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.log_level = getattr(args, "log_level", "info")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:

@@ -478,11 +478,40 @@ def worker_database(database: "Database | str", concurrency: int, lease_seconds:
     return database
 
 
+#: One layout for mqueue's log lines: ``python -m mqueue`` and ``mqueue.start()`` use it.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_stderr_handler: logging.Handler | None = None
+
+
+def log_to_stderr() -> None:
+    """Send mqueue's log lines (info and up) to stderr, unless the application set up logging.
+
+    Only when the root logger has no handler, and once per process: an
+    application that configures logging (before ``start``) keeps its own
+    handlers, format and levels, and mqueue adds nothing.  The handler sits
+    on the ``mqueue`` logger, so other libraries' logging is left alone.
+    """
+    global _stderr_handler
+    if _stderr_handler is not None or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package = logging.getLogger("mqueue")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+    _stderr_handler = handler
+
+
 def start(queue: "str | Sequence[str]", database: "Database | str | None" = None, package: str | None = "tasks",
           **worker_options) -> None:
-    """Discover ``package``'s tasks and run a worker until a signal (MQueue's ``mqueue.start``)."""
+    """Discover ``package``'s tasks and run a worker until a signal (MQueue's ``mqueue.start``).
+
+    Its log lines go to stderr unless the application configured logging (``log_to_stderr``).
+    """
     from .config import default_url, settings
     from .registry import discover
+    log_to_stderr()
     if package:
         discover(package)
     db = database if database is not None else (settings.database or default_url())

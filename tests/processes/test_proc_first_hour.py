@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 import signal
-import textwrap
+import subprocess
+import sys
 import time
 
 import pytest
 from daemons import effects, enqueue, first_start, job_row, jobs_left, pause
-from helpers import run_python, wait_for
+from helpers import python_env, wait_for
 from test_proc_outage import proxied, proxy  # noqa: F401 - ``proxy`` is a fixture
 
 from mqueue.loops import outage_delay
@@ -62,3 +63,48 @@ def test_an_outage_is_one_warning_per_backoff_step_for_the_whole_worker(database
     assert len(warnings) <= attempts_possible(elapsed) + 1, "\n".join(warnings)
     assert all("database unavailable while" in line for line in warnings)
     assert sum("database available again" in line for line in lines) == 1
+
+
+# -- item 7: mqueue.start() from Python logs to stderr unless the application set up logging ------
+
+START_SCRIPT = '''
+import logging, sys
+if sys.argv[2] == "configured":
+    logging.basicConfig(level=logging.INFO, format="APP %(levelname)s %(name)s %(message)s")
+import mqueue
+mqueue.start("default", sys.argv[1], package="proctasks", poll_interval=0.05, lease=2)
+'''
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("logging_setup", ["none", "configured"])
+def test_start_from_python_logs_to_stderr_unless_the_application_configured_logging(
+        database_url, db, tasks, logging_setup):
+    (job_id,) = enqueue(db, "proc.effect", [{"n": 1}])
+    env = python_env(tasks.env())
+    env["PYTHONPATH"] = f"{tasks.root}:{env['PYTHONPATH']}"
+    err_path = tasks.root / "start.err"
+
+    def output() -> str:
+        return err_path.read_text()
+
+    with open(err_path, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-c", START_SCRIPT, database_url, logging_setup],
+                                   cwd=tasks.root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: f"job={job_id} " in output() and "outcome=succeeded" in output(), timeout=30,
+                     message=output)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    lines = output().splitlines()
+    served = [line for line in lines if " serving default " in line]
+    succeeded = [line for line in lines if f"job={job_id} " in line and "outcome=succeeded" in line]
+    assert len(served) == 1 and len(succeeded) == 1, lines  # once: never twice through two handlers
+    if logging_setup == "none":
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mqueue\.executor: job=", succeeded[0])
+    else:
+        assert succeeded[0].startswith("APP INFO mqueue.executor job=")
