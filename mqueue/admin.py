@@ -28,7 +28,7 @@ import dataclasses
 import datetime as dt
 import json
 import numbers
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -254,21 +254,27 @@ def get_job(database: "Database | str", job_id: int) -> JobInfo:
     return job
 
 
-def stats(database: "Database | str") -> list[QueueStats]:
+def stats(database: "Database | str", queues: Iterable[str] = ()) -> list[QueueStats]:
     """Per queue, sorted by name: due, scheduled, running and failed counts, and the oldest due age.
 
     "Due" is judged by the database's clock, read once, so the counts and the
-    age agree with each other and with what workers would claim.
+    age agree with each other and with what workers would claim.  Known
+    queues with no jobs are listed too, with zero counts: ``queues`` (e.g.
+    those of the registered tasks) and the queues of the crons in ``mqueue_cron``.
     """
     with _opened(database) as db, _reading(db) as conn:
         now = db.dialect.db_now(conn)
         rows = db.dialect.queue_stats(conn, now)
+        known = set(queues) | {cron.queue for cron in db.dialect.list_crons(conn)}
     stats = []
     for row in rows:
         oldest = read_time(row.oldest_due)
         stats.append(QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
                                 None if oldest is None else max(0.0, (now - oldest).total_seconds()),
                                 int(row.other)))
+    idle = known - {queue.queue for queue in stats}
+    if idle:
+        stats = sorted(stats + [QueueStats(queue, 0, 0, 0, 0, None) for queue in idle], key=lambda q: q.queue)
     return stats
 
 

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import config
-from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundError, MQueueError,
-                     SchemaMissingError, UnknownTaskError, first_line)
+from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, InvalidStateError,
+                     JobNotFoundError, MQueueError, SchemaMissingError, UnknownTaskError, first_line)
 from .schema import STATES
 from .session import Database, safe_url
 from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS, LOG_FORMAT
@@ -86,7 +86,7 @@ def add_job_commands(commands) -> None:
                     '{"when": {"$type": "datetime", "$value": "2030-01-01T00:00:00"}}. '
                     "With --tasks, or when a 'tasks' package is importable from the current directory, "
                     "the name and arguments are checked against the registered task; otherwise the row "
-                    "is stored unchecked.")
+                    "is stored unchecked, with a warning on stderr.")
     enqueue.add_argument("name", metavar="NAME", help="task name, e.g. tasks.mail")
     enqueue.add_argument("arguments", nargs="?", default="{}", metavar="ARGUMENTS",
                          help="JSON object of named arguments (default {})")
@@ -123,7 +123,12 @@ def add_job_commands(commands) -> None:
     retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     retry.set_defaults(handler=cmd_retry)
 
-    counts = commands.add_parser("stats", help="per queue: due, scheduled, running, failed, oldest due age")
+    counts = commands.add_parser(
+        "stats", help="per queue: queued (due now), scheduled, running, failed, other, oldest_due_seconds",
+        description="Counts per queue, with the same names in the table and in --json. Queues with no jobs "
+                    "are listed too when known: those of the registered tasks and of the crons.")
+    counts.add_argument("--tasks", metavar="PACKAGE",
+                        help="import PACKAGE to list its tasks' queues too (default: tasks, if found)")
     counts.set_defaults(handler=cmd_stats)
 
     crons = commands.add_parser("crons", help="registered crons with their last and next run")
@@ -220,13 +225,19 @@ def open_database(args, **engine_kwargs) -> Database:
     url = args.database or config.default_url()
     try:
         return Database(url, **engine_kwargs)
+    except DatabaseURLError:
+        raise  # already names the URL and the scheme to use
     except (SQLAlchemyError, ImportError, ValueError) as error:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
 def admin_database(args) -> Database:
-    """The database of a job command, checked first: unreachable or unmigrated is one clear line."""
+    """The database of a job command, checked first: unreachable or unmigrated is one clear line.
+
+    A SQLite file that does not exist is reported, not created empty.
+    """
     db = open_database(args)
+    db.check_file()
     db.check_schema()
     return db
 
@@ -336,15 +347,20 @@ def _library_tracebacks_as_one_line(record: logging.LogRecord) -> bool:
     return True
 
 
+def warn(message: str) -> None:
+    """One line on stderr that does not stop the command (stdout stays what scripts capture)."""
+    print(f"mqueue: warning: {message}", file=sys.stderr)
+
+
 def exit_code(error: BaseException) -> int:
     """The named exit code for an error that ends a command."""
-    if isinstance(error, (SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError)):
+    if isinstance(error, (SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError, AccessDeniedError)):
         return EXIT_DATABASE
     if isinstance(error, JobNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(error, InvalidStateError):
         return EXIT_STATE
-    if isinstance(error, (UsageError, UnknownTaskError)):
+    if isinstance(error, (UsageError, UnknownTaskError, DatabaseURLError)):
         return EXIT_USAGE
     return EXIT_ERROR
 
@@ -374,6 +390,10 @@ def cmd_enqueue(args) -> int:
                                        queue=args.queue, require_registered=checked)
     except (TypeError, ValueError) as error:  # signature mismatch, unstorable value
         raise UsageError(str(error)) from None
+    if not checked:  # after the enqueue: a command that fails still says one thing
+        warn(f"no tasks package {config.settings.package!r} importable from {os.getcwd()}: task name "
+             f"{args.name!r} and its arguments were stored unchecked (run from the application's directory "
+             f"or pass --tasks PACKAGE)")
     print(job_id)
     return EXIT_OK
 
@@ -443,11 +463,27 @@ def cmd_retry(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    """The overview: one row per known queue; the headings are the JSON keys."""
     from . import admin
     return print_listing(
-        args, admin.stats(admin_database(args)), "no jobs",
-        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST DUE"),
-        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other, format_age(q.oldest_due_seconds)))
+        args, admin.stats(admin_database(args), task_queues(args.tasks)), "no jobs",
+        ("QUEUE", "QUEUED", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST_DUE_SECONDS"),
+        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other,
+                   "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}"))
+
+
+def task_queues(package: str | None) -> set[str]:
+    """The queues of the tasks in the tasks package (``--tasks``, else ``tasks`` if found); a warning if it fails."""
+    from .registry import registered_tasks
+    try:
+        if not load_tasks(package):
+            return set()
+    except (UsageError, ImportError) as error:
+        if package is not None:
+            raise  # asked for by name: an error, as for enqueue
+        warn(f"{error}; queues without jobs are not listed")
+        return set()
+    return {task.queue or config.settings.queue for task in registered_tasks().values()}
 
 
 def cmd_crons(args) -> int:
@@ -565,19 +601,6 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def format_time(value: dt.datetime | None, suffix: str = "") -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + suffix
-
-
-def format_age(seconds: float | None) -> str:
-    """``-``, ``0.4s``, ``42s``, ``3m04s``, ``2h05m``, ``3d04h``."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if whole >= size:
-            return f"{whole // size}{unit}{whole % size // small_size:02d}{small}"
-    return f"{whole}s"
 
 
 def excerpt(text: str, width: int) -> str:

@@ -184,6 +184,10 @@ class Dialect:
         """
         return (self.name, (url.host or "").lower(), url.port or self.default_port, url.database, url.username)
 
+    def missing_database_file(self, url: URL) -> str | None:
+        """The path of a database file that connecting would create, empty; None for a server database."""
+        return None
+
     def adopt_engine(self, engine: Engine) -> Engine:
         """An application's own engine, with the options mqueue needs (same pool)."""
         return engine
@@ -605,4 +609,8 @@ class Dialect:
 
     def is_unreachable(self, error: BaseException) -> bool:
         """The server could not be reached at all (refused, unknown host, timed out)."""
+        return False
+
+    def is_access_denied(self, error: BaseException) -> bool:
+        """The server refused the login (user or password): waiting will not fix it."""
         return False

@@ -162,3 +162,18 @@ def test_a_dropped_table_is_one_line_per_backoff_step_naming_the_table_and_the_f
     for line in lines:
         assert line.startswith(f"table mqueue_task missing in {db.safe_url}; run: python -m mqueue migrate"), line
         assert "unavailable" not in line
+
+
+# -- item 11: stats lists known queues that have no jobs ------------------------------------------
+
+
+def test_stats_lists_the_queues_given_and_those_of_the_crons_with_zero_counts(db):
+    from mqueue import admin
+    from mqueue.schema import cron_table
+    with db.engine.begin() as conn:
+        conn.execute(insert(cron_table).values(name="fh.nightly", queue="reports", schedule="0 3 * * *", tz="UTC"))
+    with db.session():
+        smtp.enqueue("a@example.com")
+    assert [(s.queue, s.queued, s.oldest_due_seconds is None) for s in admin.stats(db, queues=["mail", "fh"])] == [
+        ("fh", 1, False), ("mail", 0, True), ("reports", 0, True)]
+    assert [s.queue for s in admin.stats(db)] == ["fh", "reports"]
