@@ -210,9 +210,11 @@ def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
     if job is None:
         raise _not_found(job_id)
     if job.state == RUNNING and not job.leaseless:
+        force = (f" (or, if its worker is dead, force it back: mqueue retry {job.id} --force)"
+                 if action == "retried" else "")
         raise InvalidStateError(
             f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
-            f"wait for it to finish or for its lease to expire")
+            f"wait for it to finish or for its lease to expire{force}")
     return job
 
 
@@ -310,7 +312,7 @@ def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
     raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
 
 
-def retry_job(database: "Database | str", job_id: int) -> JobInfo:
+def retry_job(database: "Database | str", job_id: int, force: bool = False) -> JobInfo:
     """Make a job run as soon as a worker is free; return it as it is now.
 
     A failed job goes back to ``queued`` with ``retries`` reset to 0 (so it
@@ -321,13 +323,26 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
     raises ``InvalidStateError``; a running row without a lease, or a row in
     a state mqueue does not know (both written by hand), is queued like a
     failed one.
+
+    ``force=True`` also takes a running job back from its worker (one killed
+    or frozen before its lease expired): it is queued, due now, under a new
+    lease token, so that run's completion, heartbeats and failure are refused
+    and its writes roll back.  ``retries`` is kept.  On SQLite this waits
+    while the running task holds the write lock.
     """
     _check_id(job_id)
     with _opened(database) as db:
-        _check_not_running(db, job_id, "retried")
+        if not force:
+            _check_not_running(db, job_id, "retried")
         with _writing(db) as session:
             for _ in range(_WRITE_ATTEMPTS):
-                job = _checked(_read(db, session, job_id), job_id, "retried")
+                job = _read(db, session, job_id)
+                if force and job is not None and job.state == RUNNING and not job.leaseless:
+                    if db.dialect.force_requeue_job(session, job_id, job.token):
+                        wakeup.notify_after_commit(session, job.queue)
+                        return _read(db, session, job_id)
+                    continue
+                job = _checked(job, job_id, "retried")
                 if job.state == QUEUED:
                     updated = db.dialect.hasten_job(session, job_id, job.token)
                 else:

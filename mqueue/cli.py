@@ -117,8 +117,12 @@ def add_job_commands(commands) -> None:
     cancel.set_defaults(handler=cmd_cancel)
 
     retry = commands.add_parser("retry", help="run a failed or waiting job now (failed: retries back to 0)",
-                                usage="%(prog)s [-h] (ID | --all-failed [--queue QUEUE]) [--database URL]")
+                                usage="%(prog)s [-h] (ID [--force] | --all-failed [--queue QUEUE]) "
+                                      "[--database URL]")
     retry.add_argument("id", nargs="?", type=job_id, metavar="ID", help="the job to retry")
+    retry.add_argument("--force", action="store_true",
+                       help="a running job too, for a worker that was killed: the job is queued under a new "
+                            "lease token, so that worker's run can never complete (its writes roll back)")
     retry.add_argument("--all-failed", action="store_true", help="retry every failed job (of --queue, else all)")
     retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     retry.set_defaults(handler=cmd_retry)
@@ -451,13 +455,15 @@ def cmd_retry(args) -> int:
         raise UsageError("give a job ID or --all-failed (see: mqueue retry --help)")
     if args.queue is not None and not args.all_failed:
         raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
+    if args.force and args.all_failed:
+        raise UsageError("--force goes with a job ID, not with --all-failed")
     db = admin_database(args)
     if args.all_failed:
         count = admin.retry_failed(db, args.queue)
         print(f"retried {count} failed job{'' if count == 1 else 's'}"
               f"{f' in queue {args.queue}' if args.queue else ''}")
     else:
-        job = admin.retry_job(db, args.id)
+        job = admin.retry_job(db, args.id, force=args.force)
         print(f"job {job.id} ({job.name}) is queued, due {format_time(job.eta, ' UTC')}")
     return EXIT_OK
 
@@ -473,7 +479,7 @@ def cmd_stats(args) -> int:
 
 
 def task_queues(package: str | None) -> set[str]:
-    """The queues of the tasks in the tasks package (``--tasks``, else ``tasks`` if found); a warning if it fails."""
+    """The queues of the tasks in ``--tasks`` (else ``tasks``, if found); a warning if that package fails."""
     from .registry import registered_tasks
     try:
         if not load_tasks(package):

@@ -537,6 +537,20 @@ class Dialect:
                 held.append(job_id)
         return count, held
 
+    def force_requeue_job(self, conn, job_id: int, token: int) -> bool:
+        """Take a running job back from its worker by hand (``mqueue retry ID --force``): queued, due now.
+
+        For a job whose worker was killed or frozen before its lease expired.
+        The token goes up by one, so everything the old run still tries
+        (completion, heartbeat, failure, hand-back) matches no row and its
+        writes roll back: the fence makes this safe.  ``retries`` is kept
+        (the interrupted run is not counted as a failure) and the unique key
+        stays with the job.  Named on the state and token just read; row
+        lock by primary key.
+        """
+        return conn.execute(update(t).where(t.c.id == job_id, t.c.state == RUNNING, t.c.token == token).values(
+            state=QUEUED, token=t.c.token + 1, eta=utc_now(), owner=None, lease_expires_at=None)).rowcount == 1
+
     # -- crons -------------------------------------------------------------
     def advance_cron(self, conn, name: str, expected_next_slot, slot, next_slot) -> bool:
         """Compare-and-set: move a cron from ``expected_next_slot`` to ``next_slot``.

@@ -177,3 +177,36 @@ def test_stats_lists_the_queues_given_and_those_of_the_crons_with_zero_counts(db
     assert [(s.queue, s.queued, s.oldest_due_seconds is None) for s in admin.stats(db, queues=["mail", "fh"])] == [
         ("fh", 1, False), ("mail", 0, True), ("reports", 0, True)]
     assert [s.queue for s in admin.stats(db)] == ["fh", "reports"]
+
+
+# -- item 12: a running job whose worker died can be forced back --------------------------------
+
+
+def test_retry_force_takes_a_running_job_back_and_fences_the_old_run_out(db):
+    from mqueue import admin
+    with db.session():
+        job_id = smtp.enqueue("a@example.com")
+    with db.engine.begin() as conn:
+        [old] = db.dialect.claim_jobs(conn, "fh", 1, "dead-host:1:aa", 60)
+    with pytest.raises(mqueue.InvalidStateError, match=rf"force it back: mqueue retry {job_id} --force\)$"):
+        admin.retry_job(db, job_id)
+
+    job = admin.retry_job(db, job_id, force=True)
+    assert (job.state, job.token, job.owner, job.retries, job.lease_expires_at) == ("queued", old.token + 1, None,
+                                                                                    0, None)
+    with db.engine.connect() as conn:
+        assert job.eta <= db.dialect.db_now(conn)
+    # Whatever the old run still tries is refused by the fence.
+    with db.engine.begin() as conn:
+        assert db.dialect.heartbeat_jobs(conn, [(job_id, old.token)], 60) == [job_id]
+        assert not db.dialect.complete_job(conn, job_id, old.token)
+        assert not db.dialect.fail_job(conn, job_id, old.token, "late")
+        assert not db.dialect.release_job(conn, job_id, old.token)
+    # The next claim runs it under a token of its own.
+    with db.engine.begin() as conn:
+        [new] = db.dialect.claim_jobs(conn, "fh", 1, "live-host:2:bb", 60)
+    assert (new.id, new.token) == (job_id, old.token + 2)
+    # A job that is not running is retried as before, forced or not.
+    with db.engine.begin() as conn:
+        assert db.dialect.fail_job(conn, job_id, new.token, "boom")
+    assert admin.retry_job(db, job_id, force=True).state == "queued"

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from daemons import effects, enqueue, first_start, job_row, jobs_left, pause
+from daemons import effects, enqueue, first_start, job_row, pause
 from helpers import python_env, wait_for
 from test_proc_outage import proxied, proxy  # noqa: F401 - ``proxy`` is a fixture
 
@@ -108,3 +108,48 @@ def test_start_from_python_logs_to_stderr_unless_the_application_configured_logg
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mqueue\.executor: job=", succeeded[0])
     else:
         assert succeeded[0].startswith("APP INFO mqueue.executor job=")
+
+
+# -- item 12: retry --force takes a job back from a frozen worker; the fence refuses its run ------
+
+FORCE_LEASE = 10.0
+
+
+def test_retry_force_runs_a_frozen_workers_job_once_elsewhere(backend, database_url, db, tasks, daemons):
+    frozen = daemons.start(lease=FORCE_LEASE, name="frozen")
+    frozen.wait_serving()
+    # On the servers the first run writes its effect before it blocks (an open transaction that
+    # must never commit); on SQLite that would hold the only write lock, so it writes after.
+    (job_id,) = enqueue(db, "proc.block", [{"write_first": backend != "sqlite"}])
+    first = first_start(tasks, job_id, daemons=daemons)
+    assert first[1] == frozen.pid
+    pause(frozen, db, job_id)
+    frozen_at = time.time()
+
+    forced = subprocess.run([sys.executable, "-m", "mqueue", "retry", str(job_id), "--force", "--database",
+                             database_url], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert forced.returncode == 0 and forced.stderr == "", forced.stderr
+    assert forced.stdout.startswith(f"job {job_id} (proc.block) is queued, due ")
+    assert job_row(db, job_id).state == "queued"
+
+    tasks.release()  # the flag a blocked run waits for: the next run does not block
+    other = daemons.start(lease=FORCE_LEASE, name="other")
+    wait_for(lambda: [(r.job_id, r.pid) for r in effects(db)] == [(job_id, other.pid)], timeout=20,
+             message=daemons.output)
+    second = [run for run in tasks.executions() if run[1] == other.pid]
+    assert len(second) == 1 and second[0][3] - frozen_at < FORCE_LEASE  # forced back, not rescued by lease
+    wait_for(lambda: job_row(db, job_id) is None or job_row(db, job_id).state == "succeeded",
+             message=daemons.output)
+
+    # The frozen worker wakes up, finishes its run and tries to complete it: refused, rolled back.
+    frozen.send(signal.SIGCONT)
+    wait_for(lambda: f"job={job_id} " in frozen.stderr() and "outcome=lost" in frozen.stderr(), timeout=20,
+             message=frozen.stderr)
+    assert [(r.job_id, r.pid) for r in effects(db)] == [(job_id, other.pid)]
+    assert [run[1] for run in tasks.executions()] == [frozen.pid, other.pid]
+
+    for daemon in (frozen, other):
+        daemon.send(signal.SIGTERM)
+    for daemon in (frozen, other):
+        assert daemon.wait(20) == 0
+        assert "Traceback" not in daemon.stderr()
