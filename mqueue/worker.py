@@ -36,7 +36,8 @@ from typing import Sequence
 
 from . import wakeup
 from .errors import LeaseLostError
-from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running, log_outcome
+from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
+                       log_outcome)
 from .jobs import Job
 from .loops import Loop, OutageLog
 from .session import Database, as_database
@@ -121,6 +122,9 @@ class Worker:
         self._completing = 0   # held jobs whose task returned, waiting for the completer
         self._result = RunResult()
         self._until_empty = False
+        self._with_scheduled = False
+        self._max_runs: int | None = None
+        self._claimed = 0      # jobs claimed by this run (``max_runs``)
         self._idle_seconds = min(0.005, self.poll_seconds)
         self._linger_until: float | None = None
         self._claim_pause_until = 0.0
@@ -131,10 +135,30 @@ class Worker:
         self._reset()
         self._serve(install_signals=True)
 
-    def run_until_empty(self, timeout: float | None = None) -> RunResult:
-        """Process every job due now (and any due while running), then return the counts."""
+    def run_until_empty(self, timeout: float | None = None, *, with_scheduled: bool = False,
+                        max_runs: int | None = None) -> RunResult:
+        """Process every job due now (and any due while running), then return the counts.
+
+        e.g.::
+
+            result = worker.run_until_empty(timeout=30, with_scheduled=True, max_runs=100)
+            assert (result.succeeded, result.failed) == (3, 0)
+
+        A job that waits for a later eta is not due: a delayed job, or a
+        failed run's retry waiting out its backoff (so with ``backoff=1`` it
+        returns after the first failed run).  ``with_scheduled=True`` runs
+        those too, at once (Oban's ``drain_queue(with_scheduled: true)``):
+        when nothing is due, the jobs with the earliest eta are made due now,
+        until none is left.  A task that always retries then runs until it
+        fails for good, one that enqueues itself forever until ``max_runs``:
+        at most that many jobs are claimed, and the ones running finish.
+        """
+        if max_runs is not None and (not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1):
+            raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
         self._reset()
         self._until_empty = True
+        self._with_scheduled = with_scheduled
+        self._max_runs = max_runs
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.stop)
@@ -146,6 +170,40 @@ class Worker:
             if timer is not None:
                 timer.cancel()
         return self._result
+
+    def run_job(self, job_id: int) -> "tuple[Outcome, Running] | None":
+        """Claim the queued job ``job_id``, due or not, and run it in the calling thread; None if it is not queued.
+
+        What a worker does for one job, heartbeats and ``timeout=`` included,
+        without serving a queue: for ``mqueue.testing.perform_job``.  Returns
+        the outcome and the ``Running`` (its ``error`` and ``value``).
+        """
+        self._reset()
+        try:
+            self.db.check_schema()
+            with self.db.engine.begin() as conn:
+                row = self.db.dialect.claim_job(conn, job_id, self.owner, self.lease_seconds)
+            if row is None:
+                return None
+            running = Running(row)
+            with self._held_lock:
+                self._held[row.id] = running
+            outages = OutageLog(self._describe_outage)
+            loops = [Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat"),
+                     Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")]
+            outcome = LOST
+            try:
+                outcome = self.executor.execute(running)
+                if outcome == DEFERRED:
+                    [outcome] = self.executor.complete_deferred([running])
+            finally:
+                for loop in loops:
+                    loop.stop()
+                self._finish(running, outcome)
+            return outcome, running
+        finally:
+            if self._owns_db:
+                self.db.dispose()
 
     def stop(self) -> None:
         """Stop claiming; running jobs get the grace period to finish."""
@@ -215,6 +273,12 @@ class Worker:
         with self._held_lock:
             held = len(self._held)
             free = self.concurrency - (held - self._completing)
+        if self._max_runs is not None:
+            if self._claimed >= self._max_runs:
+                if held == 0:
+                    self._producer.stop()
+                return 0.0 if held == 0 else self.poll_seconds
+            free = min(free, self._max_runs - self._claimed)
         if free <= 0:
             return self.poll_seconds  # a thread that frees up wakes the producer
         pause = self._claim_pause_until - time.monotonic()
@@ -236,6 +300,8 @@ class Worker:
             self._idle_seconds = min(0.005, self.poll_seconds)
             return 0.0
         if self._until_empty and held == 0:
+            if self._with_scheduled and self._hasten():
+                return 0.0
             self._producer.stop()
             return 0.0
         delay, self._idle_seconds = self._idle_seconds, min(self._idle_seconds * 2, self.poll_seconds)
@@ -256,7 +322,13 @@ class Worker:
                     self._held[row.id] = running
                 self._ready.put(running)
             total += len(rows)
+        self._claimed += total
         return total
+
+    def _hasten(self) -> int:
+        """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""
+        with self.db.engine.begin() as conn:
+            return self.db.dialect.hasten_scheduled(conn, self.queues)
 
     def _execute_step(self) -> float:
         try:

@@ -551,6 +551,33 @@ class Dialect:
         return conn.execute(update(t).where(t.c.id == job_id, t.c.state == RUNNING, t.c.token == token).values(
             state=QUEUED, token=t.c.token + 1, eta=utc_now(), owner=None, lease_expires_at=None)).rowcount == 1
 
+    # For tests: ``Worker.run_until_empty(with_scheduled=True)`` and ``mqueue.testing.perform_job``.
+
+    def hasten_scheduled(self, conn, queues: Sequence[str]) -> int:
+        """Make the queued jobs of ``queues`` with the earliest future eta due now; how many.
+
+        Delayed jobs and jobs waiting out a retry's backoff alike.  One eta
+        per call, so a drain runs scheduled jobs in the order of their etas.
+        Reads follow the claim index prefix ``(queue, state)``; the UPDATE
+        locks the rows it changes.
+        """
+        future = and_(t.c.queue.in_(list(queues)), t.c.state == QUEUED, t.c.eta > utc_now())
+        earliest = conn.execute(select(func.min(t.c.eta)).where(future)).scalar()
+        if earliest is None:
+            return 0
+        return conn.execute(update(t).where(future, t.c.eta <= earliest).values(eta=utc_now())).rowcount
+
+    def claim_job(self, conn, job_id: int, owner: str, lease_seconds: float) -> ClaimedRow | None:
+        """Claim one queued job chosen by id, due or not, as ``claim_jobs`` claims; None if it is not queued.
+
+        Row lock by primary key.
+        """
+        params = dict(new_owner=owner, lease_seconds=lease_seconds)
+        if conn.execute(update(t).where(t.c.id == job_id, t.c.state == QUEUED).values(**CLAIM_VALUES),
+                        params).rowcount != 1:
+            return None
+        return self._rows([conn.execute(select(*CLAIM_COLUMNS).where(t.c.id == job_id)).one()])[0]
+
     # -- crons -------------------------------------------------------------
     def advance_cron(self, conn, name: str, expected_next_slot, slot, next_slot) -> bool:
         """Compare-and-set: move a cron from ``expected_next_slot`` to ``next_slot``.

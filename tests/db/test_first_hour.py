@@ -210,3 +210,139 @@ def test_retry_force_takes_a_running_job_back_and_fences_the_old_run_out(db):
     with db.engine.begin() as conn:
         assert db.dialect.fail_job(conn, job_id, new.token, "boom")
     assert admin.retry_job(db, job_id, force=True).state == "queued"
+
+
+# -- item 14: testing helpers ------------------------------------------------------------------
+
+order: list = []
+
+
+@mqueue.task(name="fh.record", queue="fh")
+def record(label: str) -> dict:
+    job = mqueue.current_job()
+    order.append(label)
+    write_effect(label)
+    return {"job": job.id, "label": job.args["label"]}
+
+
+@mqueue.task(name="fh.always_retry", queue="fh", max_retries=2, backoff=60)
+def always_retry() -> None:
+    order.append(mqueue.current_job().retries)
+    raise RuntimeError("still broken")
+
+
+@mqueue.task(name="fh.again", queue="fh")
+def again(n: int) -> None:
+    """Enqueues its successor in its own transaction, forever."""
+    again.options(delay=30).enqueue(n + 1)
+
+
+@mqueue.task(name="fh.slow", queue="fh", timeout=0.2, max_retries=0)
+def slow() -> None:
+    write_effect("too late")
+    for _ in range(250):  # Python code between short sleeps: the timeout interrupts it there
+        time.sleep(0.02)
+
+
+@mqueue.task(name="fh.fenced", queue="fh")
+def fenced(observer_url: str) -> None:
+    """Writes, but another worker takes the job over before it completes."""
+    from sqlalchemy import create_engine, update
+    if mqueue.current_session().get_bind().dialect.name != "sqlite":  # there a write takes the only write lock
+        write_effect("must roll back")
+    engine = create_engine(observer_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(task_table).where(task_table.c.id == mqueue.current_job().id)
+                         .values(token=task_table.c.token + 1))
+    finally:
+        engine.dispose()
+    write_effect("must roll back too")
+
+
+@pytest.fixture
+def clean_order():
+    order.clear()
+    yield order
+
+
+def job_state(db, job_id):
+    with db.engine.connect() as conn:
+        return conn.execute(select(task_table.c.state, task_table.c.retries, task_table.c.last_error)
+                            .where(task_table.c.id == job_id)).first()
+
+
+def test_run_until_empty_runs_only_what_is_due_unless_with_scheduled(db, clean_order):
+    with db.session():
+        job_id = always_retry.enqueue()
+    result = worker(db).run_until_empty(timeout=30)
+    assert (result.retried, result.failed) == (1, 0)  # the retry waits out its 60 s backoff
+    assert job_state(db, job_id).state == "queued"
+
+    result = worker(db).run_until_empty(timeout=30, with_scheduled=True)
+    assert (result.retried, result.failed) == (1, 1)
+    assert order == [0, 1, 2]
+    assert job_state(db, job_id)[:2] == ("failed", 3)
+
+
+def test_with_scheduled_runs_delayed_jobs_in_eta_order(db, clean_order):
+    with db.session():
+        record.options(delay=7200).enqueue("last")
+        record.options(delay=3600).enqueue("second")
+        record.enqueue("first")
+    result = worker(db).run_until_empty(timeout=30, with_scheduled=True)
+    assert (result.succeeded, result.total) == (3, 3)
+    assert order == ["first", "second", "last"]
+
+
+def test_max_runs_bounds_a_drain_that_would_never_end(db):
+    with db.session():
+        again.enqueue(0)
+    result = worker(db, concurrency=2).run_until_empty(timeout=30, with_scheduled=True, max_runs=5)
+    assert (result.succeeded, result.total) == (5, 5)
+    with db.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(task_table)
+                            .where(task_table.c.state == "queued")).scalar_one() == 1
+    with pytest.raises(ValueError, match="max_runs must be an integer >= 1, got 0"):
+        worker(db).run_until_empty(max_runs=0)
+
+
+def test_perform_job_runs_one_job_with_its_session_and_fenced_completion(db, clean_order):
+    from mqueue.testing import perform_job
+    with db.session():
+        other = record.enqueue("not me")  # perform_job claims its own job, never another one
+    result = perform_job(db, record, "mine")
+    assert (result.outcome, result.error, result.succeeded) == ("succeeded", None, True)
+    assert result.value == {"job": result.job_id, "label": "mine"}
+    assert order == ["mine"]
+    with db.engine.connect() as conn:
+        assert conn.execute(select(effect.c.note, effect.c.job_id)).all() == [("mine", result.job_id)]
+    assert job_state(db, other).state == "queued"
+    row = job_state(db, result.job_id)
+    assert row is None or row.state == "succeeded"
+
+    # Per-call options, and a task given by name.
+    assert perform_job(db, record.options(queue="elsewhere", priority=3), label="options").succeeded
+    assert perform_job(db, "fh.record", "by name").succeeded
+
+
+def test_perform_job_failures_retries_timeouts_and_lost_leases_behave_as_in_a_worker(db, database_url, clean_order):
+    from mqueue.testing import perform_job
+    result = perform_job(db, smtp, to="a@example.com")
+    assert (result.outcome, type(result.error), result.value) == ("retried", ValueError, None)
+    row = job_state(db, result.job_id)
+    assert (row.state, row.retries) == ("queued", 1) and "smtp down for a@example.com" in row.last_error
+    assert effect_count(db) == 0
+
+    started = time.monotonic()
+    result = perform_job(db, slow)
+    assert (result.outcome, type(result.error).__name__) == ("failed", "JobTimeout")
+    assert time.monotonic() - started < 4 and effect_count(db) == 0
+
+    result = perform_job(db, fenced, database_url)
+    assert result.outcome == "lost" and effect_count(db) == 0
+
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'lable'"):
+        perform_job(db, record, lable="x")
+    with db.session(), pytest.raises(RuntimeError, match="call it outside db.session"):
+        perform_job(db, record, "inside")
