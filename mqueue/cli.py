@@ -332,8 +332,29 @@ def main(argv: list[str] | None = None) -> int:
     except (MQueueError, SQLAlchemyError, ValueError, TypeError, LookupError, ImportError, OSError) as error:
         if args.log_level == "debug":
             logging.getLogger("mqueue").exception("command failed")
+        error = translated(args, error)
         print(f"mqueue: error: {one_line(error)}", file=sys.stderr)
         return exit_code(error)
+
+
+def translated(args, error: BaseException) -> BaseException:
+    """A driver error that escaped a command (e.g. ``migrate`` with a wrong password) in mqueue's words.
+
+    Naming the URL (password masked): a refused login, an unreachable server, missing tables.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from .session import translate_error
+    if not isinstance(error, DBAPIError):
+        return error
+    try:
+        db = Database(getattr(args, "database", None) or config.default_url())
+    except Exception:  # noqa: BLE001 - the URL itself is the problem: say the original error
+        return error
+    try:
+        return translate_error(db.engine, error)
+    finally:
+        db.dispose()
 
 
 def _library_tracebacks_as_one_line(record: logging.LogRecord) -> bool:

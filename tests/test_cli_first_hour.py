@@ -105,8 +105,9 @@ def refused_url(backend, database_url, db):
 @pytest.mark.backends("mariadb", "postgresql")
 def test_a_refused_login_is_one_line_and_start_does_not_wait_for_it(refused_url, capsys, tmp_path):
     expected = f"mqueue: error: database {safe_url(refused_url)} refused the login: "
-    line = one_line(capsys, ["list", "--database", refused_url], cli.EXIT_DATABASE)
-    assert line.startswith(expected) and line.endswith("; check the user name and password in the URL")
+    for command in ("list", "migrate"):
+        line = one_line(capsys, [command, "--database", refused_url], cli.EXIT_DATABASE)
+        assert line.startswith(expected) and line.endswith("; check the user name and password in the URL")
     # A daemon does not wait for a database that refuses it (it waits for one that is not up yet).
     write_tasks(tmp_path)
     line = fails(mq("start", "default", "--database", refused_url, cwd=tmp_path), cli.EXIT_DATABASE)
