@@ -18,17 +18,8 @@ from test_cli import PASSWORD, fails, mq, succeeds
 import mqueue
 from mqueue import admin, cli
 from mqueue.config import ENV_URL
-from mqueue.migrate import upgrade
 from mqueue.schema import cron_table
 from mqueue.session import safe_url
-
-
-@pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def write_tasks(root) -> None:

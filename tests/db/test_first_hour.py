@@ -15,11 +15,10 @@ import threading
 import time
 
 import pytest
-from helpers import wait_for
+from helpers import attempts_possible, wait_for
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, insert, select, text
 
 import mqueue
-from mqueue.loops import outage_delay
 from mqueue.schema import task_table
 
 effect_metadata = MetaData()
@@ -125,15 +124,6 @@ def test_a_hand_back_line_has_a_duration_like_every_outcome_line(db, caplog):
 
 
 # -- item 6: one line per backoff step; a missing table says what to run ------------------
-
-
-def attempts_possible(elapsed: float) -> int:
-    """How many attempts one loop can make in ``elapsed`` seconds of outage (first at once, then backing off)."""
-    attempts, at = 1, 0.0
-    while at + outage_delay(attempts) <= elapsed:
-        at += outage_delay(attempts)
-        attempts += 1
-    return attempts
 
 
 def test_a_dropped_table_is_one_line_per_backoff_step_naming_the_table_and_the_fix(db, caplog):

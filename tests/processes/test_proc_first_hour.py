@@ -11,10 +11,9 @@ import time
 
 import pytest
 from daemons import effects, enqueue, first_start, job_row, pause
-from helpers import python_env, wait_for
+from helpers import attempts_possible, python_env, wait_for
 from test_proc_outage import proxied, proxy  # noqa: F401 - ``proxy`` is a fixture
 
-from mqueue.loops import outage_delay
 
 OUTAGE_SECONDS = 6.0
 #: A cron that is never due during a test: its loop still reads ``mqueue_cron`` every second.
@@ -26,15 +25,6 @@ import mqueue
 def new_year():
     pass
 '''
-
-
-def attempts_possible(elapsed: float) -> int:
-    """How many attempts one loop can make in ``elapsed`` seconds of outage (first at once, then backing off)."""
-    attempts, at = 1, 0.0
-    while at + outage_delay(attempts) <= elapsed:
-        at += outage_delay(attempts)
-        attempts += 1
-    return attempts
 
 
 @pytest.mark.backends("mariadb", "postgresql")
