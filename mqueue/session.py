@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import weakref
 from typing import Any, Iterator
 
@@ -232,8 +233,6 @@ def _missing_table(error: BaseException) -> str:
     Whole names only: a MySQL message says ``'app.mqueue_task'``, and the
     database's own name may start with ``mqueue_`` too.
     """
-    import re
-
     from .schema import metadata
     message = first_line(error)
     for name in sorted(metadata.tables, key=len, reverse=True):
