@@ -9,8 +9,8 @@ import importlib
 from .config import init
 from .cron import (DAILY, HOURLY, MINUTELY, MONTHLY, WEEKLY, YEARLY, Daily, Days, Hourly, Hours, Minutely,
                    Minutes, Monthly, Months, Weekday, Weekly, Yearly)
-from .errors import (DatabaseUnavailableError, DuplicateTaskError, Fail, InvalidStateError,
-                     JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
+from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, DuplicateTaskError, Fail,
+                     InvalidStateError, JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
                      SchemaMissingError, UnknownTaskError)
 from .jobs import Job, current_job
 from .registry import Task, task
@@ -23,14 +23,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DAILY", "HOURLY", "MINUTELY", "MONTHLY", "WEEKLY", "YEARLY", "Daily", "Days", "Hourly", "Hours",
     "Minutely", "Minutes", "Monthly", "Months", "Weekday", "Weekly", "Yearly", "cron",
-    "Database", "DatabaseUnavailableError", "DuplicateTaskError", "Fail", "InvalidStateError", "Job",
-    "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError", "Retry", "SchemaMissingError",
-    "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job", "current_session", "init", "start", "task", "use_session",
+    "AccessDeniedError", "Database", "DatabaseURLError", "DatabaseUnavailableError", "DuplicateTaskError",
+    "Fail", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
+    "Retry", "SchemaMissingError", "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job",
+    "current_session", "init", "start", "task", "use_session",
 ]
 
 #: Submodules of the public API loaded on first use (``mqueue.migrate.upgrade(db)``,
-#: ``mqueue.admin.list_jobs(db)``): Alembic alone would add ~0.1 s to ``import mqueue``.
-_LAZY_MODULES = ("admin", "migrate")
+#: ``mqueue.admin.list_jobs(db)``, ``mqueue.testing.perform_job(...)``): Alembic alone
+#: would add ~0.1 s to ``import mqueue``.
+_LAZY_MODULES = ("admin", "migrate", "testing")
 
 
 def __getattr__(name: str):

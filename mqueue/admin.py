@@ -29,7 +29,7 @@ import dataclasses
 import datetime as dt
 import json
 import numbers
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -243,9 +243,11 @@ def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
         raise InvalidStateError(f"job {job.id} has already finished ({job.state}) and cannot be {action}; "
                                 f"a finished job never runs again: enqueue a new one")
     if job.state == RUNNING and not job.leaseless:
+        force = (f" (or, if its worker is dead, force it back: mqueue retry {job.id} --force)"
+                 if action == "retried" else "")
         raise InvalidStateError(
             f"job {job.id} is running on worker {job.owner or '?'} and cannot be {action} safely; "
-            f"wait for it to finish or for its lease to expire")
+            f"wait for it to finish or for its lease to expire{force}")
     return job
 
 
@@ -305,15 +307,18 @@ def get_job(database: "Database | str", job_id: int) -> JobInfo:
                                 db.dialect.tags_of(conn, [job_id]).get(job_id, ()))
 
 
-def stats(database: "Database | str") -> list[QueueStats]:
+def stats(database: "Database | str", queues: Iterable[str] = ()) -> list[QueueStats]:
     """Per queue, sorted by name: due, scheduled, running and failed counts, and the oldest due age.
 
     "Due" is judged by the database's clock, read once, so the counts and the
-    age agree with each other and with what workers would claim.
+    age agree with each other and with what workers would claim.  Known
+    queues with no jobs are listed too, with zero counts: ``queues`` (e.g.
+    those of the registered tasks) and the queues of the crons in ``mqueue_cron``.
     """
     with _opened(database) as db, _reading(db) as conn:
         now = db.dialect.db_now(conn)
         rows = db.dialect.queue_stats(conn, now)
+        known = set(queues) | {cron.queue for cron in db.dialect.list_crons(conn)}
     stats = []
     for row in rows:
         oldest = read_time(row.oldest_due)
@@ -321,6 +326,9 @@ def stats(database: "Database | str") -> list[QueueStats]:
                                 None if oldest is None else max(0.0, (now - oldest).total_seconds()),
                                 int(row.other), int(row.waiting), int(row.succeeded), int(row.canceled),
                                 int(row.expired)))
+    idle = known - {queue.queue for queue in stats}
+    if idle:
+        stats = sorted(stats + [QueueStats(queue, 0, 0, 0, 0, None) for queue in idle], key=lambda q: q.queue)
     return stats
 
 
@@ -401,7 +409,7 @@ def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
     raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
 
 
-def retry_job(database: "Database | str", job_id: int) -> JobInfo:
+def retry_job(database: "Database | str", job_id: int, force: bool = False) -> JobInfo:
     """Make a job run as soon as a worker is free; return it as it is now.
 
     A failed job goes back to ``queued`` with ``retries`` reset to 0 (so it
@@ -412,13 +420,26 @@ def retry_job(database: "Database | str", job_id: int) -> JobInfo:
     finished job raises ``InvalidStateError``; a running row without a
     lease, or a row in a state mqueue does not know (both written by hand),
     is queued like a failed one.  The history gets a ``put`` entry.
+
+    ``force=True`` also takes a running job back from its worker (one killed
+    or frozen before its lease expired): it is queued, due now, under a new
+    lease token, so that run's completion, heartbeats and failure are refused
+    and its writes roll back.  ``retries`` is kept.  On SQLite this waits
+    while the running task holds the write lock.
     """
     _check_id(job_id)
     with _opened(database) as db:
-        _check_not_running(db, job_id, "retried")
+        if not force:
+            _check_not_running(db, job_id, "retried")
         with _writing(db) as session:
             for _ in range(_WRITE_ATTEMPTS):
-                job = _checked(_read(db, session, job_id), job_id, "retried")
+                job = _read(db, session, job_id)
+                if force and job is not None and job.state == RUNNING and not job.leaseless:
+                    if db.dialect.force_requeue_job(session, job_id, job.token):
+                        wakeup.notify_after_commit(session, job.queue)
+                        return _read(db, session, job_id)
+                    continue
+                job = _checked(job, job_id, "retried")
                 if job.state == QUEUED:
                     updated = db.dialect.hasten_job(session, job_id, job.token)
                 else:

@@ -22,13 +22,13 @@ from typing import Any, Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import config
-from .errors import (DatabaseUnavailableError, InvalidStateError, JobNotFoundError, MQueueError,
-                     SchemaMissingError, UnknownTaskError, first_line)
+from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, InvalidStateError,
+                     JobNotFoundError, MQueueError, SchemaMissingError, UnknownTaskError, first_line)
 from .events import KINDS as EVENT_KINDS
 from .registry import MAX_TAG_LENGTH
 from .schema import STATES
 from .session import Database, safe_url
-from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS
+from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS, LOG_FORMAT
 
 EXIT_OK = 0
 EXIT_ERROR = 1        # anything else (e.g. the tasks package fails to import)
@@ -91,7 +91,7 @@ def add_job_commands(commands) -> None:
                     '{"when": {"$type": "datetime", "$value": "2030-01-01T00:00:00"}}. '
                     "With --tasks, or when a 'tasks' package is importable from the current directory, "
                     "the name and arguments are checked against the registered task; otherwise the row "
-                    "is stored unchecked.")
+                    "is stored unchecked, with a warning on stderr.")
     enqueue.add_argument("name", metavar="NAME", help="task name, e.g. tasks.mail")
     enqueue.add_argument("arguments", nargs="?", default="{}", metavar="ARGUMENTS",
                          help="JSON object of named arguments (default {})")
@@ -125,20 +125,28 @@ def add_job_commands(commands) -> None:
     cancel.set_defaults(handler=cmd_cancel)
 
     retry = commands.add_parser("retry", help="run a failed or waiting job now (failed: retries back to 0)",
-                                usage="%(prog)s [-h] (ID | --all-failed [--queue QUEUE]) [--database URL]")
+                                usage="%(prog)s [-h] (ID [--force] | --all-failed [--queue QUEUE]) "
+                                      "[--database URL]")
     retry.add_argument("id", nargs="?", type=job_id, metavar="ID", help="the job to retry")
+    retry.add_argument("--force", action="store_true",
+                       help="a running job too, for a worker that was killed: the job is queued under a new "
+                            "lease token, so that worker's run can never complete (its writes roll back)")
     retry.add_argument("--all-failed", action="store_true", help="retry every failed job (of --queue, else all)")
     retry.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     retry.set_defaults(handler=cmd_retry)
 
     counts = commands.add_parser(
-        "stats", help="per queue: counts by state; with QUEUE: that queue's wait and run times for a day",
-        description="Without QUEUE: per queue, jobs by state and the oldest due job's age. With QUEUE: for one "
-                    "UTC day (default today), the wait (eta to first start) and run (start to finish) of the "
-                    "jobs that succeeded, as count, mean, std and a histogram, and counts of jobs failed, "
-                    "runs retried and jobs expired.")
+        "stats", help="per queue: jobs by state and the oldest due job's age; with QUEUE: a day's wait and run",
+        description="Without QUEUE: per queue, queued (due now), scheduled, running, failed, waiting, succeeded, "
+                    "canceled, expired, other and oldest_due_seconds, with the same names in the table and in "
+                    "--json; queues with no jobs are listed too when known (those of the registered tasks and "
+                    "of the crons). With QUEUE: for one UTC day (default today), the wait (eta to first start) "
+                    "and run (start to finish) of the jobs that succeeded, as count, mean, std and a histogram, "
+                    "and counts of jobs failed, runs retried and jobs expired.")
     counts.add_argument("queue", nargs="?", type=queue_name, metavar="QUEUE", help="one queue's daily stats")
     counts.add_argument("--day", type=utc_day, metavar="YYYY-MM-DD", help="with QUEUE: this UTC day")
+    counts.add_argument("--tasks", metavar="PACKAGE",
+                        help="import PACKAGE to list its tasks' queues too (default: tasks, if found)")
     counts.set_defaults(handler=cmd_stats)
 
     configure = commands.add_parser(
@@ -285,13 +293,19 @@ def open_database(args, **engine_kwargs) -> Database:
     url = args.database or config.default_url()
     try:
         return Database(url, **engine_kwargs)
+    except DatabaseURLError:
+        raise  # already names the URL and the scheme to use
     except (SQLAlchemyError, ImportError, ValueError) as error:
         raise UsageError(f"cannot use database URL {safe_url(url)}: {one_line(error)}") from None
 
 
 def admin_database(args) -> Database:
-    """The database of a job command, checked first: unreachable or unmigrated is one clear line."""
+    """The database of a job command, checked first: unreachable or unmigrated is one clear line.
+
+    A SQLite file that does not exist is reported, not created empty.
+    """
     db = open_database(args)
+    db.check_file()
     db.check_schema()
     return db
 
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.log_level = getattr(args, "log_level", "info")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:
@@ -385,8 +399,29 @@ def main(argv: list[str] | None = None) -> int:
     except (MQueueError, SQLAlchemyError, ValueError, TypeError, LookupError, ImportError, OSError) as error:
         if args.log_level == "debug":
             logging.getLogger("mqueue").exception("command failed")
+        error = translated(args, error)
         print(f"mqueue: error: {one_line(error)}", file=sys.stderr)
         return exit_code(error)
+
+
+def translated(args, error: BaseException) -> BaseException:
+    """A driver error that escaped a command (e.g. ``migrate`` with a wrong password) in mqueue's words.
+
+    Naming the URL (password masked): a refused login, an unreachable server, missing tables.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from .session import translate_error
+    if not isinstance(error, DBAPIError):
+        return error
+    try:
+        db = Database(getattr(args, "database", None) or config.default_url())
+    except Exception:  # noqa: BLE001 - the URL itself is the problem: say the original error
+        return error
+    try:
+        return translate_error(db.engine, error)
+    finally:
+        db.dispose()
 
 
 def _library_tracebacks_as_one_line(record: logging.LogRecord) -> bool:
@@ -404,15 +439,20 @@ def _library_tracebacks_as_one_line(record: logging.LogRecord) -> bool:
     return True
 
 
+def warn(message: str) -> None:
+    """One line on stderr that does not stop the command (stdout stays what scripts capture)."""
+    print(f"mqueue: warning: {message}", file=sys.stderr)
+
+
 def exit_code(error: BaseException) -> int:
     """The named exit code for an error that ends a command."""
-    if isinstance(error, (SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError)):
+    if isinstance(error, (SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError, AccessDeniedError)):
         return EXIT_DATABASE
     if isinstance(error, JobNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(error, InvalidStateError):
         return EXIT_STATE
-    if isinstance(error, (UsageError, UnknownTaskError)):
+    if isinstance(error, (UsageError, UnknownTaskError, DatabaseURLError)):
         return EXIT_USAGE
     return EXIT_ERROR
 
@@ -442,6 +482,10 @@ def cmd_enqueue(args) -> int:
                                        queue=args.queue, require_registered=checked)
     except (TypeError, ValueError) as error:  # signature mismatch, unstorable value
         raise UsageError(str(error)) from None
+    if not checked:  # after the enqueue: a command that fails still says one thing
+        warn(f"no tasks package {config.settings.package!r} importable from {os.getcwd()}: task name "
+             f"{args.name!r} and its arguments were stored unchecked (run from the application's directory "
+             f"or pass --tasks PACKAGE)")
     print(job_id)
     return EXIT_OK
 
@@ -561,27 +605,46 @@ def cmd_retry(args) -> int:
         raise UsageError("give a job ID or --all-failed (see: mqueue retry --help)")
     if args.queue is not None and not args.all_failed:
         raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
+    if args.force and args.all_failed:
+        raise UsageError("--force goes with a job ID, not with --all-failed")
     db = admin_database(args)
     if args.all_failed:
         count = admin.retry_failed(db, args.queue)
         print(f"retried {count} failed job{'' if count == 1 else 's'}"
               f"{f' in queue {args.queue}' if args.queue else ''}")
     else:
-        job = admin.retry_job(db, args.id)
+        job = admin.retry_job(db, args.id, force=args.force)
         print(f"job {job.id} ({job.name}) is queued, due {format_time(job.eta, ' UTC')}")
     return EXIT_OK
 
 
 def cmd_stats(args) -> int:
+    """The overview: one row per known queue; the headings are the JSON keys."""
     from . import admin
     if args.queue is not None:
         return print_day_stats(args, admin.queue_stats(admin_database(args), args.queue, args.day))
     if args.day is not None:
         raise UsageError("--day goes with a QUEUE: mqueue stats QUEUE --day YYYY-MM-DD")
     return print_listing(
-        args, admin.stats(admin_database(args)), "no jobs",
-        ("QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED", "OTHER", "OLDEST DUE"),
-        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.other, format_age(q.oldest_due_seconds)))
+        args, admin.stats(admin_database(args), task_queues(args.tasks)), "no jobs",
+        ("QUEUE", "QUEUED", "SCHEDULED", "RUNNING", "FAILED", "WAITING", "SUCCEEDED", "CANCELED", "EXPIRED",
+         "OTHER", "OLDEST_DUE_SECONDS"),
+        lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.waiting, q.succeeded, q.canceled,
+                   q.expired, q.other, "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}"))
+
+
+def task_queues(package: str | None) -> set[str]:
+    """The queues of the tasks in ``--tasks`` (else ``tasks``, if found); a warning if that package fails."""
+    from .registry import registered_tasks
+    try:
+        if not load_tasks(package):
+            return set()
+    except (UsageError, ImportError) as error:
+        if package is not None:
+            raise  # asked for by name: an error, as for enqueue
+        warn(f"{error}; queues without jobs are not listed")
+        return set()
+    return {task.queue or config.settings.queue for task in registered_tasks().values()}
 
 
 def print_day_stats(args, stats) -> int:
@@ -759,19 +822,6 @@ def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds * 1000:.1f}ms" if seconds < 1 else format_age(seconds)
-
-
-def format_age(seconds: float | None) -> str:
-    """``-``, ``0.4s``, ``42s``, ``3m04s``, ``2h05m``, ``3d04h``."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if whole >= size:
-            return f"{whole // size}{unit}{whole % size // small_size:02d}{small}"
-    return f"{whole}s"
 
 
 def excerpt(text: str, width: int) -> str:

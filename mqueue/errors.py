@@ -33,6 +33,20 @@ class DatabaseUnavailableError(MQueueError):
     """The database could not be reached (refused, reset, timed out)."""
 
 
+class DatabaseURLError(MQueueError, ValueError):
+    """The database URL cannot be used as written: a scheme mqueue does not serve, or a driver that is
+    not installed.  The message names the URL (password hidden) and the scheme to write instead,
+    e.g. ``postgresql+psycopg://`` or ``mysql+pymysql://``.
+    """
+
+
+class AccessDeniedError(MQueueError):
+    """The database server refused the login: check the user name and password in the URL.
+
+    Never retried: waiting does not fix a wrong password.
+    """
+
+
 class UnknownTaskError(MQueueError, LookupError):
     """A job names a task that is not registered in this process."""
 

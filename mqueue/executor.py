@@ -110,6 +110,10 @@ class Running:
         self._cancel: Callable[[], None] | None = None   # wakes an async task's event loop
         self._timeout_outcome: Outcome | None = None
         self._timeout_recorded = threading.Event()
+        #: Why the last run failed (retried or failed), for its outcome's log line.
+        self.error: BaseException | None = None
+        #: What the task returned (``mqueue.testing.perform_job`` hands it back).
+        self.value: Any = None
 
     def __repr__(self) -> str:
         return f"<Running job={self.row.id} {self._state}{' lost' if self._lost else ''}>"
@@ -134,6 +138,10 @@ class Running:
     def mark_renewed(self, at: float) -> None:
         """A heartbeat that began at monotonic time ``at`` extended this job's lease."""
         self.renewed = max(self.renewed, at)
+
+    def run_seconds(self) -> float:
+        """How long the task has been running (0 if it never started)."""
+        return 0.0 if self.started is None else time.monotonic() - self.started
 
     def _finish(self) -> None:
         with self._lock:
@@ -187,7 +195,7 @@ class Executor:
         started = time.monotonic()
         outcome = self._execute(running)
         if outcome != DEFERRED:  # a deferred job is logged once its completion is written
-            _log_outcome(running.row, time.monotonic() - started, outcome)
+            log_outcome(running.row, time.monotonic() - started, outcome, running.error)
         return outcome
 
     def _execute(self, running: Running) -> Outcome:
@@ -203,6 +211,7 @@ class Executor:
             args, kwargs = task.call_arguments(named)
         except Exception as error:  # anything a malformed row raises: it fails at once, clearly
             running._finish()
+            running.error = error
             return self._write_failure(running, Decision("fail"), _clip_head(f"{type(error).__name__}: {error}"))
         running.timeout = task.timeout
         job = Job(id=row.id, name=row.name, queue=row.queue, args=named, retries=row.retries,
@@ -278,7 +287,8 @@ class Executor:
         try:
             result = fn(*args, **kwargs)
             if inspect.iscoroutine(result):
-                asyncio.run(_cancellable(running, result))
+                result = asyncio.run(_cancellable(running, result))
+            running.value = result
         finally:
             with running._lock:
                 running._cancel = None
@@ -339,6 +349,7 @@ class Executor:
     # -- failure paths --------------------------------------------------------
     def _fail_run(self, running: Running, task, error: BaseException) -> Outcome:
         row = running.row
+        running.error = error
         max_retries = row.max_retries if row.max_retries is not None else (
             task.max_retries if task is not None else DEFAULT_MAX_RETRIES)
         decision = decide(error, row.retries, max_retries, task.backoff if task else None)
@@ -365,6 +376,7 @@ class Executor:
         row = running.row
         task = get_task(row.name)
         error = JobTimeout(f"task {row.name} exceeded its timeout of {task.timeout:g} s")
+        running.error = error
         max_retries = row.max_retries if row.max_retries is not None else task.max_retries
         decision = decide(error, row.retries, max_retries, task.backoff)
         # Interrupt the task before writing: on SQLite a task holding the write
@@ -414,7 +426,7 @@ class Executor:
                 outcome = LOST
             else:
                 outcome = SUCCEEDED
-            _log_outcome(row, now - (running.started or now), outcome)
+            log_outcome(row, now - (running.started or now), outcome)
             outcomes.append(outcome)
         return outcomes
 
@@ -483,8 +495,33 @@ def _rollback(session) -> None:
         session.invalidate()
 
 
-def _log_outcome(row: ClaimedRow, duration: float, outcome: Outcome) -> None:
-    log.info("job=%s task=%s queue=%s duration=%.3fs outcome=%s", row.id, row.name, row.queue, duration, outcome)
+#: The error on an outcome's log line is cut to this many characters.
+MAX_LOGGED_ERROR = 500
+
+
+def log_outcome(row: ClaimedRow, duration: float, outcome: Outcome,
+                error: BaseException | None = None) -> None:
+    """One line per job outcome, fixed keys; a failed or retried run ends with ``error=`` and its first line.
+
+    The traceback follows at debug level (``--log-level debug``); the row
+    keeps it too (``mqueue show ID``).  A run that failed for good is a
+    warning, every other outcome is info.
+    """
+    if error is None or outcome not in (RETRIED, FAILED):
+        log.info("job=%s task=%s queue=%s duration=%.3fs outcome=%s", row.id, row.name, row.queue, duration,
+                 outcome)
+        return
+    level = logging.WARNING if outcome == FAILED else logging.INFO
+    log.log(level, "job=%s task=%s queue=%s duration=%.3fs outcome=%s error=%s", row.id, row.name, row.queue,
+            duration, outcome, error_line(error))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("job=%s traceback of the %s run:\n%s", row.id, outcome, _valid_utf8(format_error(error)).rstrip())
+
+
+def error_line(error: BaseException) -> str:
+    """``Type: first line of the message``, short enough for a log line."""
+    text = _valid_utf8(f"{type(error).__name__}: {first_line(error)}")
+    return text if len(text) <= MAX_LOGGED_ERROR else text[:MAX_LOGGED_ERROR - 3] + "..."
 
 
 def _jobs_label(job_ids: Sequence[int]) -> str:

@@ -96,12 +96,34 @@ class Task(Generic[P, R]):
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as error:
-            raise TypeError(f"{self.name}: {error}") from None
+            raise TypeError(f"{self.name}: {self._mismatch(kwargs, error)}") from None
         named = {}
         for name, value in bound.arguments.items():
             kind = self.signature.parameters[name].kind
             named[name] = list(value) if kind is inspect.Parameter.VAR_POSITIONAL else value
         return named
+
+    def _mismatch(self, kwargs: dict, error: TypeError) -> str:
+        """``Signature.bind``'s complaint, naming every unexpected keyword first, with a "did you mean".
+
+        ``bind`` reports only its first problem: ``welcome(uid=1)`` for
+        ``welcome(user_id)`` says "missing a required argument: 'user_id'"
+        and never names ``uid``, the actual mistake.
+        """
+        params = self.signature.parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return str(error)
+        accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unused = [name for name in accepted if name not in kwargs]
+        problems = []
+        for name in kwargs:
+            if name not in accepted:
+                hint = difflib.get_close_matches(name, unused, n=1, cutoff=0.5)
+                problems.append(f"got an unexpected keyword argument {name!r}"
+                                + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if "unexpected keyword argument" not in str(error):
+            problems.append(str(error))
+        return "; ".join(problems)
 
     def call_arguments(self, named: dict[str, Any]) -> tuple[list, dict]:
         """Rebuild ``(args, kwargs)`` from stored named arguments, checking the signature."""

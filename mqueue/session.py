@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import weakref
 from typing import Any, Iterator
 
@@ -35,9 +36,16 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .dialects import Dialect, dialect_for
-from .errors import DatabaseUnavailableError, NoSessionError, SchemaMissingError, first_line
+from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, NoSessionError,
+                     SchemaMissingError, first_line)
 
 DEFAULT_URL = "sqlite:///mqueue.db"
+
+#: The scheme to write for each backend, with a driver mqueue installs (PyMySQL) or offers (psycopg 3).
+SCHEMES = {"mysql": "mysql+pymysql", "mariadb": "mysql+pymysql", "postgresql": "postgresql+psycopg",
+           "sqlite": "sqlite"}
+#: Schemes written by habit that SQLAlchemy does not know (Heroku's and libpq's ``postgres://``).
+SCHEME_ALIASES = {"postgres": "postgresql"}
 
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar("mqueue_session", default=None)
 
@@ -75,10 +83,18 @@ class Database:
             self.engine = self.dialect.adopt_engine(url_or_engine)
         else:
             url = make_url(url_or_engine)
-            self.dialect = dialect_for(url.get_backend_name())
+            if url.get_backend_name() in SCHEME_ALIASES:
+                raise unusable_url(url, f"SQLAlchemy has no scheme {url.drivername + '://'!r}")
+            try:
+                self.dialect = dialect_for(url.get_backend_name())
+            except ValueError as error:
+                raise unusable_url(url, str(error)) from None
             options = self.dialect.engine_options(url)
             options.update(engine_kwargs)
-            self.engine = create_engine(url, **options)
+            try:
+                self.engine = create_engine(url, **options)
+            except ImportError as error:  # the URL's driver (MySQLdb, psycopg2, ...) is not installed
+                raise unusable_url(url, f"its driver is not installed ({error})") from None
         self.dialect.configure_engine(self.engine)
         self.Session = sessionmaker(bind=self.engine, expire_on_commit=False)
         _databases.add(self)
@@ -128,11 +144,25 @@ class Database:
     def create_all(self) -> None:
         """Create mqueue's tables directly (tests); production uses ``python -m mqueue migrate``."""
         from .schema import metadata
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except DBAPIError as error:
+            raise self.translate(error) from None
 
     def drop_all(self) -> None:
         from .schema import metadata
         metadata.drop_all(self.engine)
+
+    def check_file(self) -> None:
+        """Raise ``SchemaMissingError`` if the database is a SQLite file that does not exist yet.
+
+        Connecting would create it, empty: a command that only looks (``mqueue
+        list``) must not leave a file behind in whatever directory it ran in.
+        """
+        path = self.dialect.missing_database_file(self.engine.url)
+        if path is not None:
+            raise SchemaMissingError(f"database file {path} does not exist; "
+                                     f"run: python -m mqueue migrate to create it")
 
     def check_schema(self) -> None:
         """Raise a clear error if the server is unreachable or mqueue's tables are missing."""
@@ -187,11 +217,37 @@ def translate_error(bind, error: BaseException) -> BaseException:
     dialect = dialect_for(engine)
     where = safe_url(engine.url)
     if dialect.is_missing_table(error):
-        return SchemaMissingError(f"mqueue tables missing in {where}; run: python -m mqueue migrate")
+        return SchemaMissingError(f"{_missing_table(error)} missing in {where}; run: python -m mqueue migrate")
+    if dialect.is_access_denied(error):
+        return AccessDeniedError(f"database {where} refused the login: {first_line(error)}; "
+                                 f"check the user name and password in the URL")
     if dialect.is_unreachable(error):
         cause = first_line(error)
         return DatabaseUnavailableError(f"cannot reach database {where}: {cause}")
     return error
+
+
+def _missing_table(error: BaseException) -> str:
+    """``table mqueue_task`` when the driver's message names one of mqueue's tables, else ``mqueue tables``.
+
+    Whole names only: a MySQL message says ``'app.mqueue_task'``, and the
+    database's own name may start with ``mqueue_`` too.
+    """
+    from .schema import metadata
+    message = first_line(error)
+    for name in sorted(metadata.tables, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(name)}\b", message):
+            return f"table {name}"
+    return "mqueue tables"
+
+
+def unusable_url(url: URL, problem: str) -> DatabaseURLError:
+    """The error for a URL whose scheme or driver cannot be used: which URL, why, and what to write."""
+    backend = url.get_backend_name()
+    scheme = SCHEMES.get(SCHEME_ALIASES.get(backend, backend))
+    advice = (f"; use {safe_url(url.set(drivername=scheme))}" if scheme
+              else f"; use one of {', '.join(sorted({s + '://' for s in SCHEMES.values()}))}")
+    return DatabaseURLError(f"cannot use database URL {safe_url(url)}: {problem}{advice}")
 
 
 def as_database(database: "Database | str | URL | Engine") -> Database:

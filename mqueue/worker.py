@@ -38,9 +38,10 @@ from typing import Sequence
 
 from . import history, wakeup
 from .errors import LeaseLostError
-from .executor import DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Running
+from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
+                       log_outcome)
 from .jobs import Job
-from .loops import Loop
+from .loops import Loop, OutageLog
 from .session import Database, as_database
 from .startup import wait_for_database
 
@@ -128,6 +129,9 @@ class Worker:
         self._completing = 0   # held jobs whose task returned, waiting for the completer
         self._result = RunResult()
         self._until_empty = False
+        self._with_scheduled = False
+        self._max_runs: int | None = None
+        self._claimed = 0      # jobs claimed by this run (``max_runs``)
         self._idle_seconds = min(0.005, self.poll_seconds)
         self._linger_until: float | None = None
         self._claim_pause_until = 0.0
@@ -139,10 +143,30 @@ class Worker:
         self._reset()
         self._serve(install_signals=True)
 
-    def run_until_empty(self, timeout: float | None = None) -> RunResult:
-        """Process every job due now (and any due while running), then return the counts."""
+    def run_until_empty(self, timeout: float | None = None, *, with_scheduled: bool = False,
+                        max_runs: int | None = None) -> RunResult:
+        """Process every job due now (and any due while running), then return the counts.
+
+        e.g.::
+
+            result = worker.run_until_empty(timeout=30, with_scheduled=True, max_runs=100)
+            assert (result.succeeded, result.failed) == (3, 0)
+
+        A job that waits for a later eta is not due: a delayed job, or a
+        failed run's retry waiting out its backoff (so with ``backoff=1`` it
+        returns after the first failed run).  ``with_scheduled=True`` runs
+        those too, at once (Oban's ``drain_queue(with_scheduled: true)``):
+        when nothing is due, the jobs with the earliest eta are made due now,
+        until none is left.  A task that always retries then runs until it
+        fails for good, one that enqueues itself forever until ``max_runs``:
+        at most that many jobs are claimed, and the ones running finish.
+        """
+        if max_runs is not None and (not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1):
+            raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
         self._reset()
         self._until_empty = True
+        self._with_scheduled = with_scheduled
+        self._max_runs = max_runs
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.stop)
@@ -154,6 +178,40 @@ class Worker:
             if timer is not None:
                 timer.cancel()
         return self._result
+
+    def run_job(self, job_id: int) -> "tuple[Outcome, Running] | None":
+        """Claim the queued job ``job_id``, due or not, and run it in the calling thread; None if it is not queued.
+
+        What a worker does for one job, heartbeats and ``timeout=`` included,
+        without serving a queue: for ``mqueue.testing.perform_job``.  Returns
+        the outcome and the ``Running`` (its ``error`` and ``value``).
+        """
+        self._reset()
+        try:
+            self.db.check_schema()
+            with self.db.engine.begin() as conn:
+                row = self.db.dialect.claim_job(conn, job_id, self.owner, self.lease_seconds)
+            if row is None:
+                return None
+            running = Running(row)
+            with self._held_lock:
+                self._held[row.id] = running
+            outages = OutageLog(self._describe_outage)
+            loops = [Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat"),
+                     Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")]
+            outcome = LOST
+            try:
+                outcome = self.executor.execute(running)
+                if outcome == DEFERRED:
+                    [outcome] = self.executor.complete_deferred([running])
+            finally:
+                for loop in loops:
+                    loop.stop()
+                self._finish(running, outcome)
+            return outcome, running
+        finally:
+            if self._owns_db:
+                self.db.dispose()
 
     def stop(self) -> None:
         """Stop claiming; running jobs get the grace period to finish."""
@@ -189,15 +247,16 @@ class Worker:
         wakeup.subscribe(self.queues, self._wake)
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
-        executors = [Loop("running a job", self._execute_step).start(f"mqueue-exec-{n}")
+        outages = OutageLog(self._describe_outage)
+        executors = [Loop("running a job", self._execute_step, outages=outages).start(f"mqueue-exec-{n}")
                      for n in range(self.concurrency)]
-        completer = Loop("completing jobs", self._complete_step).start("mqueue-complete")
-        heartbeat = Loop("heartbeating", self._heartbeat_step).start("mqueue-heartbeat")
-        watchdog = Loop("enforcing timeouts", self._watchdog_step).start("mqueue-watchdog")
-        rescuer = Loop("rescuing expired jobs", self._rescue_step).start("mqueue-rescue")
-        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler)).start("mqueue-cron")
-        pruner = Loop("pruning history", self._prune_step).start("mqueue-prune")
-        self._producer = Loop("claiming", self._claim_step, wake=self._wake,
+        completer = Loop("completing jobs", self._complete_step, outages=outages).start("mqueue-complete")
+        heartbeat = Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat")
+        watchdog = Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")
+        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages).start("mqueue-rescue")
+        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages).start("mqueue-cron")
+        pruner = Loop("pruning history", self._prune_step, outages=outages).start("mqueue-prune")
+        self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
                               interrupted=lambda: self._pending_signal is not None)
         log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds)
@@ -223,6 +282,12 @@ class Worker:
         with self._held_lock:
             held = len(self._held)
             free = self.concurrency - (held - self._completing)
+        if self._max_runs is not None:
+            if self._claimed >= self._max_runs:
+                if held == 0:
+                    self._producer.stop()
+                return 0.0 if held == 0 else self.poll_seconds
+            free = min(free, self._max_runs - self._claimed)
         if free <= 0:
             return self.poll_seconds  # a thread that frees up wakes the producer
         pause = self._claim_pause_until - time.monotonic()
@@ -244,6 +309,8 @@ class Worker:
             self._idle_seconds = min(0.005, self.poll_seconds)
             return 0.0
         if self._until_empty and held == 0:
+            if self._with_scheduled and self._hasten():
+                return 0.0
             self._producer.stop()
             return 0.0
         delay, self._idle_seconds = self._idle_seconds, min(self._idle_seconds * 2, self.poll_seconds)
@@ -264,7 +331,13 @@ class Worker:
                     self._held[row.id] = running
                 self._ready.put(running)
             total += len(rows)
+        self._claimed += total
         return total
+
+    def _hasten(self) -> int:
+        """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""
+        with self.db.engine.begin() as conn:
+            return self.db.dialect.hasten_scheduled(conn, self.queues)
 
     def _execute_step(self) -> float:
         try:
@@ -343,8 +416,7 @@ class Worker:
     def _hand_back(self, running: Running) -> None:
         self._finish(running, None)
         if self.executor.release(running.row):
-            log.info("job=%s task=%s queue=%s outcome=released", running.row.id, running.row.name,
-                     running.row.queue)
+            log_outcome(running.row, running.run_seconds(), RELEASED)
 
     def _heartbeat_step(self) -> float:
         with self._held_lock:
@@ -400,6 +472,12 @@ class Worker:
                 return 1.0  # more to do: go on soon, in short transactions
         self._prune_started = True
         return PRUNE_SECONDS * random.uniform(0.5, 1.5)
+
+    def _describe_outage(self, error: BaseException) -> str | None:
+        """A missing table in the words of ``SchemaMissingError`` (what to run); None for an outage."""
+        if self.db.dialect.is_missing_table(error):
+            return str(self.db.translate(error))
+        return None
 
     def _cron_step(self, scheduler) -> float:
         if scheduler.tick():
@@ -490,11 +568,40 @@ def worker_database(database: "Database | str", concurrency: int, lease_seconds:
     return database
 
 
+#: One layout for mqueue's log lines: ``python -m mqueue`` and ``mqueue.start()`` use it.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_stderr_handler: logging.Handler | None = None
+
+
+def log_to_stderr() -> None:
+    """Send mqueue's log lines (info and up) to stderr, unless the application set up logging.
+
+    Only when the root logger has no handler, and once per process: an
+    application that configures logging (before ``start``) keeps its own
+    handlers, format and levels, and mqueue adds nothing.  The handler sits
+    on the ``mqueue`` logger, so other libraries' logging is left alone.
+    """
+    global _stderr_handler
+    if _stderr_handler is not None or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package = logging.getLogger("mqueue")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+    _stderr_handler = handler
+
+
 def start(queue: "str | Sequence[str]", database: "Database | str | None" = None, package: str | None = "tasks",
           **worker_options) -> None:
-    """Discover ``package``'s tasks and run a worker until a signal (MQueue's ``mqueue.start``)."""
+    """Discover ``package``'s tasks and run a worker until a signal (MQueue's ``mqueue.start``).
+
+    Its log lines go to stderr unless the application configured logging (``log_to_stderr``).
+    """
     from .config import default_url, settings
     from .registry import discover
+    log_to_stderr()
     if package:
         discover(package)
     db = database if database is not None else (settings.database or default_url())

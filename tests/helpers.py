@@ -52,6 +52,19 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:g}s: {text}")
 
 
+def attempts_possible(elapsed: float) -> int:
+    """How many attempts one of mqueue's loops can make in ``elapsed`` seconds of outage.
+
+    The first at once, then after each backoff step (``mqueue.loops.outage_delay``).
+    """
+    from mqueue.loops import outage_delay
+    attempts, at = 1, 0.0
+    while at + outage_delay(attempts) <= elapsed:
+        at += outage_delay(attempts)
+        attempts += 1
+    return attempts
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on ``host`` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -53,6 +53,13 @@ def succeeds(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+def enqueued_unchecked(result: subprocess.CompletedProcess[str]) -> int:
+    """An enqueue with no tasks package to check against: the id on stdout, one warning on stderr."""
+    assert result.returncode == 0, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "stored unchecked" in result.stderr, result.stderr
+    return int(result.stdout)
+
+
 def fails(result, code: int, *fragments: str) -> str:
     """Exit ``code``, nothing on stdout, exactly one line on stderr containing ``fragments``."""
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
@@ -142,11 +149,11 @@ def test_list_show_stats(db, database_url, tmp_path):
 
     lines = succeeds(mq("stats", "--database", database_url, cwd=tmp_path)).splitlines()
     assert [line.split()[:5] for line in lines] == [
-        ["QUEUE", "DUE", "SCHEDULED", "RUNNING", "FAILED"],
+        ["QUEUE", "QUEUED", "SCHEDULED", "RUNNING", "FAILED"],
         ["bad", "0", "0", "0", "1"],
         ["busy", "0", "0", "1", "0"],
         ["default", "1", "1", "0", "0"]]
-    assert lines[3].endswith("s") and lines[1].endswith("-")
+    assert re.fullmatch(r"\d+\.\d", lines[3].split()[-1]) and lines[1].endswith("-")
 
 
 @pytest.mark.backends("sqlite")
@@ -169,9 +176,10 @@ def test_json_output_is_one_document(db, database_url, tmp_path):
 
 @pytest.mark.backends("postgresql")
 def test_enqueue_prints_only_the_new_id(db, database_url, tmp_path):
-    out = succeeds(mq("enqueue", "cli_test.report", '{"day": "2030-01-02", "n": [1, 2]}', "--delay", "60",
-                      "--priority", "-3", "--queue", "reports", "--database", database_url, cwd=tmp_path))
-    assert out.strip().isdigit() and out == out.strip() + "\n"
+    result = mq("enqueue", "cli_test.report", '{"day": "2030-01-02", "n": [1, 2]}', "--delay", "60",
+                "--priority", "-3", "--queue", "reports", "--database", database_url, cwd=tmp_path)
+    out = str(enqueued_unchecked(result))
+    assert result.stdout == out + "\n"
     job = admin.get_job(db, int(out))
     assert (job.name, job.queue, job.priority, job.decoded_args()) == (
         "cli_test.report", "reports", -3, {"day": "2030-01-02", "n": [1, 2]})
@@ -179,8 +187,8 @@ def test_enqueue_prints_only_the_new_id(db, database_url, tmp_path):
         assert 30 < (job.eta - db.dialect.db_now(conn)).total_seconds() <= 60
 
     typed = '{"when": {"$type": "date", "$value": "2030-01-02"}}'
-    job = admin.get_job(db, int(succeeds(mq("enqueue", "cli_test.other", typed, "--database", database_url,
-                                            cwd=tmp_path))))
+    job = admin.get_job(db, enqueued_unchecked(mq("enqueue", "cli_test.other", typed, "--database", database_url,
+                                                  cwd=tmp_path)))
     assert (job.queue, job.priority, job.decoded_args()) == ("default", 0, {"when": dt.date(2030, 1, 2)})
 
 
@@ -221,9 +229,9 @@ def test_enqueue_checks_names_and_arguments_against_the_tasks_package(db, databa
     fails(mq("enqueue", "tasks.x", *url, cwd=broken), cli.EXIT_ERROR,
           "importing tasks package 'tasks' failed: SyntaxError")
 
-    # No tasks package where it runs: stored unchecked.
+    # No tasks package where it runs: stored unchecked, with a warning (tests/test_cli_first_hour.py).
     (tmp_path / "elsewhere").mkdir()
-    job = admin.get_job(db, int(succeeds(mq("enqueue", "tasks.mail.sned", *url, cwd=tmp_path / "elsewhere"))))
+    job = admin.get_job(db, enqueued_unchecked(mq("enqueue", "tasks.mail.sned", *url, cwd=tmp_path / "elsewhere")))
     assert (job.name, job.queue) == ("tasks.mail.sned", "default")
     assert len(admin.list_jobs(db)) == 2
 
@@ -281,11 +289,12 @@ def test_crons(db, database_url, tmp_path):
 
 def test_default_database_is_sqlite_in_cwd_unless_the_environment_says(tmp_path):
     assert succeeds(mq("migrate", cwd=tmp_path)) == "mqueue tables are up to date in sqlite:///mqueue.db\n"
-    job_id = int(succeeds(mq("enqueue", "cli_test.x", cwd=tmp_path)))
+    job_id = enqueued_unchecked(mq("enqueue", "cli_test.x", cwd=tmp_path))
     assert [job["id"] for job in json.loads(succeeds(mq("list", "--json", cwd=tmp_path)))] == [job_id]
     assert (tmp_path / "mqueue.db").exists()
     fails(mq("stats", cwd=tmp_path, env={ENV_URL: "sqlite:///other.db"}), cli.EXIT_DATABASE,
-          "table mqueue_task missing in sqlite:///other.db; run: python -m mqueue migrate")
+          f"database file {tmp_path / 'other.db'} does not exist; run: python -m mqueue migrate to create it")
+    assert not (tmp_path / "other.db").exists()
 
 
 # -- bad input: one line, a named exit code, no traceback, no password -----------

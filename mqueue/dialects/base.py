@@ -217,6 +217,10 @@ class Dialect(HistoryStatements):
         """
         return (self.name, (url.host or "").lower(), url.port or self.default_port, url.database, url.username)
 
+    def missing_database_file(self, url: URL) -> str | None:
+        """The path of a database file that connecting would create, empty; None for a server database."""
+        return None
+
     def adopt_engine(self, engine: Engine) -> Engine:
         """An application's own engine, with the options mqueue needs (same pool)."""
         return engine
@@ -648,6 +652,48 @@ class Dialect(HistoryStatements):
                 held.append(job_id)
         return count, held
 
+    def force_requeue_job(self, conn, job_id: int, token: int) -> bool:
+        """Take a running job back from its worker by hand (``mqueue retry ID --force``): queued, due now.
+
+        For a job whose worker was killed or frozen before its lease expired.
+        The token goes up by one, so everything the old run still tries
+        (completion, heartbeat, failure, hand-back) matches no row and its
+        writes roll back: the fence makes this safe.  ``retries`` is kept
+        (the interrupted run is not counted as a failure) and the unique key
+        stays with the job.  Named on the state and token just read; row
+        lock by primary key.  The history gets the run and a ``put`` by hand.
+        """
+        result = conn.execute(update(t).where(t.c.id == job_id, t.c.state == RUNNING, t.c.token == token).values(
+            state=QUEUED, token=t.c.token + 1, eta=utc_now(), lease_expires_at=None))
+        return self._ended_run(conn, result, job_id, "put", "forced back by hand (retry --force)")
+
+    # For tests: ``Worker.run_until_empty(with_scheduled=True)`` and ``mqueue.testing.perform_job``.
+
+    def hasten_scheduled(self, conn, queues: Sequence[str]) -> int:
+        """Make the queued jobs of ``queues`` with the earliest future eta due now; how many.
+
+        Delayed jobs and jobs waiting out a retry's backoff alike.  One eta
+        per call, so a drain runs scheduled jobs in the order of their etas.
+        Reads follow the claim index prefix ``(queue, state)``; the UPDATE
+        locks the rows it changes.
+        """
+        future = and_(t.c.queue.in_(list(queues)), t.c.state == QUEUED, t.c.eta > utc_now())
+        earliest = conn.execute(select(func.min(t.c.eta)).where(future)).scalar()
+        if earliest is None:
+            return 0
+        return conn.execute(update(t).where(future, t.c.eta <= earliest).values(eta=utc_now())).rowcount
+
+    def claim_job(self, conn, job_id: int, owner: str, lease_seconds: float) -> ClaimedRow | None:
+        """Claim one queued job chosen by id, due or not, as ``claim_jobs`` claims; None if it is not queued.
+
+        Row lock by primary key.
+        """
+        params = dict(new_owner=owner, lease_seconds=lease_seconds)
+        if conn.execute(update(t).where(t.c.id == job_id, t.c.state == QUEUED).values(**CLAIM_VALUES),
+                        params).rowcount != 1:
+            return None
+        return self._popped(conn, self._rows([conn.execute(select(*CLAIM_COLUMNS).where(t.c.id == job_id)).one()]))[0]
+
     # -- crons -------------------------------------------------------------
     def advance_cron(self, conn, name: str, expected_next_slot, slot, next_slot) -> bool:
         """Compare-and-set: move a cron from ``expected_next_slot`` to ``next_slot``.
@@ -720,4 +766,8 @@ class Dialect(HistoryStatements):
 
     def is_unreachable(self, error: BaseException) -> bool:
         """The server could not be reached at all (refused, unknown host, timed out)."""
+        return False
+
+    def is_access_denied(self, error: BaseException) -> bool:
+        """The server refused the login (user or password): waiting will not fix it."""
         return False

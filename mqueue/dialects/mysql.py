@@ -44,6 +44,8 @@ TRANSIENT_CODES = {
 }
 CONNECTION_LIMIT_CODES = {1040, 1203, 1226}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
+#: Access denied: for a user (wrong password), to a database, or without a password (socket auth).
+ACCESS_DENIED_CODES = {1044, 1045, 1698}
 MISSING_TABLE = 1146
 
 
@@ -136,3 +138,6 @@ class MySQLDialect(Dialect):
 
     def is_unreachable(self, error: BaseException) -> bool:
         return isinstance(error, DBAPIError) and error_code(error) in UNREACHABLE_CODES
+
+    def is_access_denied(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError) and error_code(error) in ACCESS_DENIED_CODES

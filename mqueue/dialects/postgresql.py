@@ -38,6 +38,11 @@ TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25
 CONNECTION_LIMIT = "53300"
 TRANSIENT_CLASSES = {"08"}  # connection exceptions
 MISSING_TABLE = "42P01"
+#: invalid_authorization_specification, invalid_password.
+ACCESS_DENIED_SQLSTATES = {"28000", "28P01"}
+#: The server's FATAL messages for those, as psycopg reports them on connect (without a SQLSTATE).
+ACCESS_DENIED_WORDS = ("password authentication failed", "authentication failed for user", "no pg_hba.conf entry",
+                       'FATAL:  role "')  # ... does not exist, ... is not permitted to log in
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -92,3 +97,10 @@ class PostgreSQLDialect(Dialect):
     def is_unreachable(self, error: BaseException) -> bool:
         return (isinstance(error, DBAPIError) and sqlstate(error) is None
                 and type(error.orig).__name__ == "OperationalError")
+
+    def is_access_denied(self, error: BaseException) -> bool:
+        """28000/28P01, or (psycopg gives no SQLSTATE for a refused connection) the server's words for them."""
+        if sqlstate(error) in ACCESS_DENIED_SQLSTATES:
+            return True
+        message = str(getattr(error, "orig", error))
+        return isinstance(error, DBAPIError) and any(words in message for words in ACCESS_DENIED_WORDS)

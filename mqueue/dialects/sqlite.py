@@ -97,6 +97,18 @@ class SQLiteDialect(Dialect):
             return None
         return (self.name, os.path.realpath(path))
 
+    def missing_database_file(self, url: URL) -> str | None:
+        """The file's path if it does not exist but its directory does (SQLite would create it, empty).
+
+        A directory that is missing too makes connecting fail ("unable to open
+        database file"), which is reported as an unreachable database instead.
+        """
+        identity = self.database_identity(url)
+        if identity is None:
+            return None
+        path = identity[1]
+        return path if not os.path.exists(path) and os.path.isdir(os.path.dirname(path)) else None
+
     def configure_engine(self, engine: Engine) -> None:
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection, _record):

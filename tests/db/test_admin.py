@@ -221,9 +221,10 @@ def test_cancel_and_retry_refuse_a_running_job(db):
     for operation, verb in ((admin.cancel_job, "cancelled"), (admin.retry_job, "retried")):
         with pytest.raises(InvalidStateError) as caught:
             operation(db, job_id)
+        force = f" (or, if its worker is dead, force it back: mqueue retry {job_id} --force)" if verb == "retried" else ""
         assert str(caught.value) == (
             f"job {job_id} is running on worker web-3:4242:ab and cannot be {verb} safely; "
-            "wait for it to finish or for its lease to expire")
+            f"wait for it to finish or for its lease to expire{force}")
     row = row_of(db, job_id)
     assert (row.state, row.token, row.owner) == (RUNNING, claimed.token, "web-3:4242:ab")
 

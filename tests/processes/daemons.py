@@ -368,3 +368,20 @@ def first_start(tasks: Tasks, job_id: int, timeout: float = 20.0, daemons: Daemo
 
 def stopped(pid: int) -> bool:
     return process_state(pid) == "T"
+
+
+def pause(daemon, db, job_id, attempts=10) -> None:
+    """SIGSTOP ``daemon`` at a moment it holds no database lock others need.
+
+    A worker stopped inside one of its few-millisecond transactions (a claim
+    or heartbeat) would keep its locks while stopped, which is a different
+    test; retry the stop until it lands between transactions.
+    """
+    for _ in range(attempts):
+        daemon.send(signal.SIGSTOP)
+        wait_for(lambda: stopped(daemon.pid), timeout=5)
+        if lock_job_row_nowait(db, job_id):
+            return
+        daemon.send(signal.SIGCONT)
+        wait_for(lambda: not stopped(daemon.pid), timeout=5)
+    raise AssertionError(f"could not pause {daemon} outside a transaction in {attempts} attempts")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import signal
 import time
 
-from daemons import (effect_count, effects, enqueue, first_start, job_row, jobs_left, lock_job_row_nowait,
-                     stopped)
+from daemons import effect_count, effects, enqueue, first_start, job_row, jobs_left, pause, stopped
 from helpers import wait_for
 
 LEASE = 2.0
@@ -125,20 +124,3 @@ def test_sigstop_past_the_lease_then_sigcont_completes_nothing(backend, db, task
     for daemon in pair:
         assert daemon.wait(20) == 0
         assert "Traceback" not in daemon.stderr()
-
-
-def pause(daemon, db, job_id, attempts=10) -> None:
-    """SIGSTOP ``daemon`` at a moment it holds no database lock others need.
-
-    A worker stopped inside one of its few-millisecond transactions (a claim
-    or heartbeat) would keep its locks while stopped, which is a different
-    test; retry the stop until it lands between transactions.
-    """
-    for _ in range(attempts):
-        daemon.send(signal.SIGSTOP)
-        wait_for(lambda: stopped(daemon.pid), timeout=5)
-        if lock_job_row_nowait(db, job_id):
-            return
-        daemon.send(signal.SIGCONT)
-        wait_for(lambda: not stopped(daemon.pid), timeout=5)
-    raise AssertionError(f"could not pause {daemon} outside a transaction in {attempts} attempts")
