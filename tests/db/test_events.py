@@ -132,7 +132,7 @@ def test_a_tracked_job_reports_every_change_through_retry_failure_manual_retry_a
     times = [event.at for event in found]
     assert all(isinstance(at, dt.datetime) and at.tzinfo is None for at in times)
     assert times == sorted(times)
-    assert before - dt.timedelta(seconds=1) <= times[0] and times[-1] <= db_now(db)
+    assert before - dt.timedelta(seconds=1) <= times[0] and times[-1] <= db_now(db) + dt.timedelta(seconds=1)
     assert summary(events(db)) == summary(found)  # nothing else reported anything
 
 
@@ -240,6 +240,25 @@ def test_a_completion_refused_for_a_lost_lease_reports_no_success(db, write):
     # Popped by the first worker, stalled there, popped and completed by the second: one success.
     assert [event.worker for event in found[1:]] == [first.owner, first.owner, second.owner, second.owner]
     assert summary(events(db)) == summary(found)
+
+
+def test_a_tracked_job_handed_back_at_shutdown_reports_released(db):
+    with db.session():
+        job_id = held.options(track=True).enqueue(write=True)
+    w = worker(db, queues=[FENCE_QUEUE], grace=0.2)
+    thread = threading.Thread(target=w.run, name="tev-stopping-worker")
+    thread.start()
+    try:
+        wait_for(lambda: held_starts == [0], timeout=10, message=lambda: f"runs: {held_starts}")
+        w.stop()  # the run outlasts the grace period: the job is handed back
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        gate.set()
+    assert admin.get_job(db, job_id).state == "queued"
+    found = events(db, job_id=job_id)
+    assert kinds(found) == ["put", "popped", "released"]
+    assert [event.worker for event in found[1:]] == [w.owner, w.owner]
 
 
 # -- following -------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ def block_job(write_first=False, seconds=30.0):
     """Stand-in: the daemons run ``proctasks``' own ``proc.block``."""
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default, as for a command typed in a terminal
+    (a test run started in the background inherits SIGINT ignored, and so would the child)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follower:
     """``python -m mqueue events --follow --json --since 0``; every line stamped as it arrives."""
 
@@ -54,7 +60,8 @@ class Follower:
         self._err = open(self.err_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mqueue", "events", "--follow", "--json", "--since", "0", "--database", url],
-            cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=self._err, text=True)
+            cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=self._err, text=True,
+            preexec_fn=_ctrl_c_as_in_a_terminal)
         #: ``(monotonic, wall clock, line)`` of each line, in order.
         self.lines: list[tuple[float, float, str]] = []
         self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
