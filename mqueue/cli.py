@@ -818,10 +818,18 @@ def format_time(value: dt.datetime | None, suffix: str = "", precise: bool = Fal
 
 
 def format_seconds(seconds: float | None) -> str:
-    """A duration: ``-``, ``3.2ms``, then as ``format_age``."""
+    """A duration: ``-``, ``3.2ms``, ``4.5s``, ``42s``, ``3m04s``, ``2h05m``, ``3d04h``."""
     if seconds is None:
         return "-"
-    return f"{seconds * 1000:.1f}ms" if seconds < 1 else format_age(seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            return f"{whole // size}{unit}{whole % size // small_size:02d}{small}"
+    return f"{whole}s"
 
 
 def excerpt(text: str, width: int) -> str:
