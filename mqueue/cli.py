@@ -552,7 +552,10 @@ def error_headline(text: str) -> str:
 
 def cmd_tag(args) -> int:
     from . import admin
-    tags = admin.tag_job(admin_database(args), args.id, *args.tags)
+    try:
+        tags = admin.tag_job(admin_database(args), args.id, *args.tags)
+    except ValueError as error:  # more than 50 tags on the job
+        raise UsageError(str(error)) from None
     print(f"job {args.id} tags: {' '.join(tags) or '-'}")
     return EXIT_OK
 

@@ -318,6 +318,8 @@ def check_tags(tags: Any, already: int = 0) -> tuple[str, ...]:
         if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_LENGTH:
             shown = tag if not isinstance(tag, str) or len(tag) <= 40 else tag[:37] + "..."
             raise ValueError(f"a tag must be a string of 1 to {MAX_TAG_LENGTH} characters, got {shown!r}")
+        if tag != tag.strip():  # MySQL compares 'a ' equal to 'a': refused rather than merged
+            raise ValueError(f"a tag must not start or end with white space, got {tag!r}")
     unique = tuple(sorted(set(tags)))
     if already + len(unique) > MAX_TAGS:
         raise ValueError(f"a job has at most {MAX_TAGS} tags, got {already + len(unique)}")

@@ -206,7 +206,9 @@ event_table = Table(
 tag_table = Table(
     "mqueue_tag", metadata,
     Column("job_id", BigInteger, nullable=False),
-    Column("tag", String(100), nullable=False),
+    # Compared byte for byte: MySQL's default collation would make "Urgent" and "urgent" one tag.
+    Column("tag", String(100).with_variant(mysql.VARCHAR(100, collation="utf8mb4_bin"), "mysql", "mariadb"),
+           nullable=False),
     PrimaryKeyConstraint("job_id", "tag"),
     Index(None, "tag", "job_id"),
 )

@@ -148,7 +148,7 @@ class HistoryStatements:
     def add_tags(self, conn, pairs: Sequence[tuple[int, str]]) -> None:
         """Insert ``(job_id, tag)`` rows that do not exist yet.  Primary key ``(job_id, tag)``."""
         job_ids = sorted({job_id for job_id, _ in pairs})
-        have = set(conn.execute(select(g.c.job_id, g.c.tag).where(g.c.job_id.in_(job_ids))).tuples())
+        have = {(job_id, tag) for job_id, tag in conn.execute(select(g.c.job_id, g.c.tag).where(g.c.job_id.in_(job_ids)))}
         new = [dict(job_id=job_id, tag=tag) for job_id, tag in dict.fromkeys(pairs) if (job_id, tag) not in have]
         if new:
             conn.execute(insert(g), new)

@@ -7,7 +7,8 @@ Create Date: 2026-12-02
 * ``mqueue_task.tracked``: a tracked job emits an event on every change of state.
 * ``mqueue_event.emitted``: the events ``admin.events`` publishes (a tracked
   job's, and every ``failed``); the others are history only.
-* ``mqueue_tag``: a job's tags, found by tag through ``(tag, job_id)``.
+* ``mqueue_tag``: a job's tags, found by tag through ``(tag, job_id)``;
+  compared byte for byte (``utf8mb4_bin`` on MySQL).
 * PostgreSQL: a trigger notifies ``mqueue_events`` of each published event,
   at its commit (a copy of ``mqueue.dialects.postgresql.EVENT_NOTIFY_DDL``).
 
@@ -15,6 +16,7 @@ Frozen like 0001: imports nothing from mqueue.
 """
 from alembic import op
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 revision = "mqueue_0004"
 down_revision = "mqueue_0003"
@@ -35,7 +37,8 @@ def upgrade() -> None:
     op.create_table(
         "mqueue_tag",
         sa.Column("job_id", sa.BigInteger, nullable=False),
-        sa.Column("tag", sa.String(100), nullable=False),
+        sa.Column("tag", sa.String(100).with_variant(mysql.VARCHAR(100, collation="utf8mb4_bin"), "mysql", "mariadb"),
+                  nullable=False),
         sa.PrimaryKeyConstraint("job_id", "tag", name="pk_mqueue_tag"),
     )
     op.create_index("ix_mqueue_tag_tag_job_id", "mqueue_tag", ["tag", "job_id"])
