@@ -213,3 +213,17 @@ class server_user:
         else:
             self._admin(f"REASSIGN OWNED BY {self.name} TO CURRENT_USER", f"DROP OWNED BY {self.name}",
                         f"DROP ROLE IF EXISTS {self.name}")
+
+
+def quick_worker(db, queues: Sequence[str], **options: Any):
+    """A ``mqueue.Worker`` with short polls and a short lease, for tests that run it in-process."""
+    import mqueue
+    options.setdefault("poll_interval", 0.05)
+    options.setdefault("lease", 5)
+    return mqueue.Worker(db, queues=list(queues), **options)
+
+
+def db_now(db):
+    """The database's clock (naive UTC)."""
+    with db.engine.connect() as conn:
+        return db.dialect.db_now(conn)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import fails, mq, succeeds
+from test_cli import db, fails, mq, succeeds  # noqa: F401 - db: the migrated database fixture
 
 import mqueue
 from mqueue import admin, cli
@@ -18,13 +18,6 @@ from mqueue.migrate import upgrade
 
 WORKER = "web-1:77:aa"
 
-
-@pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def add(db, queue: str = "hist") -> int:

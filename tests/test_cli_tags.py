@@ -13,7 +13,7 @@ import json
 import re
 
 import pytest
-from test_cli import column, fails, mq, succeeds
+from test_cli import column, db, fails, mq, succeeds  # noqa: F401 - db: the migrated database fixture
 
 import mqueue
 from mqueue import admin, cli
@@ -36,13 +36,6 @@ def send(n: int) -> None:
 def broken() -> None:
     raise RuntimeError("smtp down")
 
-
-@pytest.fixture
-def db(database_url):
-    database = mqueue.Database(database_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def run_jobs(db) -> mqueue.Worker:

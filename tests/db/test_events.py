@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from helpers import note, note_metadata, notes, wait_for
+from helpers import db_now, note, note_metadata, notes, quick_worker, wait_for
 from sqlalchemy import insert
 
 import mqueue
@@ -77,14 +77,7 @@ def db(db):
 
 
 def worker(db, queues=(QUEUE,), **options) -> mqueue.Worker:
-    options.setdefault("poll_interval", 0.05)
-    options.setdefault("lease", 5)
-    return mqueue.Worker(db, queues=list(queues), **options)
-
-
-def db_now(db) -> dt.datetime:
-    with db.engine.connect() as conn:
-        return db.dialect.db_now(conn)
+    return quick_worker(db, queues, **options)
 
 
 def events(db, **filters) -> list:

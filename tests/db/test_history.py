@@ -14,7 +14,7 @@ import datetime as dt
 import json
 
 import pytest
-from helpers import note, note_metadata, notes
+from helpers import db_now, note, note_metadata, notes, quick_worker
 from sqlalchemy import func, insert, select, update
 
 import mqueue
@@ -88,14 +88,7 @@ def db(db):
 
 
 def worker(db, queues=(QUEUE,), **options) -> mqueue.Worker:
-    options.setdefault("poll_interval", 0.05)
-    options.setdefault("lease", 5)
-    return mqueue.Worker(db, queues=list(queues), **options)
-
-
-def db_now(db) -> dt.datetime:
-    with db.engine.connect() as conn:
-        return db.dialect.db_now(conn)
+    return quick_worker(db, queues, **options)
 
 
 def kinds(job) -> list[str]:
