@@ -182,8 +182,11 @@ def test_retry_force_takes_a_running_job_back_and_fences_the_old_run_out(db):
         admin.retry_job(db, job_id)
 
     job = admin.retry_job(db, job_id, force=True)
-    assert (job.state, job.token, job.owner, job.retries, job.lease_expires_at) == ("queued", old.token + 1, None,
-                                                                                    0, None)
+    # The owner stays as the worker of the last run; the history shows that run and the forced put.
+    assert (job.state, job.token, job.owner, job.retries, job.lease_expires_at) == \
+        ("queued", old.token + 1, "dead-host:1:aa", 0, None)
+    assert [(entry.kind, entry.worker) for entry in admin.get_job(db, job_id).history][-2:] == \
+        [("popped", "dead-host:1:aa"), ("put", "dead-host:1:aa")]
     with db.engine.connect() as conn:
         assert job.eta <= db.dialect.db_now(conn)
     # Whatever the old run still tries is refused by the fence.
