@@ -402,6 +402,12 @@ def split_exec(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def run_supervisor(args, url: str, package: str) -> int:
     """Supervise ``--processes`` workers; the URL goes through their environment, not ``ps``."""
     from .supervisor import Supervisor, child_command
+    return Supervisor(child_command(worker_argv(args, package)), args.processes, env={config.ENV_URL: url},
+                      final_exit_codes=FINAL_EXIT_CODES).run()
+
+
+def worker_argv(args, package: str) -> list[str]:
+    """The ``mqueue`` arguments of one supervised worker: this start's options, one process."""
     argv = ["start", "--tasks", package, "--processes", "1", "--concurrency", str(args.concurrency),
             "--lease", repr(args.lease), "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
             "--log-level", args.log_level]
@@ -414,8 +420,7 @@ def run_supervisor(args, url: str, package: str) -> int:
     argv += ["--", *args.queues]
     if args.exec is not None:
         argv += ["--exec", "--", *args.exec]
-    return Supervisor(child_command(argv), args.processes, env={config.ENV_URL: url},
-                      final_exit_codes=FINAL_EXIT_CODES).run()
+    return argv
 
 
 def signal_name(signum: int | None) -> str:
