@@ -107,13 +107,13 @@ class ShellCommand:
         if os.sep in program:
             path = os.path.abspath(program)
             if not os.path.exists(path):
-                raise ValueError(f"--exec command {program!r} not found")
+                raise ValueError(f"--exec command {program!r} not found (a relative path starts from {os.getcwd()})")
             if os.path.isdir(path) or not os.access(path, os.X_OK):
                 raise ValueError(f"--exec command {program!r} is not an executable file (chmod +x?)")
         else:
             path = shutil.which(program)
             if path is None:
-                raise ValueError(f"--exec command {program!r} not found on PATH")
+                raise ValueError(f"--exec command {program!r} not found on PATH (give its path, e.g. ./{program})")
         self.executable = path
         return path
 
@@ -149,8 +149,9 @@ class ShellCommand:
         except BaseException:  # never leave the command running behind a job this worker gives up
             _kill_group(child)
             raise
+        pipes_deadline = time.monotonic() + 1.0  # a grandchild still holding the pipes must not hold the job
         for thread in threads[1:]:
-            thread.join(1.0)  # a grandchild still holding the pipes must not hold the job
+            thread.join(max(0.0, pipes_deadline - time.monotonic()))
         tail = b"".join(stderr_tail)[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
         if stopped == "abort":
             raise HandBack(f"{self.argv[0]} stopped at shutdown ({_status(child.returncode)})")

@@ -209,3 +209,20 @@ def test_a_command_that_cannot_start_fails_at_start_up(db, database_url, tmp_pat
         assert line.startswith("mqueue: error: --exec command ") and str(path) in line, line
     row = job_row(db, job_id)
     assert (row.state, row.retries, row.owner, row.started_at) == ("queued", 0, None, None)
+
+
+def test_a_command_whose_job_was_taken_back_is_stopped(db, daemons, tmp_path):
+    """``mqueue retry --force`` takes the running job back: the heartbeat finds the lease gone, the command is stopped."""
+    command = script(tmp_path, "taken.sh", """
+echo "run $$" >> "$DIR/runs"
+if [ ! -e "$DIR/child" ]; then echo $$ > "$DIR/child"; while :; do sleep 0.05; done; fi
+""")
+    (job_id,) = enqueue(db, "reports.build", [{}], queue=QUEUE)
+    daemon = start(daemons, [command], "--kill-interval", "0.2")
+    wait_for(lambda: (tmp_path / "child").exists(), timeout=10, message=daemons.output)
+    child = int((tmp_path / "child").read_text())
+    mqueue.admin.retry_job(db, job_id, force=True)
+    wait_for(lambda: not pid_alive(child), timeout=5, message=lambda: f"{child} still running\n{daemons.output()}")
+    wait_row(db, job_id, lambda r: r.state == "succeeded", daemons)
+    assert len(lines(tmp_path / "runs")) == 2
+    assert "the job's lease was lost" in daemon.stderr()
