@@ -33,6 +33,7 @@ import time
 from typing import Sequence
 
 from .dialects.base import ClaimedRow
+from .errors import LeaseLostError
 from .registry import DEFAULT_MAX_RETRIES
 
 log = logging.getLogger("mqueue.shell")
@@ -156,7 +157,6 @@ class ShellCommand:
         if stopped == "abort":
             raise HandBack(f"{self.argv[0]} stopped at shutdown ({_status(child.returncode)})")
         if stopped == "lost":
-            from .errors import LeaseLostError
             raise LeaseLostError(f"job {row.id} lease lost: {self.argv[0]} was stopped")
         if stopped == "timeout":
             raise CommandTimeout(f"{self.argv[0]} ran past its timeout of {self.timeout_seconds:g} s and was "
