@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="longest wait between polls of an idle queue (default 0.1)")
     start.add_argument("--grace", type=non_negative_float, default=DEFAULT_GRACE_SECONDS, metavar="SECONDS",
                        help="time running jobs get to finish after SIGTERM (default 30)")
+    start.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                       help="with --exec: a command running longer is stopped and its run counts as failed")
+    start.add_argument("--kill-interval", type=positive_float, default=None, metavar="SECONDS",
+                       help="with --exec: seconds between the SIGTERMs sent to a command's process group "
+                            "to stop it; SIGKILL after three (default 5)")
+    start.add_argument("--exec", nargs=argparse.REMAINDER, default=None, metavar="COMMAND",
+                       help="last option, e.g. --exec -- ./report.sh --fast: run COMMAND [ARG...] for every job "
+                            "instead of a Python task, the job's args JSON on stdin and its id as last argument; "
+                            "nothing after --exec is read by mqueue")
     start.set_defaults(handler=cmd_start)
 
     migrate = commands.add_parser("migrate", help="create or upgrade mqueue's tables")
@@ -328,10 +337,12 @@ def cmd_start(args) -> int:
     from .supervisor import follow_supervisor
     url = args.database or config.default_url()
     package = args.tasks or config.settings.package
+    command = shell_command(args)  # a command that cannot run: one line before anything else
     with StartupSignals() as signals:
         follow_supervisor()
         try:
-            load_tasks(package)
+            if command is None or args.tasks:  # an exec worker runs no Python task (its crons, if given)
+                load_tasks(package)
             db = open_database(args)  # for the checks only: a worker opens its own engine on the URL
             ready = wait_for_database(db, signals.stopped)
             if not ready:
@@ -345,7 +356,7 @@ def cmd_start(args) -> int:
                 return run_supervisor(args, url, package)
             from .worker import Worker
             worker = Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-                            poll_interval=args.poll_interval, grace=args.grace)
+                            poll_interval=args.poll_interval, grace=args.grace, command=command)
             if worker.db is not db:
                 db.dispose()
             worker.run()  # rides out outages itself (its loops back off and retry)
@@ -354,14 +365,62 @@ def cmd_start(args) -> int:
     return EXIT_OK
 
 
+def shell_command(args):
+    """``--exec``'s ShellCommand, checked that it can be started; None without ``--exec``."""
+    from .shell import DEFAULT_KILL_INTERVAL_SECONDS, ShellCommand
+    if args.exec is None:
+        for option, value in (("--timeout", args.timeout), ("--kill-interval", args.kill_interval)):
+            if value is not None:
+                raise UsageError(f"{option} applies to --exec commands only (Python tasks take timeout=)")
+        return None
+    if not args.exec:
+        raise UsageError("--exec needs a COMMAND, e.g. --exec -- ./report.sh --fast")
+    kill_interval = args.kill_interval if args.kill_interval is not None else DEFAULT_KILL_INTERVAL_SECONDS
+    command = ShellCommand(args.exec, timeout_seconds=args.timeout, kill_interval_seconds=kill_interval)
+    try:
+        command.check()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return command
+
+
+def split_exec(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``start ... --exec [--] COMMAND [ARG...]``: mqueue's own arguments, and the command untouched.
+
+    Everything after ``--exec`` belongs to the command (its own ``--flags``
+    included), so argparse never sees it.
+    """
+    if "--exec" not in argv:
+        return argv, None
+    at = argv.index("--exec")
+    if "start" not in argv[:at]:
+        return argv, None
+    command = argv[at + 1:]
+    return argv[:at], command[1:] if command[:1] == ["--"] else command
+
+
 def run_supervisor(args, url: str, package: str) -> int:
     """Supervise ``--processes`` workers; the URL goes through their environment, not ``ps``."""
     from .supervisor import Supervisor, child_command
+    return Supervisor(child_command(worker_argv(args, package)), args.processes, env={config.ENV_URL: url},
+                      final_exit_codes=FINAL_EXIT_CODES).run()
+
+
+def worker_argv(args, package: str) -> list[str]:
+    """The ``mqueue`` arguments of one supervised worker: this start's options, one process."""
     argv = ["start", "--tasks", package, "--processes", "1", "--concurrency", str(args.concurrency),
             "--lease", repr(args.lease), "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
-            "--log-level", args.log_level, "--", *args.queues]
-    return Supervisor(child_command(argv), args.processes, env={config.ENV_URL: url},
-                      final_exit_codes=FINAL_EXIT_CODES).run()
+            "--log-level", args.log_level]
+    if args.exec is not None:
+        if not args.tasks:
+            argv[1:3] = []  # an exec worker imports a tasks package only when told to
+        for option, value in (("--timeout", args.timeout), ("--kill-interval", args.kill_interval)):
+            if value is not None:
+                argv += [option, repr(value)]
+    argv += ["--", *args.queues]
+    if args.exec is not None:
+        argv += ["--exec", "--", *args.exec]
+    return argv
 
 
 def signal_name(signum: int | None) -> str:
@@ -385,7 +444,10 @@ def cmd_migrate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, command = split_exec(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    if command is not None:
+        args.exec = command
     args.log_level = getattr(args, "log_level", "info")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.log_level != "debug":

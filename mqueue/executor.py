@@ -40,6 +40,7 @@ from .registry import DEFAULT_MAX_RETRIES, get_task
 from .retry import Decision, decide
 from .schema import SUCCEEDED as SUCCEEDED_STATE
 from .session import Database, _current as _current_session
+from .shell import CommandFailed, HandBack, ShellCommand
 
 log = logging.getLogger("mqueue.executor")
 
@@ -177,12 +178,14 @@ class Executor:
 
     ``lease_seconds`` (the worker's lease) bounds how long outcome writes
     retry: never past the lease, whose expiry is tracked by
-    ``Running.renewed``.
+    ``Running.renewed``.  With ``command`` (``--exec``) every row runs that
+    shell command in place of its registered task (``shell.py``).
     """
 
     def __init__(self, db: Database, heartbeat: Callable[[Job], None], stopping: Callable[[], bool],
-                 lease_seconds: float | None = None) -> None:
+                 lease_seconds: float | None = None, command: ShellCommand | None = None) -> None:
         self.db = db
+        self.command = command
         self.dialect = db.dialect
         self.lease_seconds = lease_seconds
         self._heartbeat = heartbeat
@@ -201,7 +204,7 @@ class Executor:
     def _execute(self, running: Running) -> Outcome:
         row = running.row
         try:
-            task = get_task(row.name)
+            task = get_task(row.name) if self.command is None else self.command.task_for(running)
         except UnknownTaskError as error:
             # A rolling deploy may bring the task soon: a failed run, retried with backoff.
             running._finish()
@@ -259,6 +262,9 @@ class Executor:
                 _rollback(session)
                 if not isinstance(error, Exception):
                     raise
+                if isinstance(error, HandBack):
+                    log.warning("job=%s %s: handing it back", row.id, error)
+                    return self._release(running)
                 if _could_not_connect(error):
                     log.warning("job=%s no database connection for the task, trying again: %s", row.id,
                                 first_line(error))
@@ -542,6 +548,8 @@ def error_text(error: BaseException) -> str:
         return _clip_head(f"Retry: {error.reason}")
     if isinstance(error, UnknownTaskError):
         return _clip_head(f"UnknownTaskError: {error}")
+    if isinstance(error, CommandFailed):
+        return _clip_head(error.stored_error())  # the command's stderr tail, its status last
     return format_error(error)
 
 

@@ -43,6 +43,7 @@ from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Exe
 from .jobs import Job
 from .loops import Loop, OutageLog
 from .session import Database, as_database
+from .shell import ShellCommand
 from .startup import wait_for_database
 
 log = logging.getLogger("mqueue.worker")
@@ -94,7 +95,7 @@ class Worker:
     def __init__(self, database: "Database | str", queues: Sequence[str] | str = ("default",),
                  concurrency: int = 1, lease: float = DEFAULT_LEASE_SECONDS,
                  poll_interval: float = DEFAULT_POLL_SECONDS, grace: float = DEFAULT_GRACE_SECONDS,
-                 heartbeat_interval: float | None = None) -> None:
+                 heartbeat_interval: float | None = None, command: "ShellCommand | None" = None) -> None:
         self.queues = [queues] if isinstance(queues, str) else list(queues)
         if not self.queues or not all(isinstance(q, str) and q for q in self.queues):
             raise ValueError(f"queues must be non-empty names, got {queues!r}")
@@ -112,7 +113,10 @@ class Worker:
         self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
         self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
-        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), self.lease_seconds)
+        #: ``--exec``: every job of these queues runs this command, not its registered task.
+        self.command = command
+        self.executor = Executor(self.db, self.heartbeat_job, lambda: self._stop.is_set(), self.lease_seconds,
+                                 command=command)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._held: dict[int, Running] = {}
@@ -124,6 +128,8 @@ class Worker:
     def _reset(self) -> None:
         """Fresh per-run state: ``run_until_empty`` may be called again on the same worker."""
         self._stop.clear()
+        if self.command is not None:
+            self.command.abort.clear()
         self._ready: "queue_module.Queue[Running]" = queue_module.Queue()
         self._finished: "queue_module.Queue[Running]" = queue_module.Queue()  # for the completer
         self._completing = 0   # held jobs whose task returned, waiting for the completer
@@ -258,8 +264,9 @@ class Worker:
         pruner = Loop("pruning history", self._prune_step, outages=outages).start("mqueue-prune")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
                               interrupted=lambda: self._pending_signal is not None)
-        log.info("worker %s serving %s with %d thread(s), lease %.1fs", self.owner, ",".join(self.queues),
-                 self.concurrency, self.lease_seconds)
+        log.info("worker %s serving %s with %d thread(s), lease %.1fs%s", self.owner, ",".join(self.queues),
+                 self.concurrency, self.lease_seconds,
+                 "" if self.command is None else f", running {self.command.argv[0]} for every job")
         try:
             self._producer.run()
         finally:
@@ -497,6 +504,12 @@ class Worker:
         deadline = time.monotonic() + self.grace_seconds
         for loop in executors:
             loop.join(max(0.0, deadline - time.monotonic()))
+        if self.command is not None and not all(loop.join(0) for loop in executors):
+            # Commands still running after the grace: their kill sequence, then their jobs go back.
+            self.command.abort.set()
+            kill_deadline = time.monotonic() + self.command.kill_seconds()
+            for loop in executors:
+                loop.join(max(0.0, kill_deadline - time.monotonic()))
         # The completer writes what the executors finished, then ends.
         completer.stop()
         completer.join(max(5.0, deadline - time.monotonic()))
