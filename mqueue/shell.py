@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Sequence
 
+from .config import ENV_URL
 from .dialects.base import ClaimedRow
 from .errors import LeaseLostError
 from .registry import DEFAULT_MAX_RETRIES
@@ -132,7 +133,7 @@ class ShellCommand:
         row: ClaimedRow = running.row
         if self.executable is None:
             self.check()
-        env = dict(os.environ, MQUEUE_JOB_ID=str(row.id), MQUEUE_QUEUE=row.queue, MQUEUE_RETRIES=str(row.retries))
+        env = child_environment(row)
         try:
             child = subprocess.Popen([*self.argv, str(row.id)], executable=self.executable, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -338,3 +339,11 @@ def _die_with_parent() -> None:
     """
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+
+
+def child_environment(row: ClaimedRow) -> dict[str, str]:
+    """The worker's environment for a command, without the database URL (it may hold a password,
+    and a command needs none to do its job), plus the job's id, queue and retries."""
+    env = {key: value for key, value in os.environ.items() if key != ENV_URL}
+    env.update(MQUEUE_JOB_ID=str(row.id), MQUEUE_QUEUE=row.queue, MQUEUE_RETRIES=str(row.retries))
+    return env

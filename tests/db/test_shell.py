@@ -78,3 +78,14 @@ fi
     assert status == f"CommandFailed: {command.argv[0]} exited with status 7"
     assert stderr[-1].endswith("END OF STDERR")
     assert len("\n".join(stderr).encode()) == STDERR_TAIL_BYTES
+
+
+def test_a_command_never_gets_the_database_url(monkeypatch):
+    """The supervisor hands children the URL (with its password) in MQUEUE_DATABASE_URL; a command gets none."""
+    from mqueue.config import ENV_URL
+    from mqueue.dialects.base import ClaimedRow
+    from mqueue.shell import child_environment
+    monkeypatch.setenv(ENV_URL, "mysql+pymysql://app:s3cret@db/app")
+    env = child_environment(ClaimedRow(7, "reports", "label", "{}", 2, None, 1, ()))
+    assert ENV_URL not in env and "s3cret" not in " ".join(env.values())
+    assert (env["MQUEUE_JOB_ID"], env["MQUEUE_QUEUE"], env["MQUEUE_RETRIES"]) == ("7", "reports", "2")

@@ -53,7 +53,7 @@ def test_success_gets_args_on_stdin_id_last_and_environment(db, daemons, tmp_pat
     command = script(tmp_path, "ok.sh", """
 cat > "$DIR/stdin.$MQUEUE_JOB_ID"
 printf '%s\\n' "$@" > "$DIR/argv.$MQUEUE_JOB_ID"
-echo "$MQUEUE_JOB_ID $MQUEUE_QUEUE $MQUEUE_RETRIES" > "$DIR/env.$MQUEUE_JOB_ID"
+echo "$MQUEUE_JOB_ID $MQUEUE_QUEUE $MQUEUE_RETRIES ${MQUEUE_DATABASE_URL:-no-url}" > "$DIR/env.$MQUEUE_JOB_ID"
 echo "run $MQUEUE_JOB_ID" >> "$DIR/runs"
 echo "hello from the report"
 echo "second line"
@@ -70,7 +70,7 @@ echo "second line"
     assert done.retries == 0
     assert (tmp_path / f"stdin.{job_id}").read_text() == stored
     assert lines(tmp_path / f"argv.{job_id}") == ["--fast", "two words", str(job_id)]
-    assert lines(tmp_path / f"env.{job_id}") == [f"{job_id} {QUEUE} 0"]
+    assert lines(tmp_path / f"env.{job_id}") == [f"{job_id} {QUEUE} 0 no-url"]  # the URL (a password) is not passed on
     assert lines(tmp_path / "runs") == [f"run {job_id}"]
     log = wait_for(lambda: (lambda t: t if "second line" in t else None)(daemon.stderr()), timeout=5)
     assert f"job={job_id} stdout: hello from the report" in log
