@@ -482,7 +482,7 @@ class Bench:
         jobs = jobs or self.args.drain_jobs
         with self.db.session():
             getattr(self.tasks, task).enqueue_many([{"n": n} for n in range(jobs)])
-        if self.database.count() != jobs:
+        if self.database.unfinished() != jobs:
             raise RuntimeError("enqueue_many did not store every job")
         started = time.monotonic()
         daemon = Daemon(self, DRAIN_QUEUE, log_name or f"drain-{self.backend}-{processes}x{threads}-{task}-{run}.log",
