@@ -435,7 +435,7 @@ class Dialect(HistoryStatements):
         ours = [job_id for job_id, token, state in rows if state == RUNNING and wanted[job_id] == token]
         if ours:
             conn.execute(COMPLETE_MANY, dict(job_ids=ours))
-            published = [job_id for job_id in ours if job_id in set(tracked)]
+            published = sorted(set(ours) & set(tracked))
             if published:
                 self.emit_tracked(conn, published, "succeeded")
         kept = set(ours)
