@@ -2,9 +2,9 @@
 
 Decide, then write (Oban's executor): every run ends in an ``Outcome``;
 after a failed run the pure ``retry.decide`` gives a ``Decision`` and the
-dialect writes it, fenced by the lease token.  On success the job row is
-deleted *inside the task's own transaction*, so the task's writes and the
-job's completion commit together or not at all.  Nothing here raises into
+dialect writes it, fenced by the lease token.  On success the job row
+becomes ``succeeded`` *inside the task's own transaction*, so the task's
+writes and the job's completion commit together or not at all.  Nothing here raises into
 the worker loop.
 
 When the database is away longer than the job's lease, the run's outcome
@@ -247,7 +247,7 @@ class Executor:
                     raise JobTimeout()
                 if not (session.in_transaction() or session.new or session.dirty or session.deleted):
                     return DEFERRED  # nothing to commit with: the worker's completer batches it
-                session.flush()  # the task's pending ORM writes, then the fenced DELETE on the same connection
+                session.flush()  # the task's pending ORM writes, then the fenced completion on the same connection
                 if not self.dialect.complete_job(session.connection(), row.id, row.token, row.tracked):
                     _rollback(session)
                     log.warning("job=%s lease lost before completion: its writes were rolled back", row.id)

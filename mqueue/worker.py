@@ -5,7 +5,7 @@
   worker holds is a job it is running, so a crash charges no job that never
   started and a busy worker never sits on work another worker could run;
 * ``concurrency`` *executor* loops run one job each (``executor.py``);
-* the *completer* deletes, many per transaction, the jobs whose task
+* the *completer* completes, many per transaction, the jobs whose task
   returned without touching its session (a task that wrote is completed
   inside its own transaction by the executor);
 * the *heartbeat* loop extends the leases of every job this worker holds,
