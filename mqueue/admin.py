@@ -40,7 +40,7 @@ from .events import Event
 from .config import settings
 from .dialects.functions import utc_now
 from .encoding import decode_args, encode_args
-from .errors import InvalidStateError, JobNotFoundError
+from .errors import InvalidStateError, JobNotFoundError, headline
 from .registry import check_tags, get_task, registered_tasks
 from .history import DayStats, HistoryEntry
 from .schema import FINISHED, QUEUED, RUNNING, STATES, read_time
@@ -123,10 +123,7 @@ class JobInfo:
     @property
     def error_summary(self) -> str | None:
         """The last non-blank line of the stored traceback (the exception itself)."""
-        if not self.last_error:
-            return None
-        lines = [line.strip() for line in self.last_error.splitlines() if line.strip()]
-        return lines[-1] if lines else None
+        return headline(self.last_error)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ISO times; ``args`` is the stored JSON object (what ``enqueue`` takes)."""

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import config
 from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, InvalidStateError,
-                     JobNotFoundError, MQueueError, SchemaMissingError, UnknownTaskError, first_line)
+                     JobNotFoundError, MQueueError, SchemaMissingError, UnknownTaskError, first_line, headline)
 from .events import KINDS as EVENT_KINDS
 from .registry import MAX_TAG_LENGTH
 from .schema import STATES
@@ -594,7 +594,7 @@ def describe_job(job) -> list[str]:
     lines.append("  history:")
     for entry in job.history:
         by = f" by {entry.worker}" if entry.worker else ""
-        detail = f": {excerpt(error_headline(entry.detail), 80)}" if entry.detail else ""
+        detail = f": {excerpt(headline(entry.detail) or '', 80)}" if entry.detail else ""
         lines.append(f"    {format_time(entry.at, precise=True)}  {entry.kind}{by}{detail}")
     errors = [(entry.kind, entry.at, entry.detail) for entry in job.errors]
     if not errors and job.last_error:  # a row from before history was kept, or written by hand
@@ -604,12 +604,6 @@ def describe_job(job) -> list[str]:
         lines.append(f"    #{number} {kind}{f' at {format_time(at)} UTC' if at else ''}:")
         lines += [f"      {line}".rstrip() for line in text.rstrip().splitlines()]
     return lines
-
-
-def error_headline(text: str) -> str:
-    """The last non-blank line of a stored error (the exception itself)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def cmd_tag(args) -> int:

@@ -99,6 +99,16 @@ class JobTimeout(BaseException):
     """
 
 
+def headline(stored_error: str | None) -> str | None:
+    """The last non-blank line of a stored error text (the exception itself); None if there is none.
+
+    A stored traceback ends with the exception's own line (``executor``
+    stores it last), which is what a one-line listing should show.
+    """
+    lines = [line.strip() for line in (stored_error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's own message, for one-line logs.
 

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any, Iterator, Sequence
 
+from .errors import headline
 from .session import Database, as_database
 
 log = logging.getLogger("mqueue.events")
@@ -62,10 +63,8 @@ class Event:
         parts = [str(self.id), at, self.kind, f"job={self.job_id}", f"queue={self.queue}", f"task={self.name}"]
         if self.worker:
             parts.append(f"worker={self.worker}")
-        if self.detail:
-            lines = [line.strip() for line in self.detail.splitlines() if line.strip()]
-            if lines:
-                parts.append(lines[-1])
+        if headline(self.detail):
+            parts.append(headline(self.detail))
         return " ".join(parts)
 
 
