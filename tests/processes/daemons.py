@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 from helpers import python_env, sqlite_write_lock_free, wait_for, whole_lines
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, String, Table, func, insert, select
 
 import mqueue
 from mqueue.migrate import upgrade
@@ -37,7 +37,7 @@ effect = Table(
     Column("pid", Integer, nullable=False),
     Column("retries", Integer, nullable=False),
     Column("note", String(100), nullable=True),
-    Column("at", Float, nullable=True),
+    Column("at", Double, nullable=True),  # time.time(): MySQL FLOAT would round it to ~2 minutes
 )
 
 _TASKS_SOURCE = '''
@@ -46,7 +46,7 @@ _TASKS_SOURCE = '''
 import os
 import time
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, insert
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, String, Table, insert
 
 import mqueue
 
@@ -57,7 +57,7 @@ effect = Table(
     Column("pid", Integer, nullable=False),
     Column("retries", Integer, nullable=False),
     Column("note", String(100), nullable=True),
-    Column("at", Float, nullable=True),
+    Column("at", Double, nullable=True),  # time.time(): MySQL FLOAT would round it to ~2 minutes
 )
 
 LOG = os.environ["PROC_TASKS_LOG"]
