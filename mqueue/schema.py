@@ -164,6 +164,14 @@ task_table = Table(
     # 1: the job emits an event on every change of state (``admin.events``); 0/1 is portable where
     # a boolean default is not (MySQL reports it as 0, PostgreSQL as false).
     Column("tracked", SmallInteger, nullable=False, server_default="0"),
+    # Dependencies (``depends_on``): how many have not succeeded yet; the job is
+    # ``waiting`` while this is above 0, and the last dependency's completion
+    # turns it ``queued`` in its own transaction.
+    Column("pending_deps", Integer, nullable=False, server_default="0"),
+    # 1 once another job depends on this one: only then does its completion look for dependents.
+    Column("has_dependents", SmallInteger, nullable=False, server_default="0"),
+    # A job not started by then is never run: it becomes ``expired``.
+    Column("expires_at", UTCDateTime, nullable=True),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
     Index(None, "finished_at", "id"),
     # SQLite reuses the largest rowid once that row is deleted (as a succeeded
@@ -240,4 +248,39 @@ setting_table = Table(
     Column("key", String(100), primary_key=True),
     Column("value", String(255), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False, server_default=utc_now()),
+)
+
+#: ``depends_on``: one row per (dependent job, dependency), found from either side.
+dependency_table = Table(
+    "mqueue_dependency", metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("depends_on", BigInteger, nullable=False),
+    PrimaryKeyConstraint("job_id", "depends_on"),
+    Index(None, "depends_on", "job_id"),
+)
+
+#: Per-queue controls shared by every worker: a row only for a queue that was
+#: ever paused (``mqueue pause``); workers read the paused set on a timer.
+queue_table = Table(
+    "mqueue_queue", metadata,
+    Column("name", String(100), primary_key=True),
+    Column("paused", SmallInteger, nullable=False, server_default="0"),
+    Column("updated_at", UTCDateTime, nullable=False, server_default=utc_now()),
+)
+
+#: Live workers (``mqueue workers``): each writes its row on its heartbeat;
+#: a row not seen for 3 leases is dropped.
+worker_table = Table(
+    "mqueue_worker", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", Text, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    # JSON list of the ids of the jobs it runs now.
+    Column("running", Text, nullable=False),
+    # 0 while claiming is stopped (SIGUSR2), 1 otherwise.
+    Column("claiming", SmallInteger, nullable=False, server_default="1"),
+    Index(None, "last_seen"),
 )

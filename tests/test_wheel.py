@@ -87,7 +87,8 @@ def test_installed_wheel_migrates_a_fresh_database(installed, database_url, back
         run([script, "migrate", "--database", database_url], cwd=work, timeout=120)
 
         assert set(inspect(engine).get_table_names()) == {"mqueue_task", "mqueue_cron", "mqueue_event", "mqueue_stats",
-                                                          "mqueue_setting", "mqueue_tag", "mqueue_alembic_version"}
+                                                          "mqueue_setting", "mqueue_tag", "mqueue_dependency",
+                                                          "mqueue_queue", "mqueue_worker", "mqueue_alembic_version"}
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM mqueue_alembic_version")).scalars().all()
         from mqueue.migrate import alembic_config

@@ -159,7 +159,8 @@ def test_upgrade_from_revision_1_keeps_every_job_and_each_workers_view_of_it(db)
             if job_id in (ids["scheduled"], ids["failed_kept"], ids["idle"])}
     downgrade(db, "mqueue_0002")
     assert current_revision(db) == "mqueue_0002"
-    assert not {"mqueue_event", "mqueue_stats", "mqueue_setting", "mqueue_tag"} & table_names(db)
+    assert not {"mqueue_event", "mqueue_stats", "mqueue_setting", "mqueue_tag", "mqueue_dependency", "mqueue_queue",
+                "mqueue_worker"} & table_names(db)
     with db.engine.connect() as conn:
         columns = {column["name"] for column in inspect(conn).get_columns("mqueue_task")}
     assert not {"finished_at", "runs", "wait_seconds", "run_seconds"} & columns

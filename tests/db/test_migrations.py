@@ -59,6 +59,7 @@ def table_names(db) -> set[str]:
 #: Every table mqueue's migrations create (finished jobs' events, daily stats, shared settings since 0003;
 #: tags since 0004).
 MQUEUE_TABLES = {"mqueue_task", "mqueue_cron", "mqueue_event", "mqueue_stats", "mqueue_setting", "mqueue_tag",
+                 "mqueue_dependency", "mqueue_queue", "mqueue_worker",
                  "mqueue_alembic_version"}
 
 
@@ -72,7 +73,7 @@ def test_upgrade_twice_is_idempotent_and_tracked_in_its_own_table(db):
     upgrade(db)
     assert table_names(db) == MQUEUE_TABLES
     assert "alembic_version" not in table_names(db)
-    assert version_rows(db) == [head_revision()] == ["mqueue_0004"]
+    assert version_rows(db) == [head_revision()] == ["mqueue_0005"]
     assert current_revision(db) == head_revision()
 
     with db.engine.begin() as conn:
