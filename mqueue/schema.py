@@ -278,6 +278,8 @@ worker_table = Table(
     Column("queues", Text, nullable=False),
     Column("started_at", UTCDateTime, nullable=False),
     Column("last_seen", UTCDateTime, nullable=False),
+    # Its lease: the row is stale (the worker is gone) once not seen for 3 of them.
+    Column("lease_seconds", Double, nullable=False),
     # JSON list of the ids of the jobs it runs now.
     Column("running", Text, nullable=False),
     # 0 while claiming is stopped (SIGUSR2), 1 otherwise.

@@ -60,6 +60,7 @@ def upgrade() -> None:
         sa.Column("queues", sa.Text, nullable=False),
         sa.Column("started_at", TIME, nullable=False),
         sa.Column("last_seen", TIME, nullable=False),
+        sa.Column("lease_seconds", sa.Double, nullable=False),
         sa.Column("running", sa.Text, nullable=False),
         sa.Column("claiming", sa.SmallInteger, nullable=False, server_default="1"),
         sa.PrimaryKeyConstraint("name", name="pk_mqueue_worker"),
