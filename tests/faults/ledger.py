@@ -36,7 +36,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from helpers import whole_lines
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, func, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, String, Table, func, select
 
 import mqueue
 from mqueue.migrate import upgrade
@@ -61,7 +61,7 @@ fault_effect = Table(
     Column("pid", Integer, nullable=False),
     Column("retries", Integer, nullable=False),
     Column("note", String(100), nullable=True),
-    Column("at", Float, nullable=True),
+    Column("at", Double, nullable=True),
 )
 
 _TASKS_SOURCE = '''
@@ -71,7 +71,7 @@ committed run leaves one ``fault_effect`` row (written in the job's session)."""
 import os
 import time
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, insert
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, String, Table, insert
 
 import mqueue
 
@@ -82,7 +82,7 @@ fault_effect = Table(
     Column("pid", Integer, nullable=False),
     Column("retries", Integer, nullable=False),
     Column("note", String(100), nullable=True),
-    Column("at", Float, nullable=True),
+    Column("at", Double, nullable=True),
 )
 
 LOG = os.environ["FAULT_EXEC_LOG"]
