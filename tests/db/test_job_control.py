@@ -12,7 +12,7 @@ import datetime as dt
 import threading
 
 import pytest
-from helpers import db_now, quick_worker
+from helpers import db_now, quick_worker, wait_for
 from sqlalchemy import func, select
 
 import mqueue
@@ -286,6 +286,24 @@ def test_a_claimed_job_past_its_expiry_is_not_run(db):
     assert (job.state, job.runs) == (EXPIRED, 0)
     assert [e.kind for e in admin.events(db, job_id=gone)] == ["put", "expired"]
     assert state(db, kept) == SUCCEEDED
+
+
+def test_a_worker_sweeps_waiting_jobs_past_their_expiry(db):
+    """No claim ever reaches a waiting job: the worker's rescue loop expires it."""
+    now = db_now(db)
+    with db.session():
+        blocker = step.options(queue="elsewhere").enqueue(1)
+        waiting = step.options(depends_on=[blocker], expires=now - dt.timedelta(seconds=1)).enqueue(2)
+    assert state(db, waiting) == WAITING
+    w = quick_worker(db, [QUEUE], lease=1)
+    thread = threading.Thread(target=w.run, name="jc-sweeping-worker")
+    thread.start()
+    try:
+        wait_for(lambda: state(db, waiting) == EXPIRED, timeout=20)
+    finally:
+        w.stop()
+        thread.join(30)
+    assert not thread.is_alive() and ran == []
 
 
 def test_bad_expires_and_depends_on_are_refused():
