@@ -12,8 +12,10 @@ e.g.::
         admin.retry_job("sqlite:///app.db", job.id)
 
 Writes are safe against workers claiming at the same moment: each is one
-transition of the dialect (``cancel_job``, ``requeue_job``, ``hasten_job``)
-that names the state and token the job was just read in.  If a worker got
+transition of the dialect (``cancel_job``, ``requeue_job``, ``hasten_job``,
+``move_job``, ``set_priority``) that names the state and token the job was
+just read in; the bulk ones (``retry_failed``, ``cancel_failed``,
+``expire_jobs``) lock a few hundred rows per transaction.  If a worker got
 there first, zero rows change, and the job is read again to say what
 happened instead of touching a running job.  This module holds no SQL.
 
