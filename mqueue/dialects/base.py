@@ -764,7 +764,9 @@ class Dialect(HistoryStatements):
         Locks the existing rows by primary key in id order (``FOR UPDATE``;
         SQLite: the write lock) until the enqueue commits: a dependency that
         completes meanwhile waits, then finds the new dependent and
-        releases it; one that completed first reads as done here.
+        releases it; one that completed first reads as done here.  A running
+        dependency's heartbeats wait too, so enqueueing transactions must be
+        short (a worker's lock wait is bounded below its lease: it retries).
         """
         rows = conn.execute(select(t.c.id, t.c.state).where(t.c.id.in_(sorted(set(job_ids))))
                             .order_by(t.c.id).with_for_update()).all()
