@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from helpers import db_now, quick_worker, wait_for
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 import mqueue
 from mqueue import admin
@@ -142,6 +142,33 @@ def test_dependent_added_while_the_dependency_runs_is_released(db):
     with db.session() as session:
         assert db.dialect.complete_job(session.connection(), first, claimed.token, False, claimed.has_dependents)
     assert (state(db, dependent), row(db, dependent).pending_deps) == (QUEUED, 0)
+
+
+def test_a_completion_without_dependents_is_one_statement(db):
+    """The fenced UPDATE alone: no look for dependents unless the job has some."""
+    with db.session():
+        plain, base = write.enqueue_many([{"n": 1}, {"n": 2}])
+        dependent = step.options(depends_on=[base]).enqueue(3)
+    with db.session() as session:
+        claimed = {row.id: row for row in db.dialect.claim_jobs(session, QUEUE, 2, "host:1:a", 60)}
+    assert (claimed[plain].has_dependents, claimed[base].has_dependents) == (False, True)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):
+        if "mqueue_" in statement:
+            statements.append(statement.split()[0].upper())
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        for job_id, expected in ((plain, ["UPDATE"]), (base, ["UPDATE", "SELECT", "UPDATE"])):
+            statements.clear()
+            with db.session() as session:
+                row = claimed[job_id]
+                assert db.dialect.complete_job(session.connection(), row.id, row.token, row.tracked,
+                                               row.has_dependents)
+            assert statements == expected
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert state(db, dependent) == QUEUED
 
 
 def test_dependency_failed_for_good_blocks_until_retried(db):
