@@ -24,6 +24,7 @@ from .dialects.base import DEFAULT_MAX_RETRIES  # one default, also used in SQL 
 from .dialects.functions import utc_now
 from .encoding import encode_args
 from .errors import DuplicateTaskError, NoSessionError, UnknownTaskError
+from .middleware import check_middleware
 from .retry import Backoff, check_backoff
 from .session import peek_session, translate_error
 
@@ -44,8 +45,11 @@ class Task(Generic[P, R]):
     """A registered function.  Call it to run it here; ``enqueue`` it to run it in a worker."""
 
     def __init__(self, fn: Callable[P, R], name: str, queue: str | None, priority: int,
-                 max_retries: int, backoff: Backoff, timeout: float | None) -> None:
+                 max_retries: int, backoff: Backoff, timeout: float | None,
+                 middleware: Sequence[Callable] = ()) -> None:
         self.fn = fn
+        #: ``fn(job, call_next)`` around each run, inside the process-wide ones (``middleware.py``).
+        self.middleware = tuple(middleware)
         self.name = name
         self.queue = queue
         self.priority = priority
@@ -350,7 +354,7 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
 
 def task(fn: Callable | None = None, *, name: str | None = None, queue: str | None = None,
          priority: int = 0, max_retries: int = DEFAULT_MAX_RETRIES, backoff: Backoff = None,
-         timeout: float | None = None):
+         timeout: float | None = None, middleware: Sequence[Callable] = ()):
     """Register a function as a task, by default named ``module.qualname``.
 
     e.g.::
@@ -360,6 +364,9 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
 
         @mqueue.task(queue="reports", max_retries=3, backoff=[10, 60], timeout=300)
         def report(day: datetime.date) -> None: ...
+
+    ``middleware``: functions ``fn(job, call_next)`` around each run of
+    this task, inside those of ``mqueue.add_middleware`` (``middleware.py``).
 
     An ``async def`` task runs to completion on an event loop in the worker's
     thread (with the job's synchronous session); generator functions are
@@ -373,6 +380,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
         raise ValueError(f"timeout must be seconds > 0, got {timeout!r}")
     if queue is not None:
         check_queue_name(queue)
+    middleware = check_middleware(middleware)
 
     def register(function: Callable) -> Task:
         if isinstance(function, Task):
@@ -384,7 +392,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
             # A worker would create the generator and never iterate it: the body would never run.
             raise TypeError(f"task {task_name!r} is a generator function, which a worker cannot run; "
                             f"return instead of yield (enqueue one job per item if need be)")
-        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout)
+        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout, middleware)
         _add(registered)
         return registered
 
