@@ -535,14 +535,14 @@ class Worker:
             log_outcome(running.row, running.run_seconds(), RELEASED)
 
     def _heartbeat_step(self) -> float:
-        """Extend the leases of held jobs (each with its own lease), then write this worker's row."""
+        """Extend the leases of held jobs, each by its queue's lease now, then write this worker's row."""
         with self._held_lock:
             held = [r for r in self._held.values() if not (r.lost or r.timed_out)]
         by_lease: dict[float, list[tuple[int, int]]] = {}
         for running in held:
-            by_lease.setdefault(running.lease_seconds or self.lease_seconds, []).append(
-                (running.row.id, running.row.token))
-        pairs = [pair for group in by_lease.values() for pair in group]
+            lease = self.queue_leases.get(running.row.queue, self.lease_seconds)
+            by_lease.setdefault(lease, []).append((running.row.id, running.row.token))
+        pairs = [(pair, lease) for lease, group in by_lease.items() for pair in group]
         if not pairs:
             self._register()
             return self.heartbeat_seconds
@@ -552,12 +552,13 @@ class Worker:
             for lease, group in by_lease.items():
                 lost.update(self.db.dialect.heartbeat_jobs(conn, group, lease))
         with self._held_lock:
-            for job_id, token in pairs:
+            for (job_id, token), lease in pairs:
                 running = self._held.get(job_id)
                 if running is None or running.row.token != token:
                     continue  # finished meanwhile, or held again under a new claim
                 if job_id not in lost:
                     running.mark_renewed(began)
+                    running.lease_seconds = lease  # the executor's deadline follows the lease now held
                 elif not running.timed_out:
                     running.mark_lost()
                     # A job being finished may be gone because its own completion
