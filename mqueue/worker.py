@@ -390,21 +390,19 @@ class Worker:
         """
         with self.db.engine.begin() as conn:
             queues = self._claim_order(conn)
-            claims = [self._claim_from(conn, queues[0], self._share(queues, 0, limit))] if queues else []
+            first = self._claim_rows(conn, queues[0], self._share(queues, 0, limit)) if queues else None
+        claims = [self._hand_over(*first)] if first is not None else []  # once committed
         for position in range(1, len(queues)):
             if sum(claims) >= limit:
                 break
-            with self.db.engine.begin() as conn:
-                claims.append(self._claim_from(conn, queues[position],
-                                               self._share(queues, position, limit - sum(claims))))
+            claims.append(self._claim_from(queues[position], self._share(queues, position, limit - sum(claims))))
         if self.order == ROUND_ROBIN:
             # Shares a queue left unused go to the queues that filled theirs (they may have more).
             for position, claimed in enumerate(list(claims)):
                 if sum(claims) >= limit:
                     break
                 if claimed and claimed == self._share(queues, position, limit - sum(claims[:position])):
-                    with self.db.engine.begin() as conn:
-                        claims.append(self._claim_from(conn, queues[position], limit - sum(claims)))
+                    claims.append(self._claim_from(queues[position], limit - sum(claims)))
         total = sum(claims)
         self._claimed += total
         return total
@@ -429,10 +427,24 @@ class Worker:
             return left
         return -(-left // (len(queues) - position))
 
-    def _claim_from(self, conn, queue_name: str, limit: int) -> int:
-        """Claim up to ``limit`` jobs of one queue with its lease; hand them to the threads."""
+    def _claim_from(self, queue_name: str, limit: int) -> int:
+        """Claim up to ``limit`` jobs of one queue in a transaction of its own; hand them to the threads."""
+        with self.db.engine.begin() as conn:
+            rows, lease = self._claim_rows(conn, queue_name, limit)
+        return self._hand_over(rows, lease)
+
+    def _claim_rows(self, conn, queue_name: str, limit: int) -> "tuple[list, float]":
+        """Claim up to ``limit`` jobs of one queue with its lease: the rows, and that lease."""
         lease = self.queue_leases.get(queue_name, self.lease_seconds)
-        rows = self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease)
+        return self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease), lease
+
+    def _hand_over(self, rows, lease: float) -> int:
+        """Give claimed rows to the executor threads: only after the claim committed.
+
+        A task started earlier would write its completion against the row as
+        it was before the claim (on PostgreSQL its fenced UPDATE skips the
+        queued version, zero rows: a lost lease that never was).
+        """
         for row in rows:
             running = Running(row)
             running.lease_seconds = lease
