@@ -155,7 +155,7 @@ def add_job_commands(commands) -> None:
     counts = commands.add_parser(
         "stats", help="per queue: jobs by state and the oldest due job's age; with QUEUE: a day's wait and run",
         description="Without QUEUE: per queue, queued (due now), scheduled, running, failed, waiting, succeeded, "
-                    "canceled, expired, other and oldest_due_seconds, with the same names in the table and in "
+                    "canceled, expired, other, paused and oldest_due_seconds, with the same names in the table and in "
                     "--json; queues with no jobs are listed too when known (those of the registered tasks and "
                     "of the crons). With QUEUE: for one UTC day (default today), the wait (eta to first start) "
                     "and run (start to finish) of the jobs that succeeded, as count, mean, std and a histogram, "
@@ -719,10 +719,10 @@ def cmd_stats(args) -> int:
     return print_listing(
         args, admin.stats(admin_database(args), task_queues(args.tasks)), "no jobs",
         ("QUEUE", "QUEUED", "SCHEDULED", "RUNNING", "FAILED", "WAITING", "SUCCEEDED", "CANCELED", "EXPIRED",
-         "OTHER", "OLDEST_DUE_SECONDS", "PAUSED"),
+         "OTHER", "PAUSED", "OLDEST_DUE_SECONDS"),
         lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.waiting, q.succeeded, q.canceled,
-                   q.expired, q.other, "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}",
-                   "yes" if q.paused else "no"))
+                   q.expired, q.other, "yes" if q.paused else "no",
+                   "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}"))
 
 
 def task_queues(package: str | None) -> set[str]:
