@@ -581,7 +581,8 @@ def cmd_enqueue(args) -> int:
 
 def cmd_list(args) -> int:
     from . import admin
-    jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit, tag=args.tag)
+    db = admin_database(args)
+    jobs = admin.list_jobs(db, queue=args.queue, state=args.state, limit=args.limit, tag=args.tag)
     filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state),
                                                             ("tag", args.tag)) if value)
     print_listing(
@@ -590,7 +591,7 @@ def cmd_list(args) -> int:
         lambda job: (job.id, job.queue, job.name, job.state, job.priority, format_time(job.eta), job.retries,
                      excerpt(job.error_summary or "", 60)))
     if not args.json:
-        paused = sorted(admin.paused_queues(admin_database(args)) & ({job.queue for job in jobs} | {args.queue}))
+        paused = sorted(admin.paused_queues(db) & ({job.queue for job in jobs} | {args.queue}))
         if paused:
             print(f"paused (workers claim nothing from it until 'mqueue resume'): {', '.join(paused)}")
     return EXIT_OK
