@@ -47,6 +47,8 @@ import time
 import traceback
 from typing import Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from . import history, shared_settings, wakeup
 from .errors import LeaseLostError, first_line
 from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
@@ -594,13 +596,23 @@ class Worker:
         """
         with self._held_lock:
             running = sorted(self._held)
-        with self.db.engine.begin() as conn:
-            self.db.dialect.register_worker(
-                conn, self.owner, socket.gethostname(), os.getpid(), json.dumps(self.queues),
-                min(self.queue_leases.values()), json.dumps(running), self.claiming)
-            self.db.dialect.delete_stale_workers(conn)
-            if not self._lease_given:
-                self._apply_settings(shared_settings.read(self.db.dialect, conn))
+        try:
+            with self.db.engine.begin() as conn:
+                self.db.dialect.register_worker(
+                    conn, self.owner, socket.gethostname(), os.getpid(), json.dumps(self.queues),
+                    min(self.queue_leases.values()), json.dumps(running), self.claiming)
+                self.db.dialect.delete_stale_workers(conn)
+                settings = None if self._lease_given else shared_settings.read(self.db.dialect, conn)
+        except DBAPIError as error:
+            # The next beat writes it again: a deadlock or an outage here must
+            # neither stop a starting worker nor delay its jobs' heartbeats
+            # (the loop would back off as after a failed job heartbeat).
+            level = logging.INFO if self.db.dialect.is_transient(error) else logging.WARNING
+            log.log(level, "worker %s: writing its registry row failed, the next heartbeat tries again: %s",
+                    self.owner, first_line(error))
+            return
+        if settings is not None:
+            self._apply_settings(settings)
 
     def _unregister(self) -> None:
         """Delete this worker's row on a clean stop (a failure only leaves it to go stale)."""

@@ -76,9 +76,16 @@ class ControlStatements:
     def delete_stale_workers(self, conn) -> int:
         """Delete the rows of workers not seen for ``STALE_LEASES`` of their own leases (killed ones).
 
-        Scans the registry (a row per live worker); row locks on what it deletes.
+        A plain read of the registry (a row per live worker) finds them; the
+        DELETE then locks only those rows, by primary key in name order, and
+        checks again.  A DELETE that scanned with the condition would lock
+        each live worker's row in turn and deadlock with their upserts
+        (measured on MariaDB: 1213 with four workers starting at once).
         """
-        return conn.execute(delete(w).where(_STALE)).rowcount
+        names = sorted(conn.execute(select(w.c.name).where(_STALE)).scalars())
+        if not names:
+            return 0
+        return conn.execute(delete(w).where(w.c.name.in_(names), _STALE)).rowcount
 
     def live_workers(self, conn) -> list:
         """Rows of workers seen within ``STALE_LEASES`` of their leases, by host, pid, name.  Plain read."""
