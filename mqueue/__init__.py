@@ -16,6 +16,7 @@ from .jobs import Job, current_job
 from .registry import Task, task
 from .scheduler import cron
 from .session import Database, ctx, current_session, use_session
+from .transactions import run_transaction
 from .worker import RunResult, Worker, start
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ __all__ = [
     "AccessDeniedError", "Database", "DatabaseURLError", "DatabaseUnavailableError", "DuplicateTaskError",
     "Fail", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
     "Retry", "SchemaMissingError", "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job",
-    "current_session", "init", "start", "task", "use_session",
+    "current_session", "init", "run_transaction", "start", "task", "use_session",
 ]
 
 #: Submodules of the public API loaded on first use (``mqueue.migrate.upgrade(db)``,

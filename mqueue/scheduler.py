@@ -107,6 +107,8 @@ class Scheduler:
         every = registered_crons() if crons is None else crons
         self.crons = {n: c for n, c in every.items() if c.queue_name() in self.queues}
         self.synced = False
+        #: Slots whose compare-and-set lost a race with another worker's (counted for the worker's summary).
+        self.conflicts = 0
 
     def sync(self, now: dt.datetime | None = None) -> None:
         """Insert new crons, update changed schedules, delete rows of crons removed from the code."""
@@ -153,6 +155,14 @@ class Scheduler:
             try:
                 job_id = self._take_slot(spec, row, now)
             except DBAPIError as error:
+                if dialect.is_conflict(error):
+                    # Another worker's compare-and-set won (on Galera its commit certified
+                    # first, ours failed with 1213): it enqueues the slot.  Had neither won,
+                    # the slot is still due and the next tick takes it.
+                    self.conflicts += 1
+                    log.debug("cron=%s slot due at %s: lost the race to another worker: %s", name,
+                              row.next_slot, first_line(error))
+                    continue
                 if dialect.is_transient(error) or dialect.is_unreachable(error):
                     raise  # the caller retries the whole tick
                 # one broken cron must not keep the others from running

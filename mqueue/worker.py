@@ -36,12 +36,14 @@ import threading
 import time
 from typing import Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from . import history, wakeup
-from .errors import LeaseLostError
+from .errors import LeaseLostError, first_line
 from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
                        log_outcome)
 from .jobs import Job
-from .loops import Loop, OutageLog
+from .loops import Loop, OutageLog, jitter
 from .session import Database, as_database
 from .shell import ShellCommand
 from .startup import wait_for_database
@@ -73,6 +75,15 @@ SERVICE_CONNECTIONS = 7
 PRUNE_SECONDS = 60.0
 #: Batches (``history.PRUNE_BATCH`` rows each) per turn; a turn that hits it goes on soon after.
 PRUNE_BATCHES_PER_TURN = 20
+#: A claim that lost a race (Galera: two nodes claimed the same rows, one commit failed
+#: certification) is retried at once, up to this many times in one step, each from another window.
+CLAIM_RACE_ATTEMPTS = 8
+#: Windows of due jobs (``claim_batch`` each) a worker that lost a claim race draws its own from,
+#: and how long it keeps claiming there before going back to the head of the queue.
+CLAIM_WINDOWS = 8
+CLAIM_WINDOW_SECONDS = 10.0
+#: How often a serving worker logs what it did (one info line, only when it did something).
+SUMMARY_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -142,6 +153,13 @@ class Worker:
         self._linger_until: float | None = None
         self._claim_pause_until = 0.0
         self._prune_started = False
+        self._claim_conflicts = 0  # claim races lost (and retried at once) in this run
+        self._claim_raced = False  # the last claim step lost every attempt
+        self._window = 0           # the window of due jobs claimed from (0: the head)
+        self._window_until = 0.0
+        self._loops: list[Loop] = []
+        self._summarized: tuple = ()
+        self._summarized_at = time.monotonic()
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -254,16 +272,22 @@ class Worker:
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
         outages = OutageLog(self._describe_outage)
+        race = self.db.dialect.is_conflict  # a lost race is retried at once, not backed off as an outage
         executors = [Loop("running a job", self._execute_step, outages=outages).start(f"mqueue-exec-{n}")
                      for n in range(self.concurrency)]
         completer = Loop("completing jobs", self._complete_step, outages=outages).start("mqueue-complete")
-        heartbeat = Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat")
+        heartbeat = Loop("heartbeating", self._heartbeat_step, outages=outages,
+                         conflict=race).start("mqueue-heartbeat")
         watchdog = Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")
-        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages).start("mqueue-rescue")
-        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages).start("mqueue-cron")
-        pruner = Loop("pruning history", self._prune_step, outages=outages).start("mqueue-prune")
+        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages,
+                       conflict=race).start("mqueue-rescue")
+        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages,
+                     conflict=race).start("mqueue-cron")
+        pruner = Loop("pruning history", self._prune_step, outages=outages, conflict=race).start("mqueue-prune")
+        summary = Loop("summarizing", lambda: self._summary_step(scheduler)).start("mqueue-summary")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
-                              interrupted=lambda: self._pending_signal is not None)
+                              interrupted=lambda: self._pending_signal is not None, conflict=race)
+        self._loops = [heartbeat, rescuer, crons, pruner, self._producer]
         log.info("worker %s serving %s with %d thread(s), lease %.1fs%s", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds,
                  "" if self.command is None else f", running {self.command.argv[0]} for every job")
@@ -271,12 +295,13 @@ class Worker:
             self._producer.run()
         finally:
             self._stop.set()
-            for loop in (rescuer, crons, pruner):
+            for loop in (rescuer, crons, pruner, summary):
                 loop.stop()
             self._shutdown(executors, completer)
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
+            log.info("worker %s ran %s", self.owner, self._describe(self._counts(scheduler)))
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:
@@ -315,6 +340,8 @@ class Worker:
         if self._claim(free):
             self._idle_seconds = min(0.005, self.poll_seconds)
             return 0.0
+        if self._claim_raced:
+            return jitter()  # every attempt lost a race: there are due jobs, try again soon
         if self._until_empty and held == 0:
             if self._with_scheduled and self._hasten():
                 return 0.0
@@ -326,12 +353,11 @@ class Worker:
     def _claim(self, limit: int) -> int:
         """Claim up to ``limit`` jobs, queues in the order given; hand them to the threads."""
         total = 0
+        self._claim_raced = False
         for queue_name in self.queues:
             if total >= limit:
                 break
-            with self.db.engine.begin() as conn:
-                rows = self.db.dialect.claim_jobs(conn, queue_name, limit - total, self.owner,
-                                                  self.lease_seconds)
+            rows = self._claim_from(queue_name, limit - total)
             for row in rows:
                 running = Running(row)
                 with self._held_lock:
@@ -340,6 +366,60 @@ class Worker:
             total += len(rows)
         self._claimed += total
         return total
+
+    def _claim_from(self, queue_name: str, limit: int) -> list:
+        """One claim transaction; a lost race is retried at once from a window of the worker's own.
+
+        Where row locks are local to one node (Galera), workers on two nodes
+        pick the same head-of-queue rows and one commit fails certification
+        (1213).  That is a lost race, not an outage: the loser counts it,
+        draws a window of due jobs a few batches past the head (for
+        ``CLAIM_WINDOW_SECONDS``, so workers spread out instead of colliding
+        again) and claims again after a few milliseconds.
+        """
+        for _ in range(CLAIM_RACE_ATTEMPTS):
+            if self._window and time.monotonic() > self._window_until:
+                self._window = 0
+            try:
+                with self.db.engine.begin() as conn:
+                    return self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, self.lease_seconds,
+                                                      skip=self._window * limit)
+            except DBAPIError as error:
+                if not self.db.dialect.is_conflict(error):
+                    raise
+                self._claim_conflicts += 1
+                self._window = random.randrange(1, CLAIM_WINDOWS)
+                self._window_until = time.monotonic() + CLAIM_WINDOW_SECONDS
+                log.debug("claim of queue %s lost a race (%d so far), claiming again from window %d: %s",
+                          queue_name, self._claim_conflicts, self._window, first_line(error))
+                time.sleep(jitter())
+        self._claim_raced = True
+        return []
+
+    def _counts(self, scheduler) -> tuple[int, int, int, int, int, int]:
+        """Succeeded, retried, failed, lost; claim conflicts; other lost races (crons, heartbeats, rescue)."""
+        with self._held_lock:
+            result = self._result
+            ran = (result.succeeded, result.retried, result.failed, result.lost)
+        others = sum(loop.conflicts for loop in self._loops if loop is not self._producer) + scheduler.conflicts
+        return ran + (self._claim_conflicts + self._producer.conflicts, others)
+
+    @staticmethod
+    def _describe(counts: tuple) -> str:
+        succeeded, retried, failed, lost, claims, others = counts
+        return (f"{succeeded} succeeded, {retried} retried, {failed} failed, {lost} lost; "
+                f"{claims} claim conflicts and {others} other lost races (retried at once)")
+
+    def _summary_step(self, scheduler) -> float:
+        """Every ``SUMMARY_SECONDS``: one info line of what changed since the last, if anything did."""
+        counts = self._counts(scheduler)
+        now = time.monotonic()
+        if self._summarized and counts != self._summarized:
+            delta = tuple(new - old for new, old in zip(counts, self._summarized))
+            log.info("worker %s in the last %.0fs: %s", self.owner, now - self._summarized_at,
+                     self._describe(delta))
+        self._summarized, self._summarized_at = counts, now
+        return SUMMARY_SECONDS
 
     def _hasten(self) -> int:
         """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""
@@ -353,6 +433,10 @@ class Worker:
             return 0.0
         if self._stop.is_set() and not self._until_empty:
             self._hand_back(running)
+            return 0.0
+        if running.lost:  # its lease was lost while it waited for this thread: it may run elsewhere
+            log.warning("job=%s lease lost before it started: not run here", running.row.id)
+            self._finish(running, LOST)
             return 0.0
         try:
             outcome = self.executor.execute(running)

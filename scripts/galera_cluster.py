@@ -53,6 +53,7 @@ def missing_packages() -> list[str]:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mariadbd binds: TIME_WAIT is no obstacle
         try:
             sock.bind(("127.0.0.1", port))
             return True

@@ -23,6 +23,9 @@ from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, ClaimedRow, Dialect, 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
 #: (params ``from_queue``, ``level``, ``limit``); tests EXPLAIN it.
 CLAIM_SELECT = due_jobs(*CLAIM_COLUMNS).with_for_update(skip_locked=True)
+#: The same from the worker's own window of the level's due jobs (param ``skip``: rows passed over).
+CLAIM_SELECT_WINDOW = due_jobs(*CLAIM_COLUMNS).offset(bindparam("skip", type_=Integer)).with_for_update(
+    skip_locked=True)
 CLAIM_SELECT_ANY_LEVEL = due_jobs(*CLAIM_COLUMNS, at_level=False).with_for_update(skip_locked=True)
 _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
 #: The next priority level with a queued job, after ``:after`` (None: the first).
@@ -41,7 +44,12 @@ TRANSIENT_CODES = {
     4031,  # MySQL 8: disconnected by the server because of inactivity
     1040, 1203,  # too many connections (server-wide, per user): a slot frees soon
     1226,  # the user's own MAX_USER_CONNECTIONS reached (measured on MariaDB 10.11)
+    1047,  # Galera: "WSREP has not yet prepared node for application use" (joining, donor, non-primary)
+    1180,  # Galera: replication failed during COMMIT (node left the primary component); rolled back
 }
+#: A lost race with another transaction, not an outage: deadlock (also Galera's certification
+#: failure and brute-force abort) and lock wait timeout.  The transaction is gone; retry at once.
+CONFLICT_CODES = {1213, 1205}
 CONNECTION_LIMIT_CODES = {1040, 1203, 1226}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
 #: Access denied: for a user (wrong password), to a database, or without a password (socket auth).
@@ -73,7 +81,8 @@ class MySQLDialect(Dialect):
         """READ COMMITTED for mqueue's sessions on an application's engine (its own sessions keep theirs)."""
         return engine.execution_options(isolation_level="READ COMMITTED")
 
-    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float,
+                   skip: int = 0) -> list[ClaimedRow]:
         """Walk the priority levels one statement at a time, claiming in each (see ``Dialect.claim_jobs``).
 
         The portable recursive CTE does not work here: MariaDB 10.11 runs
@@ -86,6 +95,10 @@ class MySQLDialect(Dialect):
         """
         claimed: list[ClaimedRow] = []
         level = conn.execute(FIRST_LEVEL, dict(from_queue=queue)).scalar()
+        if skip and level is not None:
+            # The worker's own window first; the head of the same level fills what it lacks,
+            # so no lower priority runs while a higher one waits.
+            claimed += self.claim_at_level(conn, queue, level, limit, owner, lease_seconds, skip=skip)
         for _ in range(MAX_LEVELS):
             if level is None or len(claimed) >= limit:
                 break
@@ -99,15 +112,19 @@ class MySQLDialect(Dialect):
         return claimed
 
     def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
-                       lease_seconds: float) -> list[ClaimedRow]:
+                       lease_seconds: float, skip: int = 0) -> list[ClaimedRow]:
         """SELECT ... FOR UPDATE SKIP LOCKED over the claim index, then UPDATE by primary key.
 
         The ORDER BY matches ``ix_mqueue_task_queue_state_neg_priority_eta_id``
         exactly, so InnoDB reads rows in index order and locks only the
         ``limit`` rows it returns (a filesort would lock every candidate).
+        With ``skip`` (one level only) it passes over that many unlocked due
+        rows first, which it locks too until the claim commits (milliseconds).
         """
         select_rows = CLAIM_SELECT if level is not None else CLAIM_SELECT_ANY_LEVEL
-        rows = conn.execute(select_rows, dict(from_queue=queue, level=level, limit=limit)).all()
+        if skip:
+            select_rows = CLAIM_SELECT_WINDOW
+        rows = conn.execute(select_rows, dict(from_queue=queue, level=level, limit=limit, skip=skip)).all()
         if not rows:
             return []
         conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
@@ -129,6 +146,9 @@ class MySQLDialect(Dialect):
 
     def is_transient(self, error: BaseException) -> bool:
         return super().is_transient(error) or error_code(error) in TRANSIENT_CODES
+
+    def is_conflict(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError) and error_code(error) in CONFLICT_CODES
 
     def is_missing_table(self, error: BaseException) -> bool:
         return error_code(error) == MISSING_TABLE
