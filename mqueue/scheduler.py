@@ -137,7 +137,14 @@ class Scheduler:
         queues any more: that is how the rows of removed crons go away.
         """
         if not self.synced:
-            self.sync(now)
+            try:
+                self.sync(now)
+            except DBAPIError as error:
+                if not self.db.dialect.is_conflict(error):
+                    raise
+                self.conflicts += 1  # another worker synced the same rows at the same moment
+                log.debug("syncing the cron table lost a race to another worker: %s", first_line(error))
+                return []
         if not self.crons:
             return []
         dialect = self.db.dialect

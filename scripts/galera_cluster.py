@@ -207,6 +207,17 @@ class GaleraCluster:
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
 
+    def create_database(self, name: str) -> list[str]:
+        """A new empty database (created on node 1, replicated); its URL on each node."""
+        import pymysql
+        conn = pymysql.connect(host="127.0.0.1", port=self.nodes[0].port, user="root", autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        finally:
+            conn.close()
+        return [node.url.replace(f"/{DATABASE}?", f"/{name}?") for node in self.nodes]
+
     def start(self) -> "GaleraCluster":
         missing = missing_packages()
         if missing:

@@ -46,10 +46,14 @@ TRANSIENT_CODES = {
     1226,  # the user's own MAX_USER_CONNECTIONS reached (measured on MariaDB 10.11)
     1047,  # Galera: "WSREP has not yet prepared node for application use" (joining, donor, non-primary)
     1180,  # Galera: replication failed during COMMIT (node left the primary component); rolled back
+    1305,  # savepoint gone: the transaction was rolled back under it (a lost race, see CONFLICT_CODES)
 }
 #: A lost race with another transaction, not an outage: deadlock (also Galera's certification
 #: failure and brute-force abort) and lock wait timeout.  The transaction is gone; retry at once.
-CONFLICT_CODES = {1213, 1205}
+#: 1305 "SAVEPOINT ... does not exist": the server rolled the whole transaction back under a
+#: savepoint (Galera aborts a local transaction that conflicts with a replicated one; measured on
+#: a unique-key enqueue racing one on another node), so rolling back to it fails.
+CONFLICT_CODES = {1213, 1205, 1305}
 CONNECTION_LIMIT_CODES = {1040, 1203, 1226}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
 #: Access denied: for a user (wrong password), to a database, or without a password (socket auth).
