@@ -78,8 +78,9 @@ PRUNE_BATCHES_PER_TURN = 20
 #: A claim that lost a race (Galera: two nodes claimed the same rows, one commit failed
 #: certification) is retried at once, up to this many times in one step, each from another window.
 CLAIM_RACE_ATTEMPTS = 8
-#: Windows of due jobs (``claim_batch`` each) a worker that lost a claim race draws its own from,
-#: and how long it keeps claiming there before going back to the head of the queue.
+#: Windows of due jobs (``claim_batch`` each, whatever the claim's size, so that two workers'
+#: windows never overlap) a worker that lost a claim race draws its own from, and how long it
+#: keeps claiming there before going back to the head of the queue.
 CLAIM_WINDOWS = 8
 CLAIM_WINDOW_SECONDS = 10.0
 #: How often a serving worker logs what it did (one info line, only when it did something).
@@ -383,7 +384,7 @@ class Worker:
             try:
                 with self.db.engine.begin() as conn:
                     return self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, self.lease_seconds,
-                                                      skip=self._window * limit)
+                                                      skip=self._window * self.claim_batch)
             except DBAPIError as error:
                 if not self.db.dialect.is_conflict(error):
                     raise

@@ -23,9 +23,12 @@ from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, ClaimedRow, Dialect, 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
 #: (params ``from_queue``, ``level``, ``limit``); tests EXPLAIN it.
 CLAIM_SELECT = due_jobs(*CLAIM_COLUMNS).with_for_update(skip_locked=True)
-#: The same from the worker's own window of the level's due jobs (param ``skip``: rows passed over).
-CLAIM_SELECT_WINDOW = due_jobs(*CLAIM_COLUMNS).offset(bindparam("skip", type_=Integer)).with_for_update(
-    skip_locked=True)
+#: The ids of the worker's own window of one level's due jobs (param ``skip``: rows passed over),
+#: a plain read: no lock on the rows passed over (see ``claim_window``).
+WINDOW_IDS = due_jobs(t.c.id).offset(bindparam("skip", type_=Integer))
+#: Those of ``:ids`` still queued, locked by primary key (SKIP LOCKED).
+CLAIM_BY_ID = (select(*CLAIM_COLUMNS).where(t.c.id.in_(bindparam("ids", expanding=True)), t.c.state == QUEUED)
+               .order_by(t.c.id).with_for_update(skip_locked=True))
 CLAIM_SELECT_ANY_LEVEL = due_jobs(*CLAIM_COLUMNS, at_level=False).with_for_update(skip_locked=True)
 _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
 #: The next priority level with a queued job, after ``:after`` (None: the first).
@@ -100,9 +103,10 @@ class MySQLDialect(Dialect):
         claimed: list[ClaimedRow] = []
         level = conn.execute(FIRST_LEVEL, dict(from_queue=queue)).scalar()
         if skip and level is not None:
-            # The worker's own window first; the head of the same level fills what it lacks,
-            # so no lower priority runs while a higher one waits.
-            claimed += self.claim_at_level(conn, queue, level, limit, owner, lease_seconds, skip=skip)
+            claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
+            if claimed:
+                return claimed
+            # An empty window (the level has fewer due jobs): the head, as usual.
         for _ in range(MAX_LEVELS):
             if level is None or len(claimed) >= limit:
                 break
@@ -115,20 +119,35 @@ class MySQLDialect(Dialect):
         claimed.sort(key=lambda row: row.sort_key)
         return claimed
 
+    def claim_window(self, conn, queue: str, level: int, limit: int, owner: str, lease_seconds: float,
+                     skip: int) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due jobs of one level from ``skip`` jobs past its head.
+
+        For a worker that lost a claim race on a Galera cluster: the window's
+        ids are found by a plain read (no locks), then only they are locked,
+        by primary key with SKIP LOCKED, and claimed.  Locking the rows passed
+        over (``OFFSET`` in a locking read) would make every replicated claim
+        of those rows abort this transaction (measured: no fewer conflicts).
+        """
+        ids = conn.execute(WINDOW_IDS, dict(from_queue=queue, level=level, limit=limit, skip=skip)).scalars().all()
+        if not ids:
+            return []
+        rows = conn.execute(CLAIM_BY_ID, dict(ids=list(ids))).all()
+        if not rows:
+            return []
+        conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
+        return self._popped(conn, self._rows(rows, token_offset=1))
+
     def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
-                       lease_seconds: float, skip: int = 0) -> list[ClaimedRow]:
+                       lease_seconds: float) -> list[ClaimedRow]:
         """SELECT ... FOR UPDATE SKIP LOCKED over the claim index, then UPDATE by primary key.
 
         The ORDER BY matches ``ix_mqueue_task_queue_state_neg_priority_eta_id``
         exactly, so InnoDB reads rows in index order and locks only the
         ``limit`` rows it returns (a filesort would lock every candidate).
-        With ``skip`` (one level only) it passes over that many unlocked due
-        rows first, which it locks too until the claim commits (milliseconds).
         """
         select_rows = CLAIM_SELECT if level is not None else CLAIM_SELECT_ANY_LEVEL
-        if skip:
-            select_rows = CLAIM_SELECT_WINDOW
-        rows = conn.execute(select_rows, dict(from_queue=queue, level=level, limit=limit, skip=skip)).all()
+        rows = conn.execute(select_rows, dict(from_queue=queue, level=level, limit=limit)).all()
         if not rows:
             return []
         conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
