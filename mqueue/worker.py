@@ -285,10 +285,10 @@ class Worker:
         crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages,
                      conflict=race).start("mqueue-cron")
         pruner = Loop("pruning history", self._prune_step, outages=outages, conflict=race).start("mqueue-prune")
-        summary = Loop("summarizing", lambda: self._summary_step(scheduler)).start("mqueue-summary")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
                               interrupted=lambda: self._pending_signal is not None, conflict=race)
         self._loops = [heartbeat, rescuer, crons, pruner, self._producer]
+        summary = Loop("summarizing", lambda: self._summary_step(scheduler)).start("mqueue-summary")
         log.info("worker %s serving %s with %d thread(s), lease %.1fs%s", self.owner, ",".join(self.queues),
                  self.concurrency, self.lease_seconds,
                  "" if self.command is None else f", running {self.command.argv[0]} for every job")
@@ -302,7 +302,7 @@ class Worker:
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
-            log.info("worker %s ran %s", self.owner, self._describe(self._counts(scheduler)))
+            log.info("worker %s totals: %s", self.owner, self._describe(self._counts(scheduler)))
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:

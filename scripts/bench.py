@@ -683,7 +683,7 @@ def prune_while_draining(bench: "Bench", finished: int, drain_jobs: int) -> dict
 def claim_conflicts(log_path: Path) -> int:
     """Claim conflicts a daemon reported in its last stop summary ("... N claim conflicts ..."); 0 if none."""
     import re
-    found = re.findall(r" ran .* (\d+) claim conflicts", log_path.read_text(errors="replace"))
+    found = re.findall(r" totals: .* (\d+) claim conflicts", log_path.read_text(errors="replace"))
     return int(found[-1]) if found else 0
 
 
