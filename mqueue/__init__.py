@@ -17,6 +17,7 @@ from .middleware import add_middleware, remove_middleware
 from .registry import Task, task
 from .scheduler import cron
 from .session import Database, ctx, current_session, use_session
+from .transactions import run_transaction
 from .worker import RunResult, Worker, start
 
 __version__ = "0.1.0"
@@ -27,7 +28,8 @@ __all__ = [
     "AccessDeniedError", "Database", "DatabaseURLError", "DatabaseUnavailableError", "DuplicateTaskError",
     "Fail", "HasDependentsError", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
     "Retry", "SchemaMissingError", "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job",
-    "add_middleware", "current_session", "init", "remove_middleware", "start", "task", "use_session",
+    "add_middleware", "current_session", "init", "remove_middleware", "run_transaction", "start", "task",
+    "use_session",
 ]
 
 #: Submodules of the public API loaded on first use (``mqueue.migrate.upgrade(db)``,

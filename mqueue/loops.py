@@ -21,6 +21,7 @@ e.g.::
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Callable
@@ -38,6 +39,14 @@ MAX_OUTAGE_BACKOFF_SECONDS = 5.0
 WAIT_SLICE_SECONDS = 0.25
 #: A database that is away, or a pool with no free connection for its timeout.
 UNAVAILABLE = (DBAPIError, PoolTimeoutError)
+#: After a lost race (``conflict``) a step is tried again within this many seconds (random):
+#: at once, but not in lockstep with the winner.
+CONFLICT_JITTER_SECONDS = 0.02
+
+
+def jitter() -> float:
+    """Seconds to wait before retrying a lost race: a few milliseconds, never the same for two workers."""
+    return random.uniform(0.0, CONFLICT_JITTER_SECONDS)
 
 
 def outage_delay(failures: int) -> float:
@@ -100,11 +109,19 @@ class Loop:
     wake-up of ``wakeup.py``); ``interrupted`` is polled while sleeping so a
     signal recorded by a handler is acted on within a slice.  ``outages``
     is shared by the loops of one worker (a loop alone has its own).
+    ``conflict(error)`` says an error is a lost race with another worker
+    (e.g. Galera's certification failure, error 1213): the step is retried
+    after a few milliseconds, counted in ``conflicts`` and logged at debug
+    level only, never backed off as an outage.
     """
 
     def __init__(self, activity: str, step: Callable[[], float], *, wake: threading.Event | None = None,
-                 interrupted: Callable[[], bool] = lambda: False, outages: OutageLog | None = None) -> None:
+                 interrupted: Callable[[], bool] = lambda: False, outages: OutageLog | None = None,
+                 conflict: Callable[[BaseException], bool] = lambda error: False) -> None:
         self.activity = activity
+        self._conflict = conflict
+        #: Lost races this loop retried (for the worker's summary).
+        self.conflicts = 0
         self._step = step
         self._wake = wake or threading.Event()
         self._interrupted = interrupted
@@ -126,6 +143,13 @@ class Loop:
                     self._outages.recovered(self.activity)
                 failures = 0
             except UNAVAILABLE as error:
+                if self._conflict(error):
+                    self.conflicts += 1
+                    delay = jitter()
+                    log.debug("lost a race with another worker while %s, retrying: %s", self.activity,
+                              first_line(error))
+                    self.sleep(delay)
+                    continue
                 failures += 1
                 delay = outage_delay(failures)
                 self._outages.failed(self.activity, failures, delay, error)

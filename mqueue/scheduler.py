@@ -107,6 +107,8 @@ class Scheduler:
         every = registered_crons() if crons is None else crons
         self.crons = {n: c for n, c in every.items() if c.queue_name() in self.queues}
         self.synced = False
+        #: Slots whose compare-and-set lost a race with another worker's (counted for the worker's summary).
+        self.conflicts = 0
 
     def sync(self, now: dt.datetime | None = None) -> None:
         """Insert new crons, update changed schedules, delete rows of crons removed from the code."""
@@ -135,7 +137,14 @@ class Scheduler:
         queues any more: that is how the rows of removed crons go away.
         """
         if not self.synced:
-            self.sync(now)
+            try:
+                self.sync(now)
+            except DBAPIError as error:
+                if not self.db.dialect.is_conflict(error):
+                    raise
+                self.conflicts += 1  # another worker synced the same rows at the same moment
+                log.debug("syncing the cron table lost a race to another worker: %s", first_line(error))
+                return []
         if not self.crons:
             return []
         dialect = self.db.dialect
@@ -153,6 +162,14 @@ class Scheduler:
             try:
                 job_id = self._take_slot(spec, row, now)
             except DBAPIError as error:
+                if dialect.is_conflict(error):
+                    # Another worker's compare-and-set won (on Galera its commit certified
+                    # first, ours failed with 1213): it enqueues the slot.  Had neither won,
+                    # the slot is still due and the next tick takes it.
+                    self.conflicts += 1
+                    log.debug("cron=%s slot due at %s: lost the race to another worker: %s", name,
+                              row.next_slot, first_line(error))
+                    continue
                 if dialect.is_transient(error) or dialect.is_unreachable(error):
                     raise  # the caller retries the whole tick
                 # one broken cron must not keep the others from running

@@ -54,7 +54,7 @@ from .errors import LeaseLostError, first_line
 from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
                        log_outcome)
 from .jobs import Job
-from .loops import Loop, OutageLog
+from .loops import Loop, OutageLog, jitter
 from .session import Database, as_database
 from .shell import ShellCommand
 from .startup import wait_for_database
@@ -96,6 +96,16 @@ ORDERS = (PRIORITY, ROUND_ROBIN)
 #: The heartbeat loop never sleeps longer than this, so the worker's row and
 #: the shared settings are refreshed at least this often (well within a minute).
 MAX_HEARTBEAT_SECONDS = 15.0
+#: A claim that lost a race (Galera: two nodes claimed the same rows, one commit failed
+#: certification) is retried at once, up to this many times in one step, each from another window.
+CLAIM_RACE_ATTEMPTS = 8
+#: Windows of due jobs (``claim_batch`` each, whatever the claim's size, so that two workers'
+#: windows never overlap) a worker that lost a claim race draws its own from, and how long it
+#: keeps claiming there before going back to the head of the queue.
+CLAIM_WINDOWS = 8
+CLAIM_WINDOW_SECONDS = 10.0
+#: How often a serving worker logs what it did (one info line, only when it did something).
+SUMMARY_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -193,6 +203,13 @@ class Worker:
         self._paused_read_at: float | None = None
         self._turn = 0                        # round-robin: the queue that goes first next
         self.claiming = True                  # False between SIGUSR2 and SIGCONT
+        self._claim_conflicts = 0  # claim races lost (and retried at once) in this run
+        self._claim_raced = False  # the last claim step lost every attempt
+        self._window = 0           # the window of due jobs claimed from (0: the head)
+        self._window_until = 0.0
+        self._loops: list[Loop] = []
+        self._summarized: tuple = ()
+        self._summarized_at = time.monotonic()
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -307,17 +324,23 @@ class Worker:
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
         outages = OutageLog(self._describe_outage)
+        race = self.db.dialect.is_conflict  # a lost race is retried at once, not backed off as an outage
         executors = [Loop("running a job", self._execute_step, outages=outages).start(f"mqueue-exec-{n}")
                      for n in range(self.concurrency)]
         completer = Loop("completing jobs", self._complete_step, outages=outages).start("mqueue-complete")
-        heartbeat = Loop("heartbeating", self._heartbeat_step, wake=self._beat_wake,
-                         outages=outages).start("mqueue-heartbeat")
+        heartbeat = Loop("heartbeating", self._heartbeat_step, wake=self._beat_wake, outages=outages,
+                         conflict=race).start("mqueue-heartbeat")
         watchdog = Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")
-        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages).start("mqueue-rescue")
-        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages).start("mqueue-cron")
-        pruner = Loop("pruning history", self._prune_step, outages=outages).start("mqueue-prune")
+        rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages,
+                       conflict=race).start("mqueue-rescue")
+        crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages,
+                     conflict=race).start("mqueue-cron")
+        pruner = Loop("pruning history", self._prune_step, outages=outages, conflict=race).start("mqueue-prune")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
-                              interrupted=lambda: self._pending_signal is not None or bool(self._control_signals))
+                              interrupted=lambda: self._pending_signal is not None or bool(self._control_signals),
+                              conflict=race)
+        self._loops = [heartbeat, rescuer, crons, pruner, self._producer]
+        summary = Loop("summarizing", lambda: self._summary_step(scheduler)).start("mqueue-summary")
         log.info("worker %s serving %s with %d thread(s), lease %s%s%s", self.owner, ",".join(self.queues),
                  self.concurrency, self._describe_leases(), "" if self.order == PRIORITY else ", in turn",
                  "" if self.command is None else f", running {self.command.argv[0]} for every job")
@@ -325,13 +348,14 @@ class Worker:
             self._producer.run()
         finally:
             self._stop.set()
-            for loop in (rescuer, crons, pruner):
+            for loop in (rescuer, crons, pruner, summary):
                 loop.stop()
             self._shutdown(executors, completer)
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
             self._unregister()
+            log.info("worker %s totals: %s", self.owner, self._describe(self._counts(scheduler)))
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:
@@ -374,6 +398,8 @@ class Worker:
         if self._claim(free):
             self._idle_seconds = min(0.005, self.poll_seconds)
             return 0.0
+        if self._claim_raced:
+            return jitter()  # every attempt lost a race: there are due jobs, try again soon
         if self._until_empty and held == 0:
             if self._with_scheduled and self._hasten():
                 return 0.0
@@ -390,16 +416,14 @@ class Worker:
         queue first gets its share of ``limit``; what a queue leaves unused
         goes to those that filled theirs, in the same order.
 
-        The paused set is read at most once per poll interval, in the
-        round's first transaction (one small SELECT, no round trip of its
-        own): every worker stops claiming from a paused queue within a poll
-        interval, and an idle worker runs no query per claim for it.
+        The paused set is read at most once per poll interval (one small
+        SELECT, never one per claim): every worker stops claiming from a
+        paused queue within a poll interval.
         """
-        with self.db.engine.begin() as conn:
-            queues = self._claim_order(conn)
-            first = self._claim_rows(conn, queues[0], self._share(queues, 0, limit)) if queues else None
-        claims = [self._hand_over(*first)] if first is not None else []  # once committed
-        for position in range(1, len(queues)):
+        self._claim_raced = False
+        queues = self._claim_order()
+        claims: list[int] = []
+        for position in range(len(queues)):
             if sum(claims) >= limit:
                 break
             claims.append(self._claim_from(queues[position], self._share(queues, position, limit - sum(claims))))
@@ -414,11 +438,12 @@ class Worker:
         self._claimed += total
         return total
 
-    def _claim_order(self, conn) -> list[str]:
+    def _claim_order(self) -> list[str]:
         """The queues to claim from this round, in order: paused ones left out, rotated for round-robin."""
         now = time.monotonic()
         if self._paused_read_at is None or now - self._paused_read_at >= self.poll_seconds:
-            self._read_paused(conn)
+            with self.db.dialect.reader(self.db.engine).connect() as conn:  # no write lock on SQLite
+                self._read_paused(conn)
             self._paused_read_at = now
         queues = [queue for queue in self.queues if queue not in self._paused]
         if self.order == ROUND_ROBIN and queues:
@@ -435,15 +460,36 @@ class Worker:
         return -(-left // (len(queues) - position))
 
     def _claim_from(self, queue_name: str, limit: int) -> int:
-        """Claim up to ``limit`` jobs of one queue in a transaction of its own; hand them to the threads."""
-        with self.db.engine.begin() as conn:
-            rows, lease = self._claim_rows(conn, queue_name, limit)
-        return self._hand_over(rows, lease)
+        """Claim up to ``limit`` jobs of one queue with its lease; hand them to the threads once committed.
 
-    def _claim_rows(self, conn, queue_name: str, limit: int) -> "tuple[list, float]":
-        """Claim up to ``limit`` jobs of one queue with its lease: the rows, and that lease."""
+        A lost race is retried at once from a window of the worker's own.
+        Where row locks are local to one node (Galera), workers on two nodes
+        pick the same head-of-queue rows and one commit fails certification
+        (1213).  That is a lost race, not an outage: the loser counts it,
+        draws a window of due jobs a few batches past the head (for
+        ``CLAIM_WINDOW_SECONDS``, so workers spread out instead of colliding
+        again) and claims again after a few milliseconds.
+        """
         lease = self.queue_leases.get(queue_name, self.lease_seconds)
-        return self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease), lease
+        for _ in range(CLAIM_RACE_ATTEMPTS):
+            if self._window and time.monotonic() > self._window_until:
+                self._window = 0
+            try:
+                with self.db.engine.begin() as conn:
+                    rows = self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease,
+                                                      skip=self._window * self.claim_batch)
+                return self._hand_over(rows, lease)
+            except DBAPIError as error:
+                if not self.db.dialect.is_conflict(error):
+                    raise
+                self._claim_conflicts += 1
+                self._window = random.randrange(1, CLAIM_WINDOWS)
+                self._window_until = time.monotonic() + CLAIM_WINDOW_SECONDS
+                log.debug("claim of queue %s lost a race (%d so far), claiming again from window %d: %s",
+                          queue_name, self._claim_conflicts, self._window, first_line(error))
+                time.sleep(jitter())
+        self._claim_raced = True
+        return 0
 
     def _hand_over(self, rows, lease: float) -> int:
         """Give claimed rows to the executor threads: only after the claim committed.
@@ -469,6 +515,31 @@ class Worker:
                 log.info("queue %s is resumed", queue)
         self._paused = paused
 
+    def _counts(self, scheduler) -> tuple[int, int, int, int, int, int]:
+        """Succeeded, retried, failed, lost; claim conflicts; other lost races (crons, heartbeats, rescue)."""
+        with self._held_lock:
+            result = self._result
+            ran = (result.succeeded, result.retried, result.failed, result.lost)
+        others = sum(loop.conflicts for loop in self._loops if loop is not self._producer) + scheduler.conflicts
+        return ran + (self._claim_conflicts + self._producer.conflicts, others)
+
+    @staticmethod
+    def _describe(counts: tuple) -> str:
+        succeeded, retried, failed, lost, claims, others = counts
+        return (f"{succeeded} succeeded, {retried} retried, {failed} failed, {lost} lost; "
+                f"{claims} claim conflicts and {others} other lost races (retried at once)")
+
+    def _summary_step(self, scheduler) -> float:
+        """Every ``SUMMARY_SECONDS``: one info line of what changed since the last, if anything did."""
+        counts = self._counts(scheduler)
+        now = time.monotonic()
+        if self._summarized and counts != self._summarized:
+            delta = tuple(new - old for new, old in zip(counts, self._summarized))
+            log.info("worker %s in the last %.0fs: %s", self.owner, now - self._summarized_at,
+                     self._describe(delta))
+        self._summarized, self._summarized_at = counts, now
+        return SUMMARY_SECONDS
+
     def _hasten(self) -> int:
         """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""
         with self.db.engine.begin() as conn:
@@ -481,6 +552,10 @@ class Worker:
             return 0.0
         if self._stop.is_set() and not self._until_empty:
             self._hand_back(running)
+            return 0.0
+        if running.lost:  # its lease was lost while it waited for this thread: it may run elsewhere
+            log.warning("job=%s lease lost before it started: not run here", running.row.id)
+            self._finish(running, LOST)
             return 0.0
         try:
             outcome = self.executor.execute(running)

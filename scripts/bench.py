@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mqueue's benchmarks: what an enqueue costs, how fast daemons drain, how soon a job starts.
 
-    python scripts/bench.py {enqueue,drain,latency,scheduled,prune,all} [--backend sqlite|mariadb|postgresql|all]
+    python scripts/bench.py {enqueue,drain,latency,scheduled,prune,galera,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
     python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
 
@@ -61,6 +61,14 @@ prune
     pruned by ``mqueue.history.prune`` while a 1x4 daemon drains 20,000
     no-op jobs; prints the seconds pruning took and the drain's rate during
     it against the same drain alone just before.
+galera
+    a three-node MariaDB Galera cluster on loopback (``scripts/galera_cluster.py``,
+    the rig of ``tests/galera``) drains ``--galera-jobs`` jobs with three
+    daemons (1 process x ``--galera-threads`` threads each) on the three nodes,
+    then with the same three daemons all on node 1, in the same run; no-op jobs
+    and jobs that write.  Prints steady jobs/s of each, the ratio (target: three
+    nodes at least 0.9 of one node) and the claim conflicts per 1,000 jobs the
+    daemons reported (lost races, retried at once).  Not part of ``all``.
 profile
     one 1x1 drain daemon under cProfile, every thread profiled (a hook in the
     throwaway tasks package, switched on by ``MQUEUE_BENCH_PROFILE``); prints
@@ -125,6 +133,7 @@ TARGETS = {
     "drain_vs_raw": 0.35,        # drain / raw commit rate at 2x4, at least (servers only)
     "latency_daemon_p50": 0.100,
     "latency_inprocess_p50": 0.010,
+    "galera_ratio": 0.9,          # drain with daemons on 3 nodes / on 1 node, at least
 }
 
 # The scratch tables the bench writes to directly.
@@ -478,16 +487,19 @@ class Bench:
 
     def drain_once(self, processes: int, threads: int, run: int, jobs: int | None = None,
                    extra_env: dict[str, str] | None = None, log_name: str | None = None,
-                   task: str = "noop") -> dict[str, float]:
+                   task: str = "noop", urls: list[str] | None = None) -> dict[str, float]:
+        """Drain ``jobs`` jobs with one daemon, or one daemon per URL of ``urls`` (each on its own URL)."""
         jobs = jobs or self.args.drain_jobs
         with self.db.session():
             getattr(self.tasks, task).enqueue_many([{"n": n} for n in range(jobs)])
         if self.database.unfinished() != jobs:
             raise RuntimeError("enqueue_many did not store every job")
         started = time.monotonic()
-        daemon = Daemon(self, DRAIN_QUEUE, log_name or f"drain-{self.backend}-{processes}x{threads}-{task}-{run}.log",
-                        processes=processes, concurrency=threads, poll_interval=POLL_SECONDS,
-                        extra_env=extra_env)
+        log_name = log_name or f"drain-{self.backend}-{processes}x{threads}-{task}-{run}.log"
+        daemons = [Daemon(self, DRAIN_QUEUE, log_name if urls is None else f"{n}-{log_name}", processes=processes,
+                          concurrency=threads, poll_interval=POLL_SECONDS,
+                          extra_env={**(extra_env or {}), **({} if url is None else {"MQUEUE_DATABASE_URL": url})})
+                   for n, url in enumerate(urls or [None])]
         first_finished = None
         try:
             tick = started
@@ -499,15 +511,19 @@ class Bench:
                 if left == 0:
                     finished = now
                     break
-                daemon.check_alive()
+                for daemon in daemons:
+                    daemon.check_alive()
                 if now - started > self.args.drain_timeout:
                     raise RuntimeError(f"{left} of {jobs} jobs left after {self.args.drain_timeout:.0f}s")
                 tick += POLL_SECONDS
                 time.sleep(max(0.0, tick - time.monotonic()))
         finally:
-            daemon.stop()
+            for daemon in daemons:
+                daemon.stop()
         steady = max(finished - first_finished, POLL_SECONDS)
-        return {"wall": jobs / (finished - started), "steady": jobs / steady, "seconds": finished - started}
+        conflicts = sum(claim_conflicts(daemon.log_path) for daemon in daemons)
+        return {"wall": jobs / (finished - started), "steady": jobs / steady, "seconds": finished - started,
+                "conflicts": 1000 * conflicts / jobs}
 
     # -- latency ----------------------------------------------------------------
     def latency(self, run: int) -> dict[str, float]:
@@ -664,6 +680,53 @@ def prune_while_draining(bench: "Bench", finished: int, drain_jobs: int) -> dict
             "drain during/s": outcome["steady"], "ratio": outcome["steady"] / alone["steady"]}
 
 
+def claim_conflicts(log_path: Path) -> int:
+    """Claim conflicts a daemon reported in its last stop summary ("... N claim conflicts ..."); 0 if none."""
+    import re
+    found = re.findall(r" totals: .* (\d+) claim conflicts", log_path.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+#: (threads per daemon, task) of the Galera drains; three daemons each time.
+GALERA_CONFIGS = (("noop",), ("write",))
+
+
+def galera_drains(bench: "Bench", urls: list[str], run: int) -> dict[str, dict[str, float]]:
+    """Three daemons on three nodes, then three daemons on node 1, for each task (see ``galera``)."""
+    results = {}
+    threads, jobs = bench.args.galera_threads, bench.args.galera_jobs
+    for (task,) in GALERA_CONFIGS:
+        for layout, where in (("3 nodes", urls), ("1 node", [urls[0]] * len(urls))):
+            bench.clean()
+            results[(task, layout)] = bench.drain_once(1, threads, run, jobs=jobs, task=task, urls=where,
+                                                       log_name=f"galera-{task}-{layout[0]}-{run}.log")
+    bench.clean()
+    return results
+
+
+def report_galera(args, runs: list[dict]) -> dict:
+    say(f"  galera: {args.galera_jobs:,} jobs drained by 3 daemons (1x{args.galera_threads} each) on 3 nodes, "
+        f"then on node 1 only; conflicts = claim races lost (retried at once) per 1,000 jobs")
+    rows, medians = [], {}
+    for (task,) in GALERA_CONFIGS:
+        for number, r in enumerate(runs, 1):
+            three, one = r[(task, "3 nodes")], r[(task, "1 node")]
+            ratio = three["steady"] / one["steady"]
+            rows.append([str(number), task, rate(one["steady"]), f"{one['conflicts']:.1f}", rate(three["steady"]),
+                         f"{three['conflicts']:.1f}", f"{ratio:.2f}",
+                         verdict(at_least(ratio, TARGETS["galera_ratio"]))])
+        med = {"one": median([r[(task, "1 node")]["steady"] for r in runs]),
+               "three": median([r[(task, "3 nodes")]["steady"] for r in runs]),
+               "conflicts": median([r[(task, "3 nodes")]["conflicts"] for r in runs]),
+               "ratio": median([r[(task, "3 nodes")]["steady"] / r[(task, "1 node")]["steady"] for r in runs])}
+        medians[task] = med
+        rows.append(["median", task, rate(med["one"]), "", rate(med["three"]), f"{med['conflicts']:.1f}",
+                     f"{med['ratio']:.2f}", verdict(at_least(med["ratio"], TARGETS["galera_ratio"]))])
+    say(table(["run", "task", "1 node/s", "conflicts", "3 nodes/s", "conflicts",
+               f"3/1 (>={TARGETS['galera_ratio']})", ""], rows))
+    return medians
+
+
 def report_prune(args, runs: list[dict]) -> dict:
     say(f"\npruning {args.prune_jobs:,} finished jobs (batches of {history.PRUNE_BATCH}) while a 1x4 daemon drains "
         f"{args.prune_drain_jobs:,} no-op jobs")
@@ -784,6 +847,11 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             rows.append([backend, "latency in-process p50", _ms(lat["local_p50"]),
                          f"< {TARGETS['latency_inprocess_p50'] * 1000:.0f}ms",
                          verdict(lat["local_p50"] < TARGETS["latency_inprocess_p50"])])
+        if "galera" in parts:
+            for task, g in parts["galera"].items():
+                rows.append([backend, f"galera {task}: 3 nodes / 1 node (conflicts/1000)",
+                             f"{g['ratio']:.2f} ({g['conflicts']:.1f})", f">= {TARGETS['galera_ratio']}",
+                             verdict(at_least(g["ratio"], TARGETS["galera_ratio"]))])
         if "scheduled" in parts:
             sch = parts["scheduled"]
             rows.append([backend, "idle poll / claim 1, 100k scheduled", f"{_ms(sch['idle walk'])} / "
@@ -883,8 +951,8 @@ def raw_child(threads: int, seconds: float, start_at: float) -> None:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "scheduled", "prune", "all", "profile",
-                                              "_raw"])
+    parser.add_argument("benchmark", choices=["enqueue", "drain", "latency", "scheduled", "prune", "galera", "all",
+                                              "profile", "_raw"])
     parser.add_argument("--backend", default="all", choices=[*BACKENDS, "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mariadb-url", default=None,
@@ -903,6 +971,8 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--scheduled-jobs", type=int, default=100_000)
     sizes.add_argument("--prune-jobs", type=int, default=100_000)
     sizes.add_argument("--prune-drain-jobs", type=int, default=20_000)
+    sizes.add_argument("--galera-jobs", type=int, default=3000)
+    sizes.add_argument("--galera-threads", type=int, default=4)
     parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
                         help="profile: wall time (waits included) or each thread's CPU time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
@@ -941,6 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     chosen = ["enqueue", "drain", "latency", "scheduled", "prune"] if args.benchmark == "all" else [args.benchmark]
     backends = BACKENDS if args.backend == "all" else (args.backend,)
+    if args.benchmark == "galera":
+        backends = ("mariadb",)   # the cluster's nodes are MariaDB servers
     began = time.monotonic()
     summary: dict[str, dict[str, Any]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="mqueue-bench-"))
@@ -951,9 +1023,26 @@ def main(argv: list[str] | None = None) -> int:
         with tasks_package(workdir) as (tasks_dir, tasks):
             for backend in backends:
                 say(f"\n== {backend} " + "=" * (76 - len(backend)))
-                bench = Bench(backend, args, workdir, tasks_dir, tasks)
+                cluster = None
+                if args.benchmark == "galera":
+                    from galera_cluster import GaleraCluster
+                    say("  starting a three-node Galera cluster on loopback")
+                    cluster = GaleraCluster().start()
+                    args.mariadb_url = cluster.urls[0]
+                try:
+                    bench = Bench(backend, args, workdir, tasks_dir, tasks)
+                except BaseException:
+                    if cluster is not None:
+                        cluster.destroy()
+                    raise
                 summary[backend] = {}
                 try:
+                    if cluster is not None:
+                        urls = [url.replace(f"/{make_url(url).database}?", f"/{bench.database.name}?")
+                                for url in cluster.urls]
+                        runs = [galera_drains(bench, urls, run) for run in range(1, args.runs + 1)]
+                        summary[backend]["galera"] = report_galera(args, runs)
+                        continue
                     if args.benchmark == "profile":
                         profile(bench, args.profile_jobs, args.profile_clock)
                         continue
@@ -975,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
                         summary[backend]["prune"] = report_prune(args, runs)
                 finally:
                     bench.close()
+                    if cluster is not None:
+                        cluster.destroy()
         if args.benchmark != "profile" and len(chosen) + len(backends) > 2:
             report_summary(summary)
     finally:

@@ -352,8 +352,14 @@ class Dialect(HistoryStatements, ControlStatements):
             return None
 
     # -- worker transitions --------------------------------------------------
-    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float,
+                   skip: int = 0) -> list[ClaimedRow]:
         """Claim up to ``limit`` due jobs of ``queue``: highest priority, then oldest eta, then lowest id.
+
+        ``skip``: start that many due jobs past the head of the first level
+        (the worker's own window after it lost a claim race); only where row
+        locks are local to one node of several (MySQL dialect, for Galera).
+        Here workers never claim the same row, and it is ignored.
 
         First ``PRIORITY_LEVELS`` (a loose index scan, no locks) lists the
         priority levels that have a due job; an idle poll ends there.  Then
@@ -987,6 +993,11 @@ class Dialect(HistoryStatements, ControlStatements):
         """Deadlock, lock timeout, busy, serialization failure or lost connection."""
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
+        return False
+
+    def is_conflict(self, error: BaseException) -> bool:
+        """A lost race with another transaction (deadlock, lock wait timeout, a Galera certification
+        failure, a serialization failure): rolled back, and worth retrying at once; not an outage."""
         return False
 
     def is_missing_table(self, error: BaseException) -> bool:

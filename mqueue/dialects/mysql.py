@@ -24,6 +24,12 @@ from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, ClaimedRow, Dialect, 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
 #: (params ``from_queue``, ``level``, ``limit``); tests EXPLAIN it.
 CLAIM_SELECT = due_jobs(*CLAIM_COLUMNS).with_for_update(skip_locked=True)
+#: The ids of the worker's own window of one level's due jobs (param ``skip``: rows passed over),
+#: a plain read: no lock on the rows passed over (see ``claim_window``).
+WINDOW_IDS = due_jobs(t.c.id).offset(bindparam("skip", type_=Integer))
+#: Those of ``:ids`` still queued, locked by primary key (SKIP LOCKED).
+CLAIM_BY_ID = (select(*CLAIM_COLUMNS).where(t.c.id.in_(bindparam("ids", expanding=True)), t.c.state == QUEUED)
+               .order_by(t.c.id).with_for_update(skip_locked=True))
 CLAIM_SELECT_ANY_LEVEL = due_jobs(*CLAIM_COLUMNS, at_level=False).with_for_update(skip_locked=True)
 _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
 #: The next priority level with a queued job, after ``:after`` (None: the first).
@@ -42,7 +48,16 @@ TRANSIENT_CODES = {
     4031,  # MySQL 8: disconnected by the server because of inactivity
     1040, 1203,  # too many connections (server-wide, per user): a slot frees soon
     1226,  # the user's own MAX_USER_CONNECTIONS reached (measured on MariaDB 10.11)
+    1047,  # Galera: "WSREP has not yet prepared node for application use" (joining, donor, non-primary)
+    1180,  # Galera: replication failed during COMMIT (node left the primary component); rolled back
+    1305,  # savepoint gone: the transaction was rolled back under it (a lost race, see CONFLICT_CODES)
 }
+#: A lost race with another transaction, not an outage: deadlock (also Galera's certification
+#: failure and brute-force abort) and lock wait timeout.  The transaction is gone; retry at once.
+#: 1305 "SAVEPOINT ... does not exist": the server rolled the whole transaction back under a
+#: savepoint (Galera aborts a local transaction that conflicts with a replicated one; measured on
+#: a unique-key enqueue racing one on another node), so rolling back to it fails.
+CONFLICT_CODES = {1213, 1205, 1305}
 CONNECTION_LIMIT_CODES = {1040, 1203, 1226}
 UNREACHABLE_CODES = {2003, 2005, 2006, 2013}
 #: Access denied: for a user (wrong password), to a database, or without a password (socket auth).
@@ -74,7 +89,8 @@ class MySQLDialect(Dialect):
         """READ COMMITTED for mqueue's sessions on an application's engine (its own sessions keep theirs)."""
         return engine.execution_options(isolation_level="READ COMMITTED")
 
-    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+    def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float,
+                   skip: int = 0) -> list[ClaimedRow]:
         """Walk the priority levels one statement at a time, claiming in each (see ``Dialect.claim_jobs``).
 
         The portable recursive CTE does not work here: MariaDB 10.11 runs
@@ -87,6 +103,11 @@ class MySQLDialect(Dialect):
         """
         claimed: list[ClaimedRow] = []
         level = conn.execute(FIRST_LEVEL, dict(from_queue=queue)).scalar()
+        if skip and level is not None:
+            claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
+            if claimed:
+                return claimed
+            # An empty window (the level has fewer due jobs): the head, as usual.
         for _ in range(MAX_LEVELS):
             if level is None or len(claimed) >= limit:
                 break
@@ -98,6 +119,26 @@ class MySQLDialect(Dialect):
                 claimed += self.claim_at_level(conn, queue, None, limit - len(claimed), owner, lease_seconds)
         claimed.sort(key=lambda row: row.sort_key)
         return claimed
+
+    def claim_window(self, conn, queue: str, level: int, limit: int, owner: str, lease_seconds: float,
+                     skip: int) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due jobs of one level from ``skip`` jobs past its head.
+
+        For a worker that lost a claim race on a Galera cluster: the window's
+        ids are found by a plain read (no locks), then only they are locked,
+        by primary key with SKIP LOCKED, and claimed.  Locking the rows passed
+        over (``OFFSET`` in a locking read) makes every replicated claim of
+        those rows abort this transaction (measured on three nodes, 3,000
+        jobs: 45-67 claim conflicts per 1,000 jobs that way, 3-14 this way).
+        """
+        ids = conn.execute(WINDOW_IDS, dict(from_queue=queue, level=level, limit=limit, skip=skip)).scalars().all()
+        if not ids:
+            return []
+        rows = conn.execute(CLAIM_BY_ID, dict(ids=list(ids))).all()
+        if not rows:
+            return []
+        conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
+        return self._popped(conn, self._rows(rows, token_offset=1))
 
     def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
                        lease_seconds: float) -> list[ClaimedRow]:
@@ -130,6 +171,9 @@ class MySQLDialect(Dialect):
 
     def is_transient(self, error: BaseException) -> bool:
         return super().is_transient(error) or error_code(error) in TRANSIENT_CODES
+
+    def is_conflict(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError) and error_code(error) in CONFLICT_CODES
 
     def is_missing_table(self, error: BaseException) -> bool:
         return error_code(error) == MISSING_TABLE

@@ -37,6 +37,8 @@ TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25
 #: "sorry, too many clients already" / "too many connections for role": a slot frees soon.
 CONNECTION_LIMIT = "53300"
 TRANSIENT_CLASSES = {"08"}  # connection exceptions
+#: A lost race, retried at once: serialization failure, deadlock, lock not available.
+CONFLICT_SQLSTATES = {"40001", "40P01", "55P03"}
 MISSING_TABLE = "42P01"
 #: invalid_authorization_specification, invalid_password.
 ACCESS_DENIED_SQLSTATES = {"28000", "28P01"}
@@ -87,6 +89,9 @@ class PostgreSQLDialect(Dialect):
             # psycopg raises OperationalError without SQLSTATE when the socket dies.
             return isinstance(error, DBAPIError) and type(error.orig).__name__ == "OperationalError"
         return state in TRANSIENT_SQLSTATES or state[:2] in TRANSIENT_CLASSES
+
+    def is_conflict(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError) and sqlstate(error) in CONFLICT_SQLSTATES
 
     def is_missing_table(self, error: BaseException) -> bool:
         return sqlstate(error) == MISSING_TABLE
