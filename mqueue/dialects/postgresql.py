@@ -62,6 +62,12 @@ class PostgreSQLDialect(Dialect):
                                        "tcp_user_timeout": 30_000}
         return options
 
+    def in_transaction(self, dbapi_connection) -> bool:
+        """psycopg's transaction status, as the server reported it with its last reply."""
+        from psycopg.pq import TransactionStatus
+        info = getattr(dbapi_connection, "info", None)
+        return info is None or info.transaction_status != TransactionStatus.IDLE
+
     def insert_if_key_free(self, conn, values):
         """``INSERT ... ON CONFLICT (unique_key) DO NOTHING RETURNING id``: takes no lock on the live job's row."""
         stmt = pg_insert(t).values(**values).on_conflict_do_nothing(index_elements=[t.c.unique_key])
