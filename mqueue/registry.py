@@ -213,6 +213,8 @@ def _insert_one(session, row: dict[str, Any]) -> int:
         job_id, created = dialect.insert_unique_job(session, values)
     else:
         job_id, created = dialect.insert_job(session, values), True
+        if dialect.insert_notifies:
+            wakeup.mark_announced(session, values["queue"])
     if created:
         _put(dialect, session, [job_id], tags, values.get("tracked", False))
     return job_id

@@ -251,6 +251,7 @@ class Worker:
 
     def _run_loops(self) -> None:
         wakeup.subscribe(self.queues, self._wake)
+        wake_key = wakeup.listen(self.db)   # enqueues of other processes wake the producer
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
         outages = OutageLog(self._describe_outage)
@@ -277,6 +278,7 @@ class Worker:
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
+            wakeup.release(wake_key)
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:

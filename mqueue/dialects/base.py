@@ -279,6 +279,9 @@ class Dialect(HistoryStatements):
         return conn.execute(select(utc_now())).scalar_one()
 
     # -- enqueue -----------------------------------------------------------
+    #: Whether ``insert_job`` wakes listening workers itself, in its transaction (``wakeup``).
+    insert_notifies = False
+
     def insert_job(self, conn, values: dict[str, Any]) -> int:
         """Insert one job row; return its id.  Takes no lock beyond the new row (and its index entries)."""
         result = conn.execute(insert(t).values(**values))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import DDL, event
+from sqlalchemy import DDL, event, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import event_table
+from ..wakeup import JOBS_CHANNEL
 from .base import Dialect, t
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
@@ -67,6 +68,19 @@ class PostgreSQLDialect(Dialect):
         from psycopg.pq import TransactionStatus
         info = getattr(dbapi_connection, "info", None)
         return info is None or info.transaction_status != TransactionStatus.IDLE
+
+    #: ``insert_job`` sends the new job's ``NOTIFY`` itself (``wakeup``).
+    insert_notifies = True
+
+    def insert_job(self, conn, values):
+        """``INSERT ... RETURNING`` and ``pg_notify`` of the job's queue in one statement.
+
+        The notification is delivered to listening workers when the
+        transaction commits, and dropped if it rolls back (``wakeup``); in
+        the same statement it costs no extra round trip.
+        """
+        new = insert(t).values(**values).returning(t.c.id, t.c.queue).cte("mqueue_new_job")
+        return int(conn.execute(select(new.c.id, func.pg_notify(JOBS_CHANNEL, new.c.queue))).scalar_one())
 
     def insert_if_key_free(self, conn, values):
         """``INSERT ... ON CONFLICT (unique_key) DO NOTHING RETURNING id``: takes no lock on the live job's row."""
