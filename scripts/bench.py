@@ -3,7 +3,7 @@
 
     python scripts/bench.py {enqueue,drain,latency,scheduled,prune,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
-    python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
+    python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu] [--profile-task noop|write]
 
 Sizes can be changed (``--enqueue-jobs --many-jobs --drain-jobs --raw-seconds
 --latency-jobs --latency-gap --scheduled-jobs --profile-jobs``); ``--keep`` keeps the
@@ -866,13 +866,13 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------
 # Profile of one 1x1 drain daemon
 # ---------------------------------------------------------------------------
-def profile(bench: Bench, jobs: int, clock: str) -> None:
+def profile(bench: Bench, jobs: int, clock: str, task: str = "noop") -> None:
     import pstats
     prefix = bench.workdir / f"profile-{bench.backend}"
     bench.clean()
     result = bench.drain_once(1, 1, 0, jobs=jobs, extra_env={"MQUEUE_BENCH_PROFILE": str(prefix),
                                                                  "MQUEUE_BENCH_PROFILE_CLOCK": clock},
-                              log_name=f"profile-{bench.backend}.log")
+                              log_name=f"profile-{bench.backend}.log", task=task)
     files = sorted(str(p) for p in bench.workdir.glob(f"profile-{bench.backend}.*") if not str(p).endswith(".log"))
     if not files:
         say("  no profile written")
@@ -887,7 +887,7 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
 
     work = find("mqueue/executor.py", "execute") + find("mqueue/worker.py", "_claim") \
         + find("mqueue/worker.py", "_heartbeat_step") + find("mqueue/worker.py", "_rescue_step")
-    say(f"  {jobs:,} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
+    say(f"  {jobs:,} {task} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
         f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
         f"= {work:.2f}s of profiled time" + (f"; CPU of all threads {stats.total_tt:.2f}s = "
                                               f"{1e6 * stats.total_tt / jobs:,.0f} us/job" if clock == "cpu" else ""))
@@ -977,6 +977,8 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--prune-drain-jobs", type=int, default=20_000)
     parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
                         help="profile: wall time (waits included) or each thread's CPU time")
+    parser.add_argument("--profile-task", choices=["noop", "write"], default="noop",
+                        help="profile: the task of the profiled jobs (write: inserts one row in its session)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
     # the raw commit loop's own options
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -1027,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary[backend] = {}
                 try:
                     if args.benchmark == "profile":
-                        profile(bench, args.profile_jobs, args.profile_clock)
+                        profile(bench, args.profile_jobs, args.profile_clock, args.profile_task)
                         continue
                     if "enqueue" in chosen:
                         runs = [bench.enqueue() for _ in range(args.runs)]

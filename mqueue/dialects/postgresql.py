@@ -52,6 +52,10 @@ def sqlstate(error: BaseException) -> str | None:
     return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
 
 
+#: ``psycopg.pq.TransactionStatus.IDLE``: no transaction open (libpq's PQTRANS_IDLE).
+_IDLE = 0
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     default_port = 5432
@@ -65,10 +69,9 @@ class PostgreSQLDialect(Dialect):
         return options
 
     def in_transaction(self, dbapi_connection) -> bool:
-        """psycopg's transaction status, as the server reported it with its last reply."""
-        from psycopg.pq import TransactionStatus
+        """psycopg's transaction status, as the server reported it with its last reply (0: idle)."""
         info = getattr(dbapi_connection, "info", None)
-        return info is None or info.transaction_status != TransactionStatus.IDLE
+        return info is None or info.transaction_status != _IDLE
 
     #: ``insert_job`` sends the new job's ``NOTIFY`` itself (``wakeup``).
     insert_notifies = True
