@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, func, insert,
                         literal, or_, select, update)
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .. import connections
@@ -58,6 +59,8 @@ _LEASE = utc_now(bindparam("lease_seconds", type_=Float))
 SUCCESS_VALUES = dict(state=SUCCEEDED, finished_at=utc_now(), run_seconds=seconds_since(t.c.started_at),
                       unique_key=None, lease_expires_at=None)
 COMPLETE = update(t).where(_FENCE).values(**SUCCESS_VALUES)
+#: One job row; its columns are the keys of the parameters it is executed with.
+INSERT_JOB = insert(t)
 #: Many completions: lock the rows (by primary key, in id order like
 #: heartbeats, so the two never deadlock), then finish those still running
 #: under the caller's token.
@@ -283,8 +286,16 @@ class Dialect(HistoryStatements):
     insert_notifies = False
 
     def insert_job(self, conn, values: dict[str, Any]) -> int:
-        """Insert one job row; return its id.  Takes no lock beyond the new row (and its index entries)."""
-        result = conn.execute(insert(t).values(**values))
+        """Insert one job row; return its id.  Takes no lock beyond the new row (and its index entries).
+
+        Plain values go as parameters of one prebuilt statement (its compiled
+        form is cached per set of columns); only a SQL expression (an eta
+        of ``now + delay``) needs a statement of its own.
+        """
+        if any(isinstance(value, ClauseElement) for value in values.values()):
+            result = conn.execute(insert(t).values(**values))
+        else:
+            result = conn.execute(INSERT_JOB, values)
         return int(result.inserted_primary_key[0])
 
     def insert_jobs(self, conn, rows: Sequence[dict[str, Any]]) -> list[int]:
