@@ -207,6 +207,8 @@ class Listener:
         if self._path is not None:
             with contextlib.suppress(Exception):
                 os.unlink(self._path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self._path))  # only if no other worker of it is registered
         if self._thread is not None:
             self._thread.join(LISTEN_SLICE_SECONDS * 4)
         for closeable in (self._socket, self._connection):
