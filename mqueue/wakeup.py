@@ -254,8 +254,11 @@ class Listener:
             sock.bind(("127.0.0.1", 0))
             sock.settimeout(LISTEN_SLICE_SECONDS)
             path = os.path.join(directory, f"{os.getpid()}-{sock.getsockname()[1]}")
-            with open(path, "w"):
-                pass
+            try:
+                open(path, "w").close()
+            except FileNotFoundError:  # the last other worker removed the directory just now
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                open(path, "w").close()
         except OSError as error:
             log.warning("cannot register for wake-ups (%s): polling only", error)
             return False
