@@ -243,6 +243,7 @@ class Listener:
 
     # SQLite, MariaDB
     def _register(self, directory: str) -> bool:
+        sock = None
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             parent = os.path.dirname(directory)
@@ -261,6 +262,8 @@ class Listener:
                 open(path, "w").close()
         except OSError as error:
             log.warning("cannot register for wake-ups (%s): polling only", error)
+            if sock is not None:
+                sock.close()
             return False
         self._socket, self._path = sock, path
         return True
