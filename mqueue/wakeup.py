@@ -297,6 +297,8 @@ def _forget_dead(directory: str) -> None:
 
 
 _process_listeners: dict[tuple, Listener] = {}
+#: Guards ``_process_listeners`` (not ``_lock``: starting a listener may wait for a connection).
+_listeners_lock = threading.Lock()
 
 
 def _forget_listeners_after_fork() -> None:
@@ -310,7 +312,7 @@ os.register_at_fork(after_in_child=_forget_listeners_after_fork)
 def listen(db) -> tuple:
     """Start (or share) this process's listener for ``db``'s database; give the key to ``release``."""
     key = db.dialect.database_identity(db.engine.url) or (id(db),)
-    with _lock:
+    with _listeners_lock:
         listener = _process_listeners.get(key)
         if listener is None:
             listener = _process_listeners[key] = Listener(db)
@@ -324,7 +326,7 @@ def listen(db) -> tuple:
 
 def release(key: tuple) -> None:
     """One user fewer; the last one stops the listener."""
-    with _lock:
+    with _listeners_lock:
         listener = _process_listeners.get(key)
         if listener is None:
             return
