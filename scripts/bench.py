@@ -488,7 +488,7 @@ class Bench:
 
     def raw_commit_rate(self, processes: int, threads: int, seconds: float) -> float:
         """Commits/s of P processes x C threads looping single-row INSERT + COMMIT."""
-        start_at = time.time() + 1.5 + 0.3 * processes    # all connected before anyone starts
+        start_at = time.time() + 3.0 + 0.5 * processes    # all connected before anyone starts
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                    MQUEUE_DATABASE_URL=self.database.url_text)
         children = [subprocess.Popen([sys.executable, __file__, "_raw", "--threads", str(threads),
@@ -755,8 +755,8 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
         for number, r in enumerate(runs, 1):
             rows.append(_drain_row(backend, str(number), config, r[config]))
         med = {key: median([r[config][key] for r in runs]) for key in runs[0][config]}
-        med["ratio"] = median([r[config]["steady"] / r[config]["raw"] for r in runs])
-        med["ratio1"] = median([r[config]["steady"] / r[config]["raw1"] for r in runs])
+        med["ratio"] = median([_per(r[config]["steady"], r[config]["raw"]) for r in runs])
+        med["ratio1"] = median([_per(r[config]["steady"], r[config]["raw1"]) for r in runs])
         medians[config] = med
         rows.append(_drain_row(backend, "median", config, med))
     say(table(["run", "PxC task", "raw/s", "wall/s", f"steady/s (2x4 noop >={TARGETS['drain_rate']:,.0f})", "",
@@ -765,11 +765,16 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
     return medians
 
 
+def _per(value: float, base: float) -> float:
+    """``value / base``, NaN when the base could not be measured."""
+    return value / base if base else float("nan")
+
+
 def _drain_row(backend: str, label: str, config: tuple[int, int, str], r: dict) -> list[str]:
     judged = config == JUDGED_DRAIN
     server = backend != "sqlite"
-    ratio = r.get("ratio", r["steady"] / r["raw"] if r["raw"] else float("nan"))
-    ratio1 = r.get("ratio1", r["steady"] / r["raw1"] if r["raw1"] else float("nan"))
+    ratio = r.get("ratio", _per(r["steady"], r["raw"]))
+    ratio1 = r.get("ratio1", _per(r["steady"], r["raw1"]))
     rate_ok = at_least(r["steady"], TARGETS["drain_rate"]) if judged else None
     ratio_ok = None
     if judged and server:
