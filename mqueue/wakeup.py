@@ -167,9 +167,13 @@ def _send(directory: str, queues: Iterable[str]) -> None:
             _sender.setblocking(False)
         payloads = [queue.encode() for queue in queues]
         for name in names:
-            port = int(name.rpartition("-")[2])
+            pid, _, port = name.partition("-")
+            if not _alive(int(pid)):   # killed before it could remove its registration
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+                continue
             for payload in payloads:
-                _sender.sendto(payload, ("127.0.0.1", port))
+                _sender.sendto(payload, ("127.0.0.1", int(port)))
     except (OSError, ValueError):
         pass  # a full buffer or a stray file: that worker polls
 
@@ -282,18 +286,25 @@ class Listener:
             notify([payload.decode(errors="replace")])
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except OSError as error:
+        return error.errno != errno.ESRCH
+    return True
+
+
 def _forget_dead(directory: str) -> None:
     """Remove the registrations of processes that ended without removing theirs (killed)."""
     for name in os.listdir(directory):
-        pid = name.partition("-")[0]
         try:
-            os.kill(int(pid), 0)
+            dead = not _alive(int(name.partition("-")[0]))
         except ValueError:
             continue
-        except OSError as error:
-            if error.errno == errno.ESRCH:
-                with contextlib.suppress(Exception):
-                    os.unlink(os.path.join(directory, name))
+        if dead:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 _process_listeners: dict[tuple, Listener] = {}

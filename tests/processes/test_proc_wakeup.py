@@ -20,14 +20,15 @@ from helpers import python_env
 import mqueue
 
 LISTENER = r"""
-import sys, threading
+import os, signal, sys, threading
 from sqlalchemy import func, select
 import mqueue
 from mqueue import wakeup
 from mqueue.schema import task_table as t
 
 db = mqueue.Database(sys.argv[1])
-wakeup.listen(db)
+key = wakeup.listen(db)
+signal.signal(signal.SIGTERM, lambda *_: (wakeup.release(key), os._exit(0)))   # leaves no registration behind
 woken = threading.Event()
 wakeup.subscribe(["twake"], woken)
 print("ready", flush=True)
@@ -66,8 +67,12 @@ class Child:
             return None
 
     def close(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
 
 @pytest.fixture
