@@ -241,6 +241,8 @@ def insert_row(session, row: dict[str, Any]) -> int:
         job_id, created = dialect.insert_unique_job(session, values)
     else:
         job_id, created = dialect.insert_job(session, values), True
+        if dialect.insert_notifies:
+            wakeup.mark_announced(session, values["queue"])
     if created:
         if waits_for:
             dialect.add_dependencies(session, job_id, waits_for)

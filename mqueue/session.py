@@ -95,7 +95,7 @@ class Database:
                 self.engine = create_engine(url, **options)
             except ImportError as error:  # the URL's driver (MySQLdb, psycopg2, ...) is not installed
                 raise unusable_url(url, f"its driver is not installed ({error})") from None
-        self.dialect.configure_engine(self.engine)
+        self.dialect.configure_engine(self.engine, own=not self.adopted)
         self.Session = sessionmaker(bind=self.engine, expire_on_commit=False)
         _databases.add(self)
 

@@ -321,6 +321,7 @@ class Worker:
     def _run_loops(self) -> None:
         self._register()  # the shared leases before the first claim, and this worker's row
         wakeup.subscribe(self.queues, self._wake)
+        wake_key = wakeup.listen(self.db)   # enqueues of other processes wake the producer
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
         outages = OutageLog(self._describe_outage)
@@ -354,6 +355,7 @@ class Worker:
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
+            wakeup.release(wake_key)
             self._unregister()
             log.info("worker %s totals: %s", self.owner, self._describe(self._counts(scheduler)))
             log.info("worker %s stopped", self.owner)

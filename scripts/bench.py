@@ -3,7 +3,7 @@
 
     python scripts/bench.py {enqueue,drain,latency,scheduled,prune,galera,all} [--backend sqlite|mariadb|postgresql|all]
                             [--runs N] [--mariadb-url URL] [--postgresql-url URL]
-    python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu]
+    python scripts/bench.py profile [--backend ...] [--profile-clock wall|cpu] [--profile-task noop|write]
 
 Sizes can be changed (``--enqueue-jobs --many-jobs --drain-jobs --raw-seconds
 --latency-jobs --latency-gap --scheduled-jobs --profile-jobs``); ``--keep`` keeps the
@@ -101,7 +101,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table, create_engine,  # noqa: E402
-                        func, insert, select, text)
+                        event, func, insert, select, text)
 from sqlalchemy.engine import URL, make_url  # noqa: E402
 
 import mqueue  # noqa: E402
@@ -125,9 +125,17 @@ LATENCY_QUEUE = "bench_latency"
 DRAIN_CONFIGS = ((1, 1, "noop"), (1, 4, "noop"), (2, 4, "noop"), (2, 4, "write"))
 JUDGED_DRAIN = (2, 4, "noop")
 POLL_SECONDS = 0.05
+#: How long an idle worker's statements are counted (latency benchmark).
+IDLE_SECONDS = 3.0
 
 TARGETS = {
     "enqueue_ratio": 1.3,        # enqueue cost / plain insert cost, at most
+    "enqueue_vs_raw": {"sqlite": 0.8, "mariadb": 0.5, "postgresql": 0.5},  # enqueue/s / raw commits/s, at least
+    "many_rate": {"mariadb": 40_000.0, "postgresql": 40_000.0},   # enqueue_many jobs/s, at least
+    "noop_1x4_vs_raw_1x1": 1.5,  # no-op drain 1x4 / raw single-connection commits/s, at least (servers)
+    "write_vs_raw": 0.5,         # write drain 2x4 / raw 2x4, at least (servers)
+    "latency_daemon_p50_by_backend": {"sqlite": 0.005, "mariadb": 0.005, "postgresql": 0.002},
+    "latency_daemon_p99_by_backend": {"postgresql": 0.010},
     "many_speedup": 20.0,        # enqueue_many per-job speed-up over enqueue, at least
     "drain_rate": 2000.0,        # jobs/s at 2x4, at least (every backend)
     "drain_vs_raw": 0.35,        # drain / raw commit rate at 2x4, at least (servers only)
@@ -414,6 +422,16 @@ class Bench:
             with db.session():
                 noop.enqueue(n=n)
 
+        raw_engine = create_engine(self.database.url_text)   # SQLAlchemy's defaults, no mqueue hooks
+        raw_conn = raw_engine.connect()
+
+        def raw_one(n: int) -> None:
+            # the same row, one held connection: INSERT + COMMIT and nothing else
+            values = {"queue": DRAIN_QUEUE, "name": noop.name, "args": encode_args({"n": n}),
+                      "priority": 0, "max_retries": noop.max_retries}
+            raw_conn.execute(plain_insert, values)
+            raw_conn.commit()
+
         def insert_one(n: int) -> None:
             # the row enqueue builds: same columns, same JSON text
             values = {"queue": DRAIN_QUEUE, "name": noop.name, "args": encode_args({"n": n}),
@@ -426,11 +444,16 @@ class Bench:
         for n in range(50):   # warm-up: connections, statement caches
             enqueue_one(n)
             insert_one(n)
+            raw_one(n)
         self.clean()
-        enqueue_seconds = plain_seconds = 0.0
+        enqueue_seconds = plain_seconds = raw_seconds = 0.0
         block = 250
         for first in range(0, jobs, block):
             numbers = range(first, min(first + block, jobs))
+            started = time.perf_counter()
+            for n in numbers:
+                raw_one(n)
+            raw_seconds += time.perf_counter() - started
             started = time.perf_counter()
             for n in numbers:
                 insert_one(n)
@@ -439,6 +462,8 @@ class Bench:
             for n in numbers:
                 enqueue_one(n)
             enqueue_seconds += time.perf_counter() - started
+        raw_conn.close()
+        raw_engine.dispose()
         self.clean()
         calls = [{"n": n} for n in range(batch)]
         started = time.perf_counter()
@@ -451,7 +476,9 @@ class Bench:
         enqueue_rate = jobs / enqueue_seconds
         plain_rate = jobs / plain_seconds
         many_rate = batch / many_seconds
+        raw_rate = jobs / raw_seconds
         return {"enqueue": enqueue_rate, "plain": plain_rate, "ratio": plain_rate / enqueue_rate,
+                "raw": raw_rate, "vs_raw": enqueue_rate / raw_rate,
                 "many": many_rate, "speedup": many_rate / enqueue_rate}
 
     # -- drain ------------------------------------------------------------------
@@ -463,14 +490,14 @@ class Bench:
             if (processes, threads) not in raws:
                 raws[(processes, threads)] = self.raw_commit_rate(processes, threads, self.args.raw_seconds)
                 self.clean()
-            results[(processes, threads, task)] = dict(raw=raws[(processes, threads)],
+            results[(processes, threads, task)] = dict(raw=raws[(processes, threads)], raw1=raws[(1, 1)],
                                                        **self.drain_once(processes, threads, run, task=task))
         self.clean()
         return results
 
     def raw_commit_rate(self, processes: int, threads: int, seconds: float) -> float:
         """Commits/s of P processes x C threads looping single-row INSERT + COMMIT."""
-        start_at = time.time() + 1.5 + 0.3 * processes    # all connected before anyone starts
+        start_at = time.time() + 3.0 + 0.5 * processes    # all connected before anyone starts
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                    MQUEUE_DATABASE_URL=self.database.url_text)
         children = [subprocess.Popen([sys.executable, __file__, "_raw", "--threads", str(threads),
@@ -536,6 +563,11 @@ class Bench:
             daemon.stop()
         self.clean()
         worker = mqueue.Worker(self.db, queues=[LATENCY_QUEUE])
+        statements = [0]
+
+        def count(*_args) -> None:
+            statements[0] += 1
+        event.listen(worker.db.engine, "before_cursor_execute", count)
         thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
         thread.start()
 
@@ -544,6 +576,9 @@ class Bench:
                 raise RuntimeError("in-process worker thread died")
         try:
             self._warm_up(alive)
+            before, began = statements[0], time.monotonic()
+            time.sleep(IDLE_SECONDS)
+            idle_queries = (statements[0] - before) / (time.monotonic() - began)
             local_latencies, enqueue_seconds = self._measure_latency(alive)
         finally:
             worker.stop()
@@ -551,7 +586,7 @@ class Bench:
         self.clean()
         return {"daemon_p50": percentile(daemon_latencies, 0.50), "daemon_p99": percentile(daemon_latencies, 0.99),
                 "local_p50": percentile(local_latencies, 0.50), "local_p99": percentile(local_latencies, 0.99),
-                "enqueue_p50": percentile(enqueue_seconds, 0.50)}
+                "enqueue_p50": percentile(enqueue_seconds, 0.50), "idle_queries": idle_queries}
 
     def _warm_up(self, alive: Callable[[], None]) -> None:
         """One job end to end: the worker is up and idle when this returns."""
@@ -747,64 +782,87 @@ def report_scheduled(args, runs: list[dict]) -> dict:
     return {k: median([r[k] for r in runs]) for k in keys}
 
 
-def report_enqueue(args, runs: list[dict]) -> dict:
+def report_enqueue(backend: str, args, runs: list[dict]) -> dict:
     say(f"  enqueue: {args.enqueue_jobs:,} single enqueues (one db.session() commit each) vs the same rows "
-        f"by plain Session insert; enqueue_many of {args.many_jobs:,} in one transaction")
+        f"by plain Session insert and by raw INSERT + COMMIT on one held connection (SQLAlchemy defaults); "
+        f"enqueue_many of {args.many_jobs:,} in one transaction")
     rows = []
     for number, r in enumerate(runs, 1):
-        rows.append(_enqueue_row(str(number), r))
+        rows.append(_enqueue_row(backend, str(number), r))
     med = {key: median([r[key] for r in runs]) for key in runs[0]}
-    rows.append(_enqueue_row("median", med))
-    say(table(["run", "enqueue/s", "plain/s", f"cost ratio (<={TARGETS['enqueue_ratio']})", "",
-               "many/s", f"speed-up (>={TARGETS['many_speedup']:.0f}x)", ""], rows))
+    rows.append(_enqueue_row(backend, "median", med))
+    vs_raw = TARGETS["enqueue_vs_raw"][backend]
+    many = TARGETS["many_rate"].get(backend)
+    say(table(["run", "enqueue/s", "raw/s", f"enqueue/raw (>={vs_raw})", "", "plain/s",
+               f"plain/enqueue cost (<={TARGETS['enqueue_ratio']})", "",
+               f"many/s{f' (>={many:,.0f})' if many else ''}", "", "speed-up"], rows))
     return med
 
 
-def _enqueue_row(label: str, r: dict) -> list[str]:
-    return [label, rate(r["enqueue"]), rate(r["plain"]), f"{r['ratio']:.2f}",
-            verdict(at_most(r["ratio"], TARGETS["enqueue_ratio"])), rate(r["many"]), f"{r['speedup']:.1f}x",
-            verdict(at_least(r["speedup"], TARGETS["many_speedup"]))]
+def _enqueue_row(backend: str, label: str, r: dict) -> list[str]:
+    many = TARGETS["many_rate"].get(backend)
+    return [label, rate(r["enqueue"]), rate(r["raw"]), f"{r['vs_raw']:.2f}",
+            verdict(at_least(r["vs_raw"], TARGETS["enqueue_vs_raw"][backend])),
+            rate(r["plain"]), f"{r['ratio']:.2f}", verdict(at_most(r["ratio"], TARGETS["enqueue_ratio"])),
+            rate(r["many"]), verdict(at_least(r["many"], many) if many else None), f"{r['speedup']:.1f}x"]
 
 
 def report_drain(backend: str, args, runs: list[dict]) -> dict:
     say(f"  drain: {args.drain_jobs:,} jobs (noop: returns at once; write: inserts one row in its session), "
         f"daemons with --poll-interval {POLL_SECONDS}; "
-        f"raw = single-row INSERT+COMMIT over PxC connections for {args.raw_seconds:.0f}s; "
-        "targets (2x4) on steady")
+        f"raw = single-row INSERT+COMMIT over PxC connections for {args.raw_seconds:.0f}s (raw1: 1x1); "
+        "targets on steady")
     rows = []
     medians = {}
     for config in DRAIN_CONFIGS:
         for number, r in enumerate(runs, 1):
             rows.append(_drain_row(backend, str(number), config, r[config]))
         med = {key: median([r[config][key] for r in runs]) for key in runs[0][config]}
-        med["ratio"] = median([r[config]["steady"] / r[config]["raw"] for r in runs])
+        med["ratio"] = median([_per(r[config]["steady"], r[config]["raw"]) for r in runs])
+        med["ratio1"] = median([_per(r[config]["steady"], r[config]["raw1"]) for r in runs])
         medians[config] = med
         rows.append(_drain_row(backend, "median", config, med))
-    say(table(["run", "PxC task", "raw/s", "wall/s", f"steady/s (>={TARGETS['drain_rate']:,.0f})", "",
-               f"steady/raw (>={TARGETS['drain_vs_raw']})", ""], rows))
+    say(table(["run", "PxC task", "raw/s", "wall/s", f"steady/s (2x4 noop >={TARGETS['drain_rate']:,.0f})", "",
+               f"steady/raw (2x4 noop >={TARGETS['drain_vs_raw']}, 2x4 write >={TARGETS['write_vs_raw']})", "",
+               f"steady/raw1 (1x4 noop >={TARGETS['noop_1x4_vs_raw_1x1']})", ""], rows))
     return medians
 
 
-def _drain_row(backend: str, label: str, config: tuple[int, int], r: dict) -> list[str]:
+def _per(value: float, base: float) -> float:
+    """``value / base``, NaN when the base could not be measured."""
+    return value / base if base else float("nan")
+
+
+def _drain_row(backend: str, label: str, config: tuple[int, int, str], r: dict) -> list[str]:
     judged = config == JUDGED_DRAIN
-    ratio = r.get("ratio", r["steady"] / r["raw"] if r["raw"] else float("nan"))
+    server = backend != "sqlite"
+    ratio = r.get("ratio", _per(r["steady"], r["raw"]))
+    ratio1 = r.get("ratio1", _per(r["steady"], r["raw1"]))
     rate_ok = at_least(r["steady"], TARGETS["drain_rate"]) if judged else None
-    ratio_ok = at_least(ratio, TARGETS["drain_vs_raw"]) if judged and backend != "sqlite" else None
+    ratio_ok = None
+    if judged and server:
+        ratio_ok = at_least(ratio, TARGETS["drain_vs_raw"])
+    elif config == (2, 4, "write") and server:
+        ratio_ok = at_least(ratio, TARGETS["write_vs_raw"])
+    ratio1_ok = at_least(ratio1, TARGETS["noop_1x4_vs_raw_1x1"]) if config == (1, 4, "noop") and server else None
     return [label, f"{config[0]}x{config[1]} {config[2]}", rate(r["raw"]), rate(r["wall"]), rate(r["steady"]),
-            verdict(rate_ok), f"{ratio:.2f}", verdict(ratio_ok)]
+            verdict(rate_ok), f"{ratio:.2f}", verdict(ratio_ok), f"{ratio1:.2f}", verdict(ratio1_ok)]
 
 
-def report_latency(args, runs: list[dict]) -> dict:
+def report_latency(backend: str, args, runs: list[dict]) -> dict:
     say(f"  latency: {args.latency_jobs} jobs {args.latency_gap * 1000:.0f} ms apart, enqueue call -> task "
-        "start; daemon at default settings, then a Worker in a thread of this process")
+        "start; daemon at default settings, then a Worker in a thread of this process (and the statements "
+        f"it runs per second while idle, counted over {IDLE_SECONDS:.0f}s)")
     rows = []
     for number, r in enumerate(runs, 1):
-        rows.append(_latency_row(str(number), r))
+        rows.append(_latency_row(backend, str(number), r))
     med = {key: median([r[key] for r in runs]) for key in runs[0]}
-    rows.append(_latency_row("median", med))
-    say(table(["run", f"daemon p50 (<{TARGETS['latency_daemon_p50'] * 1000:.0f}ms)", "", "daemon p99",
-               f"in-process p50 (<{TARGETS['latency_inprocess_p50'] * 1000:.0f}ms)", "", "in-process p99",
-               "enqueue call p50"], rows))
+    rows.append(_latency_row(backend, "median", med))
+    p50 = TARGETS["latency_daemon_p50_by_backend"][backend]
+    p99 = TARGETS["latency_daemon_p99_by_backend"].get(backend)
+    say(table(["run", f"daemon p50 (<={p50 * 1000:.0f}ms)", "", f"daemon p99{f' (<={p99 * 1000:.0f}ms)' if p99 else ''}",
+               "", f"in-process p50 (<{TARGETS['latency_inprocess_p50'] * 1000:.0f}ms)", "", "in-process p99",
+               "enqueue call p50", "idle worker queries/s"], rows))
     return med
 
 
@@ -812,10 +870,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
-def _latency_row(label: str, r: dict) -> list[str]:
-    return [label, _ms(r["daemon_p50"]), verdict(r["daemon_p50"] < TARGETS["latency_daemon_p50"]),
-            _ms(r["daemon_p99"]), _ms(r["local_p50"]), verdict(r["local_p50"] < TARGETS["latency_inprocess_p50"]),
-            _ms(r["local_p99"]), _ms(r["enqueue_p50"])]
+def _latency_row(backend: str, label: str, r: dict) -> list[str]:
+    p50 = TARGETS["latency_daemon_p50_by_backend"][backend]
+    p99 = TARGETS["latency_daemon_p99_by_backend"].get(backend)
+    return [label, _ms(r["daemon_p50"]), verdict(at_most(r["daemon_p50"], p50)),
+            _ms(r["daemon_p99"]), verdict(at_most(r["daemon_p99"], p99) if p99 else None),
+            _ms(r["local_p50"]), verdict(r["local_p50"] < TARGETS["latency_inprocess_p50"]),
+            _ms(r["local_p99"]), _ms(r["enqueue_p50"]), f"{r['idle_queries']:.1f}"]
 
 
 def report_summary(summary: dict[str, dict[str, Any]]) -> None:
@@ -826,6 +887,12 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             e = parts["enqueue"]
             rows.append([backend, "enqueue cost / plain insert", f"{e['ratio']:.2f}",
                          f"<= {TARGETS['enqueue_ratio']}", verdict(at_most(e["ratio"], TARGETS["enqueue_ratio"]))])
+            vs_raw = TARGETS["enqueue_vs_raw"][backend]
+            rows.append([backend, "single enqueue / raw commit (1 conn)", f"{e['vs_raw']:.2f}",
+                         f">= {vs_raw}", verdict(at_least(e["vs_raw"], vs_raw))])
+            many = TARGETS["many_rate"].get(backend)
+            rows.append([backend, "enqueue_many jobs/s (10,000 in one batch)", rate(e["many"]),
+                         f">= {many:,.0f}" if many else "-", verdict(at_least(e["many"], many)) if many else ""])
             rows.append([backend, "enqueue_many speed-up", f"{e['speedup']:.1f}x",
                          f">= {TARGETS['many_speedup']:.0f}x",
                          verdict(at_least(e["speedup"], TARGETS["many_speedup"]))])
@@ -836,14 +903,24 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             rows.append([backend, "drain 2x4 noop steady / raw", f"{d['ratio']:.2f}",
                          "-" if backend == "sqlite" else f">= {TARGETS['drain_vs_raw']}",
                          "" if backend == "sqlite" else verdict(at_least(d["ratio"], TARGETS["drain_vs_raw"]))])
+            server = backend != "sqlite"
+            n = parts["drain"][(1, 4, "noop")]
+            rows.append([backend, "drain 1x4 noop steady / raw 1x1", f"{n['ratio1']:.2f} ({rate(n['steady'])})",
+                         f">= {TARGETS['noop_1x4_vs_raw_1x1']}" if server else "-",
+                         verdict(at_least(n["ratio1"], TARGETS["noop_1x4_vs_raw_1x1"])) if server else ""])
             w = parts["drain"][(2, 4, "write")]
-            rows.append([backend, "drain 2x4 write steady jobs/s (/ raw)", f"{rate(w['steady'])} ({w['ratio']:.2f})",
-                         "-", ""])
+            rows.append([backend, "drain 2x4 write steady / raw 2x4", f"{w['ratio']:.2f} ({rate(w['steady'])})",
+                         f">= {TARGETS['write_vs_raw']}" if server else "-",
+                         verdict(at_least(w["ratio"], TARGETS["write_vs_raw"])) if server else ""])
         if "latency" in parts:
             lat = parts["latency"]
-            rows.append([backend, "latency daemon p50", _ms(lat["daemon_p50"]),
-                         f"< {TARGETS['latency_daemon_p50'] * 1000:.0f}ms",
-                         verdict(lat["daemon_p50"] < TARGETS["latency_daemon_p50"])])
+            p50 = TARGETS["latency_daemon_p50_by_backend"][backend]
+            p99 = TARGETS["latency_daemon_p99_by_backend"].get(backend)
+            rows.append([backend, "latency daemon p50", _ms(lat["daemon_p50"]), f"<= {p50 * 1000:.0f}ms",
+                         verdict(at_most(lat["daemon_p50"], p50))])
+            rows.append([backend, "latency daemon p99", _ms(lat["daemon_p99"]),
+                         f"<= {p99 * 1000:.0f}ms" if p99 else "-", verdict(at_most(lat["daemon_p99"], p99)) if p99 else ""])
+            rows.append([backend, "idle worker statements/s", f"{lat['idle_queries']:.1f}", "-", ""])
             rows.append([backend, "latency in-process p50", _ms(lat["local_p50"]),
                          f"< {TARGETS['latency_inprocess_p50'] * 1000:.0f}ms",
                          verdict(lat["local_p50"] < TARGETS["latency_inprocess_p50"])])
@@ -862,13 +939,13 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------
 # Profile of one 1x1 drain daemon
 # ---------------------------------------------------------------------------
-def profile(bench: Bench, jobs: int, clock: str) -> None:
+def profile(bench: Bench, jobs: int, clock: str, task: str = "noop") -> None:
     import pstats
     prefix = bench.workdir / f"profile-{bench.backend}"
     bench.clean()
     result = bench.drain_once(1, 1, 0, jobs=jobs, extra_env={"MQUEUE_BENCH_PROFILE": str(prefix),
                                                                  "MQUEUE_BENCH_PROFILE_CLOCK": clock},
-                              log_name=f"profile-{bench.backend}.log")
+                              log_name=f"profile-{bench.backend}.log", task=task)
     files = sorted(str(p) for p in bench.workdir.glob(f"profile-{bench.backend}.*") if not str(p).endswith(".log"))
     if not files:
         say("  no profile written")
@@ -883,7 +960,7 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
 
     work = find("mqueue/executor.py", "execute") + find("mqueue/worker.py", "_claim") \
         + find("mqueue/worker.py", "_heartbeat_step") + find("mqueue/worker.py", "_rescue_step")
-    say(f"  {jobs:,} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
+    say(f"  {jobs:,} {task} jobs drained at 1x1 under cProfile ({clock} clock): {result['steady']:,.0f} jobs/s steady "
         f"({result['seconds']:.1f}s wall); work = Executor.execute + Worker._claim + heartbeats + rescue "
         f"= {work:.2f}s of profiled time" + (f"; CPU of all threads {stats.total_tt:.2f}s = "
                                               f"{1e6 * stats.total_tt / jobs:,.0f} us/job" if clock == "cpu" else ""))
@@ -901,7 +978,9 @@ def profile(bench: Bench, jobs: int, clock: str) -> None:
             break
     say(table(["mqueue function", "calls", "cum s", "cum/work", "own s"], rows))
     waits = ("acquire", "sleep", "wait", "select", "poll")   # idle threads, not work
-    leaves = [(k, v) for k, v in table_.items() if not (k[0] == "~" and any(w in k[2] for w in waits))]
+    idle_reads = ("<method 'recv' of '_socket.socket' objects>",)   # the wake-up listener waiting for a datagram
+    leaves = [(k, v) for k, v in table_.items()
+              if not (k[0] == "~" and (any(w in k[2] for w in waits) or k[2] in idle_reads))]
     leaves.sort(key=lambda kv: kv[1][2], reverse=True)
     rows = []
     for (path, line, function), (_cc, calls, tottime, cumtime, _callers) in leaves[:15]:
@@ -975,6 +1054,8 @@ def parse_args(argv: list[str] | None = None):
     sizes.add_argument("--galera-threads", type=int, default=4)
     parser.add_argument("--profile-clock", choices=["wall", "cpu"], default="wall",
                         help="profile: wall time (waits included) or each thread's CPU time")
+    parser.add_argument("--profile-task", choices=["noop", "write"], default="noop",
+                        help="profile: the task of the profiled jobs (write: inserts one row in its session)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon logs)")
     # the raw commit loop's own options
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -1044,17 +1125,17 @@ def main(argv: list[str] | None = None) -> int:
                         summary[backend]["galera"] = report_galera(args, runs)
                         continue
                     if args.benchmark == "profile":
-                        profile(bench, args.profile_jobs, args.profile_clock)
+                        profile(bench, args.profile_jobs, args.profile_clock, args.profile_task)
                         continue
                     if "enqueue" in chosen:
                         runs = [bench.enqueue() for _ in range(args.runs)]
-                        summary[backend]["enqueue"] = report_enqueue(args, runs)
+                        summary[backend]["enqueue"] = report_enqueue(backend, args, runs)
                     if "drain" in chosen:
                         runs = [bench.drain(run) for run in range(1, args.runs + 1)]
                         summary[backend]["drain"] = report_drain(backend, args, runs)
                     if "latency" in chosen:
                         runs = [bench.latency(run) for run in range(1, args.runs + 1)]
-                        summary[backend]["latency"] = report_latency(args, runs)
+                        summary[backend]["latency"] = report_latency(backend, args, runs)
                     if "scheduled" in chosen:
                         runs = [scheduled_claims(bench, args.scheduled_jobs) for _ in range(args.runs)]
                         summary[backend]["scheduled"] = report_scheduled(args, runs)

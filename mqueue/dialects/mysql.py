@@ -71,6 +71,10 @@ def error_code(error: BaseException) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
+#: The server status flag "a transaction is open" (MySQL protocol; PyMySQL keeps the last one).
+SERVER_STATUS_IN_TRANS = 1
+
+
 class MySQLDialect(Dialect):
     name = "mysql"
     default_port = 3306
@@ -88,6 +92,11 @@ class MySQLDialect(Dialect):
     def adopt_engine(self, engine):
         """READ COMMITTED for mqueue's sessions on an application's engine (its own sessions keep theirs)."""
         return engine.execution_options(isolation_level="READ COMMITTED")
+
+    def in_transaction(self, dbapi_connection) -> bool:
+        """PyMySQL's copy of the server status flags of the last reply (``SERVER_STATUS_IN_TRANS``)."""
+        status = getattr(dbapi_connection, "server_status", None)
+        return status is None or bool(status & SERVER_STATUS_IN_TRANS)
 
     def claim_jobs(self, conn, queue: str, limit: int, owner: str, lease_seconds: float,
                    skip: int = 0) -> list[ClaimedRow]:

@@ -26,6 +26,23 @@ from .base import Dialect
 #: delay, not fail, other workers' heartbeats.
 BUSY_TIMEOUT_SECONDS = 60
 READ_ONLY_OPTION = "mqueue_read_only"
+#: Marks mqueue's view of an application's engine (``adopt_engine``).
+ADOPTED_OPTION = "mqueue_adopted"
+
+
+def _begin_immediate(conn) -> None:
+    """Open mqueue's transactions with ``BEGIN IMMEDIATE``; a reader (``reader``) takes a WAL snapshot.
+
+    ``BEGIN IMMEDIATE`` takes the write lock at once, waiting up to the busy
+    timeout, so a transaction never fails halfway.  A read-only connection
+    sends a plain ``BEGIN``, so ``mqueue list`` never waits for a task.
+    Nothing is sent when the driver has a transaction open already (an
+    application's own ``begin`` hook ran first).
+    """
+    if conn.connection.dbapi_connection.in_transaction:
+        return
+    read_only = conn.get_execution_options().get(READ_ONLY_OPTION)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 #: What SQLAlchemy writes for a datetime: the one text layout SQLite compares correctly.
@@ -109,7 +126,21 @@ class SQLiteDialect(Dialect):
         path = identity[1]
         return path if not os.path.exists(path) and os.path.isdir(os.path.dirname(path)) else None
 
-    def configure_engine(self, engine: Engine) -> None:
+    def configure_engine(self, engine: Engine, own: bool = True) -> None:
+        """An engine built from a URL: WAL, mqueue's busy timeout, and ``BEGIN IMMEDIATE`` for every transaction.
+
+        Durability stays SQLite's default (``synchronous=FULL``: a commit
+        survives a power cut); an application that wants ``NORMAL`` sets it
+        on an engine of its own and hands that to ``Database(engine)``.  An
+        adopted engine (``own=False``) keeps its pragmas and its own
+        transactions; ``adopt_engine`` gives mqueue's transactions on it
+        ``BEGIN IMMEDIATE``.
+        """
+        super().configure_engine(engine, own)
+        if not own:
+            event.listen(engine, "begin", _begin_immediate)
+            return
+
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection, _record):
             # Let SQLAlchemy's begin event emit BEGIN instead of pysqlite.
@@ -117,16 +148,22 @@ class SQLiteDialect(Dialect):
             cursor = dbapi_connection.cursor()
             if engine.url.database not in (None, "", ":memory:"):
                 cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
             cursor.close()
 
-        @event.listens_for(engine, "begin")
-        def _begin(conn):
-            # A read-only connection (``reader``) takes a WAL snapshot instead
-            # of the write lock, so ``mqueue list`` never waits for a task.
-            read_only = conn.get_execution_options().get(READ_ONLY_OPTION)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        event.listen(engine, "begin", _begin_immediate)
+
+    def adopt_engine(self, engine: Engine) -> Engine:
+        """The application's engine under an option that only mqueue's transactions carry (same pool).
+
+        Its ``begin`` hook (``configure_engine(own=False)``) applies to
+        connections of this engine only: the application's sessions on its
+        own engine keep deferred transactions and whatever pragmas it set.
+        """
+        return engine.execution_options(**{ADOPTED_OPTION: True})
+
+    def in_transaction(self, dbapi_connection) -> bool:
+        return bool(getattr(dbapi_connection, "in_transaction", True))
 
     def reader(self, engine: Engine) -> Engine:
         return engine.execution_options(**{READ_ONLY_OPTION: True})
