@@ -24,6 +24,10 @@ def sparkline(counts: Sequence[int], label: str, width: int = 120, height: int =
             f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{points}"/></svg>')
 
 
+#: Fewest bars a histogram draws.
+MIN_BARS = 20
+
+
 def histogram(counts: Sequence[int], labels: Sequence[str], title: str, height: int = 120) -> str:
     """Bars for the buckets from the first to the last non-empty one, each with its label and count.
 
@@ -32,7 +36,10 @@ def histogram(counts: Sequence[int], labels: Sequence[str], title: str, height: 
     filled = [i for i, n in enumerate(counts) if n]
     if not filled:
         return f'<p class="empty">{escape(title)}: no jobs</p>'
-    first, last = filled[0], filled[-1]
+    # At least ``MIN_BARS`` buckets, so one busy bucket still reads as a place on a scale.
+    first = filled[0]
+    last = min(max(filled[-1], first + MIN_BARS - 1), len(counts) - 1)
+    first = max(0, min(first, last - MIN_BARS + 1))
     shown = list(range(first, last + 1))
     bar, gap, axis = 12, 2, 16
     width = len(shown) * (bar + gap)
@@ -48,5 +55,5 @@ def histogram(counts: Sequence[int], labels: Sequence[str], title: str, height: 
                      f'<title>{escape(labels[index])}: {n}</title></rect>')
         if x % every == 0:
             parts.append(f'<text x="{left}" y="{height + axis - 3}" font-size="9">{escape(labels[index])}</text>')
-    parts.append("</svg>")
+    parts.append(f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="currentColor"/></svg>')
     return "".join(parts)
