@@ -26,7 +26,7 @@ from .svg import histogram, sparkline
 PAGE_SIZE = 50
 
 NAV = (("/", "Queues"), ("/failed", "Failed"), ("/tracked", "Tracked"), ("/tags", "Tags"),
-       ("/workers", "Workers"), ("/crons", "Crons"), ("/stats", "Stats"))
+       ("/crons", "Crons"), ("/stats", "Stats"))
 
 #: What a finished action says on the page it returns to (``?done=KEY&n=COUNT``): fixed texts only.
 DONE = {
@@ -150,8 +150,7 @@ def overview(view: View, queues: Sequence[Any], throughput: Any, paused: set[str
             counts.append(link(view, "/queue", value, name=q.queue, state=state) if value else "0")
         spark = throughput.per_queue.get(q.queue, (0,) * minutes)
         is_paused = q.queue in paused
-        control = (view.form("/queues/resume", "Resume", {"queue": q.queue}) if is_paused
-                   else view.form("/queues/pause", "Pause", {"queue": q.queue}))
+        control = ""
         rows.append([link(view, "/queue", q.queue, name=q.queue),
                      '<span class="paused">paused</span>' if is_paused else "no",
                      *counts, h(format_seconds(q.oldest_due_seconds)),
