@@ -203,6 +203,7 @@ def test_links_follow_the_mount_point(db):
     assert 'href="/admin/queues/static/dashboard.css"' in page.text
     assert f'href="/admin/queues/queue?name={QUEUE}"' in page.text
     assert "Path=/admin/queues;" in page.headers["Set-Cookie"]
+    assert 'action="/admin/queues/failed/retry"' in mounted.get("/failed").text
     posted = mounted.post("/failed/retry", {"queue": QUEUE, "error": "RuntimeError"})
     assert posted.status == 303 and posted.headers["Location"].startswith("/admin/queues/failed?")
 
