@@ -307,7 +307,7 @@ class Dashboard:
                 admin.cancel_job(self.db, job_id)
                 return self.redirect(request, back, "canceled")
             if action == "tag":
-                admin.tag_job(self.db, job_id, *form_text(form, "tag").split())
+                admin.tag_job(self.db, job_id, form_text(form, "tag"))  # one tag, spaces and all
                 return self.redirect(request, back, "tagged")
             if action == "untag":
                 admin.untag_job(self.db, job_id, form_text(form, "tag"))

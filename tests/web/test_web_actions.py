@@ -41,11 +41,12 @@ def FLAKY_OK(db, job_id):
 def test_cancel_tag_untag_track_untrack(db, client):
     job_id = enqueue(db, ok, n=1, delay=600)
     client.get(f"/jobs/{job_id}")
-    page = follow(client, client.post(f"/jobs/{job_id}/tag", {"tag": "vip  <i>x</i>"}))
-    assert "Tags added" in page
-    assert admin.get_job(db, job_id).tags == ("<i>x</i>", "vip")
+    page = follow(client, client.post(f"/jobs/{job_id}/tag", {"tag": " <i>x</i> y "}))
+    assert "Tags added" in page and "&lt;i&gt;x&lt;/i&gt; y" in page and "<i>x</i>" not in page
+    follow(client, client.post(f"/jobs/{job_id}/tag", {"tag": "vip"}))
+    assert admin.get_job(db, job_id).tags == ("<i>x</i> y", "vip")
     follow(client, client.post(f"/jobs/{job_id}/untag", {"tag": "vip"}))
-    assert admin.get_job(db, job_id).tags == ("<i>x</i>",)
+    assert admin.get_job(db, job_id).tags == ("<i>x</i> y",)
     assert "Job tracked" in follow(client, client.post(f"/jobs/{job_id}/track"))
     assert admin.get_job(db, job_id).tracked
     follow(client, client.post(f"/jobs/{job_id}/untrack"))
