@@ -66,6 +66,12 @@ class Pages:
         self.driver.find_element(By.XPATH, f"//a[normalize-space()='{text}'] | //button[normalize-space()='{text}']"
                                  ).click()
 
+    def titled(self, title: str) -> None:
+        """Wait for the page called ``title`` (a submitted form navigates after send_keys returns)."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(self.driver, 10).until(expected_conditions.title_is(f"{title} · mqueue"))
+
     def text(self, css: str) -> str:
         from selenium.webdriver.common.by import By
         return self.driver.find_element(By.CSS_SELECTOR, css).text
@@ -85,10 +91,11 @@ def test_operator_retries_a_failed_job_and_searches_a_tag(db, served, browser, t
     pages.shot("overview")
     row = browser.find_element(By.XPATH, f"//table[@class='queues']//tr[td/a[text()='{QUEUE}']]")
     row.find_element(By.CSS_SELECTOR, "a[href*='state=failed']").click()  # the failed count
+    pages.titled(f"Queue {QUEUE}")
     assert "failed (1)" in pages.text("nav.tabs a.current")
     pages.shot("queue-failed")
     pages.click(f"#{job_id}")
-    assert browser.title == f"Job {job_id} · mqueue"
+    pages.titled(f"Job {job_id}")
     assert "ConnectionError: payment service down" in pages.text("article.failure pre")
     pages.shot("job-failed")
 
@@ -103,12 +110,13 @@ def test_operator_retries_a_failed_job_and_searches_a_tag(db, served, browser, t
     pages.shot("job-succeeded")
 
     pages.click("Failed")
+    pages.titled("Failed jobs")
     assert "no failed jobs" in pages.text("main")
     pages.shot("failed")
 
     search = browser.find_element(By.CSS_SELECTOR, "header input[name=tag]")
     search.send_keys("customer-42", Keys.ENTER)
-    assert browser.title == "Tags · mqueue"
+    pages.titled("Tags")
     links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "table.jobs td:first-child a")]
     assert links == [f"#{job_id}"]
     pages.shot("tag-search")
