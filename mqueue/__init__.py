@@ -10,7 +10,7 @@ from .config import init
 from .cron import (DAILY, HOURLY, MINUTELY, MONTHLY, WEEKLY, YEARLY, Daily, Days, Hourly, Hours, Minutely,
                    Minutes, Monthly, Months, Weekday, Weekly, Yearly)
 from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLError, DuplicateTaskError, Fail,
-                     InvalidStateError, JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
+                     HasDependentsError, InvalidStateError, JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
                      SchemaMissingError, UnknownTaskError)
 from .jobs import Job, current_job
 from .registry import Task, task
@@ -24,7 +24,7 @@ __all__ = [
     "DAILY", "HOURLY", "MINUTELY", "MONTHLY", "WEEKLY", "YEARLY", "Daily", "Days", "Hourly", "Hours",
     "Minutely", "Minutes", "Monthly", "Months", "Weekday", "Weekly", "Yearly", "cron",
     "AccessDeniedError", "Database", "DatabaseURLError", "DatabaseUnavailableError", "DuplicateTaskError",
-    "Fail", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
+    "Fail", "HasDependentsError", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
     "Retry", "SchemaMissingError", "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job",
     "current_session", "init", "start", "task", "use_session",
 ]

@@ -12,8 +12,10 @@ e.g.::
         admin.retry_job("sqlite:///app.db", job.id)
 
 Writes are safe against workers claiming at the same moment: each is one
-transition of the dialect (``cancel_job``, ``requeue_job``, ``hasten_job``)
-that names the state and token the job was just read in.  If a worker got
+transition of the dialect (``cancel_job``, ``requeue_job``, ``hasten_job``,
+``move_job``, ``set_priority``) that names the state and token the job was
+just read in; the bulk ones (``retry_failed``, ``cancel_failed``,
+``expire_jobs``) lock a few hundred rows per transaction.  If a worker got
 there first, zero rows change, and the job is read again to say what
 happened instead of touching a running job.  This module holds no SQL.
 
@@ -40,15 +42,20 @@ from .events import Event
 from .config import settings
 from .dialects.functions import utc_now
 from .encoding import decode_args, encode_args
-from .errors import InvalidStateError, JobNotFoundError, headline
-from .registry import check_tags, get_task, registered_tasks
+from .errors import HasDependentsError, InvalidStateError, JobNotFoundError, headline
+from .registry import check_job_ids, check_tags, get_task, insert_row, registered_tasks
 from .history import DayStats, HistoryEntry
-from .schema import FINISHED, QUEUED, RUNNING, STATES, read_time
+from .schema import CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, WAITING, read_time
 from .session import Database, as_database
 
 #: Attempts at a cancel/retry whose row keeps changing under it (a worker
 #: claiming and handing it back); each attempt is one read and one write.
 _WRITE_ATTEMPTS = 5
+#: Jobs per transaction of the bulk actions (``retry_failed``, ``cancel_failed``,
+#: ``expire_jobs``): short transactions, so workers never wait long on them.
+BULK_BATCH = 300
+#: A dependency in one of these states will never succeed by itself: its dependents stay waiting.
+_BLOCKING = (FAILED, CANCELED, EXPIRED)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -66,7 +73,13 @@ class JobInfo:
     arguments the task will be called with (ValueError if they cannot be
     decoded, as the worker would find too).  ``owner`` is the worker of the
     last run (it stays after the run ends); ``runs`` counts claims.
-    ``history`` is filled by ``get_job`` only (``list_jobs`` leaves it empty).
+    ``history`` is filled by ``get_job`` only (``list_jobs`` leaves it empty),
+    and so are the dependencies: ``depends_on`` (ids of the jobs it waits
+    for, with their states in ``dependency_states``; None: pruned),
+    ``dependents`` (ids of the jobs that wait for it) and ``blocked_by``
+    (dependencies that failed for good, were canceled or expired: the job
+    waits until one is retried by hand).  ``expires_at``: not started by
+    then, the job is never run.
     """
 
     id: int
@@ -92,15 +105,27 @@ class JobInfo:
     tracked: bool = False
     tags: tuple[str, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
+    expires_at: dt.datetime | None = None
+    pending_deps: int = 0
+    depends_on: tuple[int, ...] = ()
+    dependency_states: tuple[str | None, ...] = ()
+    dependents: tuple[int, ...] = ()
+    blocked_by: tuple[int, ...] = ()
 
     @classmethod
-    def from_row(cls, row, events=None, tags: tuple[str, ...] = ()) -> "JobInfo":
+    def from_row(cls, row, events=None, tags: tuple[str, ...] = (),
+                 dependencies: "Iterable[tuple[int, str | None]]" = (), dependents: Iterable[int] = ()) -> "JobInfo":
         """A failed job shows the unique key that ``retry`` will restore."""
         values = {field.name: getattr(row, field.name) for field in dataclasses.fields(cls)
-                  if field.name not in ("raw_args", "unique_key", "history", "tags", "tracked")}
+                  if field.name not in _NOT_COLUMNS}
         entries = tuple(history.job_history(row, events)) if events is not None else ()
+        dependencies = tuple(dependencies)
+        blocked = tuple(job_id for job_id, state in dependencies if state in _BLOCKING) if row.state == WAITING else ()
         return cls(**values, raw_args=row.args, unique_key=row.unique_key or row.failed_unique_key,
-                   tracked=bool(row.tracked), tags=tags, history=entries)
+                   tracked=bool(row.tracked), tags=tags, history=entries,
+                   depends_on=tuple(job_id for job_id, _ in dependencies),
+                   dependency_states=tuple(state for _, state in dependencies),
+                   dependents=tuple(dependents), blocked_by=blocked)
 
     @property
     def finished(self) -> bool:
@@ -128,8 +153,10 @@ class JobInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ISO times; ``args`` is the stored JSON object (what ``enqueue`` takes)."""
         out = dataclasses.asdict(self)
-        for key in ("eta", "started_at", "lease_expires_at", "created_at", "finished_at"):
+        for key in ("eta", "started_at", "lease_expires_at", "created_at", "finished_at", "expires_at"):
             out[key] = _iso(out[key])
+        for key in ("depends_on", "dependency_states", "dependents", "blocked_by"):
+            out[key] = list(out[key])
         out["history"] = [entry.to_dict() for entry in self.history]
         out["tags"] = list(self.tags)
         raw = out.pop("raw_args")
@@ -138,6 +165,11 @@ class JobInfo:
         except (TypeError, ValueError):
             out["args"] = raw  # not JSON: shown as stored, the worker will fail it
         return out
+
+
+#: JobInfo fields that are not read off the job's row as they are.
+_NOT_COLUMNS = frozenset({"raw_args", "unique_key", "history", "tags", "tracked", "depends_on",
+                          "dependency_states", "dependents", "blocked_by"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +333,8 @@ def get_job(database: "Database | str", job_id: int) -> JobInfo:
         if row is None:
             raise _not_found(job_id)
         return JobInfo.from_row(row, db.dialect.job_events(conn, job_id),
-                                db.dialect.tags_of(conn, [job_id]).get(job_id, ()))
+                                db.dialect.tags_of(conn, [job_id]).get(job_id, ()),
+                                db.dialect.dependencies_of(conn, job_id), db.dialect.dependents_of(conn, job_id))
 
 
 def stats(database: "Database | str", queues: Iterable[str] = ()) -> list[QueueStats]:
@@ -386,14 +419,17 @@ def list_crons(database: "Database | str") -> list[CronInfo]:
 
 # -- writing ----------------------------------------------------------------------
 
-def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
+def cancel_job(database: "Database | str", job_id: int, cascade: bool = False) -> JobInfo:
     """Cancel a queued, waiting or failed job: it becomes ``canceled`` (finished, kept in history
     until pruned); return it as it was.
 
     A running job raises ``InvalidStateError``: its task may already have
     written, and only its worker can roll that back; so does a finished one.
-    The UPDATE names the state and token just read, so a job claimed in
-    between is never touched.
+    A job that other jobs wait for (``depends_on``) raises
+    ``HasDependentsError`` naming them, unless ``cascade=True``: then they
+    are canceled too, and the jobs waiting for them, each with its
+    ``canceled`` event, in the same transaction.  Each UPDATE names the
+    state and token just read, so a job claimed in between is never touched.
     """
     _check_id(job_id)
     with _opened(database) as db:
@@ -402,8 +438,95 @@ def cancel_job(database: "Database | str", job_id: int) -> JobInfo:
             for _ in range(_WRITE_ATTEMPTS):
                 job = _checked(_read(db, session, job_id), job_id, "cancelled")
                 if db.dialect.cancel_job(session, job_id, job.state, job.token):
+                    # Read after the job's row is locked: a dependent enqueued meanwhile is seen.
+                    _cancel_dependents(db, session, job_id, cascade)
                     return job
     raise InvalidStateError(f"job {job_id} kept changing while being cancelled; try again")
+
+
+def _cancel_dependents(db: Database, session: Session, job_id: int, cascade: bool) -> list[int]:
+    """The waiting jobs that depend on ``job_id`` (transitively) are canceled if ``cascade``; else
+    ``HasDependentsError`` (the caller's transaction rolls back).  Their ids."""
+    canceled: list[int] = []
+    frontier = [job_id]
+    while frontier:
+        waiting = db.dialect.waiting_dependents(session, frontier)
+        if waiting and not cascade:
+            shown = ", ".join(str(row[0]) for row in waiting[:10]) + (", ..." if len(waiting) > 10 else "")
+            raise HasDependentsError(
+                f"job {job_id} has {len(waiting)} waiting dependent(s) ({shown}); cancel them too with "
+                f"cascade=True (mqueue cancel {job_id} --cascade), or cancel them first")
+        frontier = [dependent for dependent, state, token in waiting
+                    if db.dialect.cancel_job(session, dependent, state, token)]
+        canceled += frontier
+    return canceled
+
+
+def move_job(database: "Database | str", job_id: int, queue: str) -> JobInfo:
+    """Move a job to another queue; return it as it is now.
+
+    e.g.::
+
+        admin.move_job(db, 42, "slow")
+
+    A waiting, queued or failed job keeps its state.  A running job is taken
+    from its worker: its lease is voided (a new token), so its completion is
+    refused and its writes roll back, and it is queued, due now, in
+    ``queue``, where it runs again.  A finished job raises
+    ``InvalidStateError``.  The history gets a ``moved`` entry (from and
+    to); a tracked job publishes it.  Moving a job to its own queue changes nothing.
+    """
+    _check_id(job_id)
+    _check_queue(queue)
+    with _opened(database) as db, _writing(db) as session:
+        for _ in range(_WRITE_ATTEMPTS):
+            job = _read(db, session, job_id)
+            _not_finished(job, job_id, "moved")
+            if job.queue == queue:
+                return job
+            detail = f"from {job.queue} to {queue}"
+            if job.state == RUNNING:
+                moved = db.dialect.move_running_job(session, job_id, job.token, queue, detail)
+            else:
+                moved = db.dialect.move_job(session, job_id, job.state, job.token, queue, detail)
+            if moved:
+                wakeup.notify_after_commit(session, queue)
+                return _read(db, session, job_id)
+    raise InvalidStateError(f"job {job_id} kept changing while being moved; try again")
+
+
+def set_priority(database: "Database | str", job_id: int, priority: int) -> JobInfo:
+    """Give a job a new priority (higher runs first); return it as it is now.
+
+    e.g.::
+
+        admin.set_priority(db, 42, 10)
+
+    For a waiting, queued, failed (for its next run) or running job (for a
+    later run); a finished one raises ``InvalidStateError``.  The history
+    gets a ``priority`` entry (from and to); a tracked job publishes it.
+    """
+    _check_id(job_id)
+    _check_priority(priority)
+    with _opened(database) as db, _writing(db) as session:
+        for _ in range(_WRITE_ATTEMPTS):
+            job = _read(db, session, job_id)
+            _not_finished(job, job_id, "given a new priority")
+            if job.priority == priority:
+                return job
+            if db.dialect.set_priority(session, job_id, job.state, job.token, priority,
+                                       f"from {job.priority} to {priority}"):
+                return _read(db, session, job_id)
+    raise InvalidStateError(f"job {job_id} kept changing while its priority was set; try again")
+
+
+def _not_finished(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
+    if job is None:
+        raise _not_found(job_id)
+    if job.finished:
+        raise InvalidStateError(f"job {job.id} has already finished ({job.state}) and cannot be {action}; "
+                                f"a finished job never runs again: enqueue a new one")
+    return job
 
 
 def retry_job(database: "Database | str", job_id: int, force: bool = False) -> JobInfo:
@@ -512,23 +635,71 @@ def events(database: "Database | str", follow: bool = False, since: int | None =
                           poll_interval=poll_interval)
 
 
-def retry_failed(database: "Database | str", queue: str | None) -> int:
+def retry_failed(database: "Database | str", queue: str | None = None) -> int:
     """Put every failed job of ``queue`` (every queue if None) back to ``queued``, due now.
 
     Same reset as ``retry_job``; returns how many jobs were retried.  A job
     whose unique key a live job holds meanwhile stays failed (``retry ID``
-    says which job holds it).
+    says which job holds it).  Works through the failed jobs in id order,
+    ``BULK_BATCH`` per transaction: workers start on the first batches while
+    later ones are still being retried.
     """
-    with _opened(database) as db, _writing(db) as session:
-        count, _held = db.dialect.retry_failed(session, queue)
-        if count and queue is not None:
-            wakeup.notify_after_commit(session, queue)
+    count = 0
+    with _opened(database) as db:
+        after: int | None = 0
+        while after is not None:
+            with _writing(db) as session:
+                done, _held, after = db.dialect.retry_failed(session, queue, after, BULK_BATCH)
+                if done:
+                    for name in ([queue] if queue is not None else []):
+                        wakeup.notify_after_commit(session, name)
+            count += done
     return count
+
+
+def cancel_failed(database: "Database | str", queue: str | None = None) -> int:
+    """Cancel every failed job of ``queue`` (every queue if None); return how many.
+
+    e.g.::
+
+        admin.cancel_failed(db, queue="mail")
+
+    Failed jobs become ``canceled`` (finished, kept in history until
+    pruned), ``BULK_BATCH`` per transaction in id order.  A failed job that
+    other jobs wait for stays failed (``cancel ID --cascade`` decides).
+    """
+    count = 0
+    with _opened(database) as db:
+        after: int | None = 0
+        while after is not None:
+            with _writing(db) as session:
+                done, _kept, after = db.dialect.cancel_failed(session, queue, after, BULK_BATCH)
+            count += done
+    return count
+
+
+def expire_jobs(database: "Database | str", queue: str | None = None, now: dt.datetime | None = None) -> int:
+    """Mark every queued or waiting job (of ``queue``, or all) past its ``expires_at`` ``expired``;
+    return how many.
+
+    Workers do this on their own in small batches; a job past its expiry
+    that a worker claims is expired instead of run.  ``now`` (naive UTC)
+    replaces the database's clock, so a script or test can look ahead.
+    """
+    count = 0
+    with _opened(database) as db:
+        while True:
+            with _writing(db) as session:
+                done = db.dialect.expire_jobs(session, [queue] if queue is not None else None, BULK_BATCH, now)
+            count += done
+            if done < BULK_BATCH:
+                return count
 
 
 def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any],
                     delay: float | dt.timedelta | None = None, priority: int | None = None,
-                    queue: str | None = None, require_registered: bool = False) -> int:
+                    queue: str | None = None, require_registered: bool = False,
+                    depends_on: "Iterable[int] | None" = None) -> int:
     """Insert a job for the task called ``name`` with named arguments ``kwargs``; return its id.
 
     If the task is registered in this process (e.g. after
@@ -537,14 +708,15 @@ def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any
     and priority apply.  Otherwise the row is inserted as given, into
     ``queue`` or the default queue; with ``require_registered=True`` an
     unknown name raises ``UnknownTaskError`` (with a suggestion) instead.
-    ``delay`` counts from the database's clock.
+    ``delay`` counts from the database's clock.  ``depends_on``: ids of
+    jobs that must succeed first (the job is ``waiting`` until then).
     """
     if not isinstance(kwargs, dict):
         raise TypeError(f"arguments must be a JSON object of named arguments, got {json_kind(kwargs)}")
     if not isinstance(name, str) or not 0 < len(name) <= 255:
         raise ValueError(f"task name must be a string of 1 to 255 characters, got {name!r}")
-    options = {key: value for key, value in (("delay", delay), ("priority", priority), ("queue", queue))
-               if value is not None}
+    options = {key: value for key, value in (("delay", delay), ("priority", priority), ("queue", queue),
+                                             ("depends_on", depends_on)) if value is not None}
     if name in registered_tasks() or require_registered:
         task = get_task(name)  # UnknownTaskError with a "did you mean" if absent
         with _opened(database) as db, _writing(db):
@@ -558,8 +730,10 @@ def enqueue_by_name(database: "Database | str", name: str, kwargs: dict[str, Any
         values["priority"] = _check_priority(priority)
     if delay is not None:
         values["eta"] = utc_now(_check_delay(delay))
+    if depends_on:
+        values["depends_on"] = check_job_ids(depends_on)
     with _opened(database) as db, _writing(db) as session:
-        job_id = db.dialect.insert_job(session, values)
+        job_id = insert_row(session, values)
         wakeup.notify_after_commit(session, values["queue"])
     return job_id
 

@@ -141,6 +141,8 @@ def add_job_commands(commands) -> None:
                          help="higher runs first (default: the task's, else 0)")
     enqueue.add_argument("--queue", type=queue_name, metavar="QUEUE",
                          help=f"queue (default: the task's, else {config.settings.queue!r})")
+    enqueue.add_argument("--depends-on", type=job_id, action="append", metavar="ID",
+                         help="wait (state waiting) until job ID has succeeded (repeatable)")
     enqueue.add_argument("--tasks", metavar="PACKAGE",
                          help="import PACKAGE to check the task (default: tasks, if found)")
     enqueue.set_defaults(handler=cmd_enqueue)
@@ -160,9 +162,29 @@ def add_job_commands(commands) -> None:
     show.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
     show.set_defaults(handler=cmd_show)
 
-    cancel = commands.add_parser("cancel", help="cancel a queued or failed job (not a running one); kept as canceled")
-    cancel.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
+    cancel = commands.add_parser("cancel", help="cancel a queued, waiting or failed job (not a running one); "
+                                                "kept as canceled",
+                                 usage="%(prog)s [-h] (ID [--cascade] | --all-failed [--queue QUEUE]) "
+                                       "[--database URL]")
+    cancel.add_argument("id", nargs="?", type=job_id, metavar="ID", help="the job to cancel")
+    cancel.add_argument("--cascade", action="store_true",
+                        help="also cancel the jobs waiting for it (depends_on), and theirs")
+    cancel.add_argument("--all-failed", action="store_true",
+                        help="cancel every failed job (of --queue, else all) that no job waits for")
+    cancel.add_argument("--queue", type=queue_name, metavar="QUEUE", help="with --all-failed: only this queue")
     cancel.set_defaults(handler=cmd_cancel)
+
+    move = commands.add_parser("move", help="move a job to another queue (a running one is taken from its "
+                                            "worker and runs again there)")
+    move.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
+    move.add_argument("queue", type=queue_name, metavar="QUEUE", help="the new queue")
+    move.set_defaults(handler=cmd_move)
+
+    prioritize = commands.add_parser("priority", help="set a waiting, queued or failed job's priority "
+                                                      "(higher runs first)")
+    prioritize.add_argument("id", type=job_id, metavar="ID", help="job id (see: mqueue list)")
+    prioritize.add_argument("priority", type=priority, metavar="N", help="the new priority")
+    prioritize.set_defaults(handler=cmd_priority)
 
     retry = commands.add_parser("retry", help="run a failed or waiting job now (failed: retries back to 0)",
                                 usage="%(prog)s [-h] (ID [--force] | --all-failed [--queue QUEUE]) "
@@ -228,9 +250,9 @@ def add_job_commands(commands) -> None:
     follow.set_defaults(handler=cmd_events)
 
     for command in (enqueue, jobs, show, cancel, retry, counts, crons, configure, tag, untag, track, untrack,
-                    follow):
+                    follow, move, prioritize):
         add_database_option(command)
-        if command not in (enqueue, cancel, retry, tag, untag, track, untrack):
+        if command not in (enqueue, cancel, retry, tag, untag, track, untrack, move, prioritize):
             command.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -573,7 +595,7 @@ def cmd_enqueue(args) -> int:
     db = admin_database(args)
     try:
         job_id = admin.enqueue_by_name(db, args.name, kwargs, delay=args.delay, priority=args.priority,
-                                       queue=args.queue, require_registered=checked)
+                                       queue=args.queue, require_registered=checked, depends_on=args.depends_on)
     except (TypeError, ValueError) as error:  # signature mismatch, unstorable value
         raise UsageError(str(error)) from None
     if not checked:  # after the enqueue: a command that fails still says one thing
@@ -616,7 +638,10 @@ def describe_job(job) -> list[str]:
               ("started", format_time(job.started_at, " UTC")),
               ("finished", format_time(job.finished_at, " UTC")),
               ("waited", format_seconds(job.wait_seconds)), ("ran", format_seconds(job.run_seconds)),
-              ("lease expires", format_time(job.lease_expires_at, " UTC"))]
+              ("lease expires", format_time(job.lease_expires_at, " UTC")),
+              ("expires", format_time(job.expires_at, " UTC")),
+              ("depends on", describe_dependencies(job)),
+              ("dependents", " ".join(map(str, job.dependents)) or "-")]
     lines = [f"job {job.id}", *(f"  {label + ':':<15}{value}" for label, value in fields), "  arguments:"]
     try:
         arguments = [f"{name} = {value!r}" for name, value in job.decoded_args().items()] or ["(none)"]
@@ -636,6 +661,17 @@ def describe_job(job) -> list[str]:
         lines.append(f"    #{number} {kind}{f' at {format_time(at)} UTC' if at else ''}:")
         lines += [f"      {line}".rstrip() for line in text.rstrip().splitlines()]
     return lines
+
+
+def describe_dependencies(job) -> str:
+    """``ID (state)`` per dependency; a job held by one that will not succeed by itself says so."""
+    if not job.depends_on:
+        return "-"
+    text = " ".join(f"{dep} ({state or 'pruned'})" for dep, state in zip(job.depends_on, job.dependency_states))
+    if job.blocked_by:
+        text += (f"; blocked by {', '.join(map(str, job.blocked_by))} (retry "
+                 f"{'it' if len(job.blocked_by) == 1 else 'them'} to go on)")
+    return text
 
 
 def cmd_tag(args) -> int:
@@ -685,8 +721,34 @@ def cmd_events(args) -> int:
 
 def cmd_cancel(args) -> int:
     from . import admin
-    job = admin.cancel_job(admin_database(args), args.id)
+    if args.all_failed == (args.id is not None):
+        raise UsageError("give a job ID or --all-failed (see: mqueue cancel --help)")
+    if args.queue is not None and not args.all_failed:
+        raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
+    if args.cascade and args.all_failed:
+        raise UsageError("--cascade goes with a job ID, not with --all-failed")
+    db = admin_database(args)
+    if args.all_failed:
+        count = admin.cancel_failed(db, args.queue)
+        print(f"cancelled {count} failed job{'' if count == 1 else 's'}"
+              f"{f' in queue {args.queue}' if args.queue else ''}")
+        return EXIT_OK
+    job = admin.cancel_job(db, args.id, cascade=args.cascade)
     print(f"cancelled job {job.id} ({job.name}, was {job.state})")
+    return EXIT_OK
+
+
+def cmd_move(args) -> int:
+    from . import admin
+    job = admin.move_job(admin_database(args), args.id, args.queue)
+    print(f"job {job.id} ({job.name}, {job.state}) is in queue {job.queue}")
+    return EXIT_OK
+
+
+def cmd_priority(args) -> int:
+    from . import admin
+    job = admin.set_priority(admin_database(args), args.id, args.priority)
+    print(f"job {job.id} ({job.name}, {job.state}) has priority {job.priority}")
     return EXIT_OK
 
 

@@ -63,6 +63,13 @@ class InvalidStateError(MQueueError):
     """The job is in a state that does not allow the operation (e.g. cancel a running job)."""
 
 
+class HasDependentsError(InvalidStateError):
+    """Other jobs wait for this one: cancelling it alone would leave them waiting for ever.
+
+    Cancel them too with ``cascade=True`` (``mqueue cancel ID --cascade``), or cancel them first.
+    """
+
+
 class LeaseLostError(MQueueError):
     """This worker no longer owns the job: its lease expired and it may run elsewhere."""
 

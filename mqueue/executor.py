@@ -248,7 +248,8 @@ class Executor:
                 if not (session.in_transaction() or session.new or session.dirty or session.deleted):
                     return DEFERRED  # nothing to commit with: the worker's completer batches it
                 session.flush()  # the task's pending ORM writes, then the fenced completion on the same connection
-                if not self.dialect.complete_job(session.connection(), row.id, row.token, row.tracked):
+                if not self.dialect.complete_job(session.connection(), row.id, row.token, row.tracked,
+                                                 row.has_dependents):
                     _rollback(session)
                     log.warning("job=%s lease lost before completion: its writes were rolled back", row.id)
                     return LOST

@@ -25,6 +25,7 @@ from .dialects.functions import utc_now
 from .encoding import encode_args
 from .errors import DuplicateTaskError, NoSessionError, UnknownTaskError
 from .retry import Backoff, check_backoff
+from .schema import WAITING
 from .session import peek_session, translate_error
 
 P = ParamSpec("P")
@@ -32,7 +33,8 @@ R = TypeVar("R")
 
 MAX_NAME_LENGTH = 255   # width of mqueue_task.name
 MAX_QUEUE_LENGTH = 100  # width of mqueue_task.queue
-ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key", "tags", "track")
+ENQUEUE_OPTIONS = ("delay", "eta", "priority", "queue", "max_retries", "unique_key", "tags", "track", "depends_on",
+                   "expires")
 MAX_TAG_LENGTH = 100    # width of mqueue_tag.tag
 MAX_TAGS = 50           # tags per job
 
@@ -44,8 +46,11 @@ class Task(Generic[P, R]):
     """A registered function.  Call it to run it here; ``enqueue`` it to run it in a worker."""
 
     def __init__(self, fn: Callable[P, R], name: str, queue: str | None, priority: int,
-                 max_retries: int, backoff: Backoff, timeout: float | None) -> None:
+                 max_retries: int, backoff: Backoff, timeout: float | None,
+                 expires: float | None = None) -> None:
         self.fn = fn
+        #: Seconds after enqueueing past which a job not started yet is never run (``expired``).
+        self.expires = expires
         self.name = name
         self.queue = queue
         self.priority = priority
@@ -72,7 +77,9 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     def options(self, **options: Any) -> "TaskCall":
-        """Per-call options: ``delay, eta, priority, queue, max_retries, unique_key, tags, track``.
+        """Per-call options: ``delay, eta, priority, queue, max_retries, unique_key, tags, track``,
+        ``depends_on`` (job ids that must succeed first) and ``expires`` (seconds, a timedelta or a
+        datetime: a job not started by then is never run).
 
         e.g.::
 
@@ -164,7 +171,7 @@ class TaskCall:
 
     def enqueue(self, *args: Any, **kwargs: Any) -> int:
         row = self._row(self.task.bind_arguments(args, kwargs))
-        return _store(lambda session: _insert_one(session, row), row["queue"])
+        return _store(lambda session: insert_row(session, row), row["queue"])
 
     def enqueue_many(self, calls: Iterable[dict[str, Any]]) -> list[int]:
         rows = []
@@ -177,6 +184,8 @@ class TaskCall:
             return []
         if self.opts.get("unique_key") is not None:
             raise ValueError("unique_key applies to one job; use enqueue() for each")
+        if self.opts.get("depends_on"):
+            raise ValueError("depends_on applies to one job; use enqueue() for each")
         return _store(lambda session: _insert_many(session, rows), rows[0]["queue"])
 
     def _row(self, named: dict[str, Any]) -> dict[str, Any]:
@@ -198,22 +207,40 @@ class TaskCall:
             row["eta"] = opts["eta"]
         elif opts.get("delay") is not None:
             row["delay"] = opts["delay"]
+        expires = opts.get("expires", self.task.expires)
+        if isinstance(expires, dt.datetime):
+            row["expires_at"] = expires
+        elif expires is not None:
+            row["expires"] = expires
+        if opts.get("depends_on"):
+            row["depends_on"] = opts["depends_on"]
         return row
 
 
-def _insert_one(session, row: dict[str, Any]) -> int:
+def insert_row(session, row: dict[str, Any]) -> int:
+    """Insert one job from its row values plus ``delay``, ``expires``, ``tags``, ``depends_on``; its id
+    (an existing one's for a ``unique_key`` a live job holds)."""
     from .dialects import dialect_for
     values = dict(row)
     delay = values.pop("delay", None)
     if delay is not None:
         values["eta"] = utc_now(delay)
+    expires = values.pop("expires", None)
+    if expires is not None:
+        values["expires_at"] = utc_now(expires)
     dialect = dialect_for(session)
     tags = values.pop("tags", ())
+    depends_on = values.pop("depends_on", ())
+    waits_for = dialect.lock_dependencies(session, depends_on) if depends_on else []
+    if waits_for:
+        values.update(state=WAITING, pending_deps=len(waits_for))
     if "unique_key" in values:
         job_id, created = dialect.insert_unique_job(session, values)
     else:
         job_id, created = dialect.insert_job(session, values), True
     if created:
+        if waits_for:
+            dialect.add_dependencies(session, job_id, waits_for)
         _put(dialect, session, [job_id], tags, values.get("tracked", False))
     return job_id
 
@@ -229,10 +256,13 @@ def _put(dialect, session, job_ids: list[int], tags: Sequence[str], tracked: boo
 def _insert_many(session, rows: list[dict[str, Any]]) -> list[int]:
     from .dialects import dialect_for
     dialect = dialect_for(session)
-    if any("delay" in row for row in rows):
+    if any("delay" in row or "expires" in row for row in rows):
         now = dialect.db_now(session)
         for row in rows:
-            row["eta"] = now + dt.timedelta(seconds=row.pop("delay"))
+            if "delay" in row:
+                row["eta"] = now + dt.timedelta(seconds=row.pop("delay"))
+            if "expires" in row:
+                row["expires_at"] = now + dt.timedelta(seconds=row.pop("expires"))
     # executemany needs one key set for every row
     keys = set().union(*rows)
     if "eta" in keys:
@@ -305,7 +335,33 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         out["tags"] = check_tags(out["tags"])
     if "track" in out and not isinstance(out["track"], bool):
         raise ValueError(f"track must be True or False, got {out['track']!r}")
+    if out.get("depends_on") is not None:
+        out["depends_on"] = check_job_ids(out["depends_on"])
+    if out.get("expires") is not None:
+        out["expires"] = check_expires(out["expires"], datetime_ok=True)
     return out
+
+
+def check_job_ids(ids: Any) -> tuple[int, ...]:
+    """``depends_on``: a list of job ids (integers), sorted without repeats."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"depends_on must be a list of job ids, got {ids!r}")
+    ids = list(ids)
+    for job_id in ids:
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
+            raise ValueError(f"depends_on must be a list of job ids (integers >= 1), got {job_id!r} in it")
+    return tuple(sorted(set(ids)))
+
+
+def check_expires(expires: Any, datetime_ok: bool = False) -> "float | dt.datetime":
+    """``expires``: seconds > 0 from enqueueing (or a timedelta); per call also a datetime (naive: UTC)."""
+    if datetime_ok and isinstance(expires, dt.datetime):
+        return to_naive_utc(expires)
+    seconds = expires.total_seconds() if isinstance(expires, dt.timedelta) else expires
+    if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not 0 < seconds < float("inf"):
+        also = ", a timedelta or a datetime" if datetime_ok else " or a timedelta"
+        raise ValueError(f"expires must be seconds > 0{also}, got {expires!r}")
+    return float(seconds)
 
 
 def check_tags(tags: Any, already: int = 0) -> tuple[str, ...]:
@@ -350,7 +406,7 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
 
 def task(fn: Callable | None = None, *, name: str | None = None, queue: str | None = None,
          priority: int = 0, max_retries: int = DEFAULT_MAX_RETRIES, backoff: Backoff = None,
-         timeout: float | None = None):
+         timeout: float | None = None, expires: "float | dt.timedelta | None" = None):
     """Register a function as a task, by default named ``module.qualname``.
 
     e.g.::
@@ -373,6 +429,8 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
         raise ValueError(f"timeout must be seconds > 0, got {timeout!r}")
     if queue is not None:
         check_queue_name(queue)
+    if expires is not None:
+        expires = check_expires(expires)
 
     def register(function: Callable) -> Task:
         if isinstance(function, Task):
@@ -384,7 +442,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
             # A worker would create the generator and never iterate it: the body would never run.
             raise TypeError(f"task {task_name!r} is a generator function, which a worker cannot run; "
                             f"return instead of yield (enqueue one job per item if need be)")
-        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout)
+        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout, expires)
         _add(registered)
         return registered
 

@@ -68,6 +68,10 @@ RELEASE_PAUSE_SECONDS = 0.5
 #: Threads of a worker that use a connection besides the executors: producer,
 #: completer, heartbeat, rescuer, scheduler, pruner, and the watchdog's timeout write.
 SERVICE_CONNECTIONS = 7
+#: Jobs past their expiry marked ``expired`` per rescue turn (one short transaction).
+EXPIRE_BATCH = 100
+#: Seconds between two of a worker's sweeps for expired jobs (sooner while a sweep finds a full batch).
+EXPIRE_SECONDS = 30.0
 #: Each worker prunes about this often (randomised, so many workers spread out;
 #: two at once are harmless), first a random part of it after starting.
 PRUNE_SECONDS = 60.0
@@ -142,6 +146,7 @@ class Worker:
         self._linger_until: float | None = None
         self._claim_pause_until = 0.0
         self._prune_started = False
+        self._expire_after = 0.0
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -469,6 +474,14 @@ class Worker:
         if count:
             log.warning("re-queued %d job(s) whose worker stopped heartbeating", count)
             self._wake.set()
+        # Jobs past their ``expires=`` that no claim reached (a busy or paused queue, waiting jobs).
+        # The scan reads every queued row of the queues (no index on expires_at): not every turn.
+        if time.monotonic() >= self._expire_after:
+            with self.db.engine.begin() as conn:
+                count = self.db.dialect.expire_jobs(conn, self.queues, EXPIRE_BATCH)
+            if count:
+                log.info("%d job(s) expired before they started", count)
+            self._expire_after = time.monotonic() + (0.0 if count == EXPIRE_BATCH else EXPIRE_SECONDS)
         return self.rescue_seconds
 
     def _prune_step(self) -> float:

@@ -21,16 +21,20 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..errors import InvalidStateError
 from ..schema import (CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, WAITING,
-                      cron_table, event_table, task_table)
+                      cron_table, dependency_table, event_table, task_table)
 from .functions import due_now, seconds_since, utc_now
 from .history import HistoryStatements
 
 t = task_table
+d = dependency_table
 DEFAULT_MAX_RETRIES = 10
 
-#: Columns a worker needs to run a claimed job.
+#: Columns a worker needs to run a claimed job.  ``expired`` (1: its
+#: ``expires_at`` has passed by the database's clock) is computed by the
+#: claim itself, so a job that is not run costs the claim no extra read.
 CLAIM_COLUMNS = (t.c.id, t.c.queue, t.c.name, t.c.args, t.c.retries, t.c.max_retries,
-                 t.c.token, t.c.neg_priority, t.c.eta, t.c.tracked)
+                 t.c.token, t.c.neg_priority, t.c.eta, t.c.tracked, t.c.has_dependents,
+                 case((t.c.expires_at <= utc_now(), 1), else_=0).label("expired"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,10 @@ class ClaimedRow:
     sort_key: tuple
     #: Emits an event at each change of state (its completion writes ``succeeded``).
     tracked: bool = False
+    #: Other jobs depended on it when it was claimed: its completion releases them.
+    has_dependents: bool = False
+    #: Its ``expires_at`` had passed at the claim: it is marked ``expired`` instead of run.
+    expired: bool = False
 
 
 # Statements on the claim/complete hot path are built once, with bound
@@ -56,11 +64,16 @@ _LEASE = utc_now(bindparam("lease_seconds", type_=Float))
 #: ``started_at`` name its last run) and frees its unique key.
 SUCCESS_VALUES = dict(state=SUCCEEDED, finished_at=utc_now(), run_seconds=seconds_since(t.c.started_at),
                       unique_key=None, lease_expires_at=None)
-COMPLETE = update(t).where(_FENCE).values(**SUCCESS_VALUES)
+#: The completion also names ``has_dependents`` as the claim read it: a job
+#: that got a dependent while it ran does not match, and ``complete_job``
+#: takes the path that releases dependents (so a job without any never
+#: looks for them: no extra statement).
+COMPLETE = (update(t).where(_FENCE, t.c.has_dependents == bindparam("seen_dependents", type_=Integer))
+            .values(**SUCCESS_VALUES))
 #: Many completions: lock the rows (by primary key, in id order like
 #: heartbeats, so the two never deadlock), then finish those still running
 #: under the caller's token.
-LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state)
+LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state, t.c.has_dependents)
              .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
              .order_by(t.c.id).with_for_update())
 COMPLETE_MANY = update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True))).values(**SUCCESS_VALUES)
@@ -95,6 +108,31 @@ TRACKED_EVENT = insert(event_table).from_select(
     select(t.c.id, cast(bindparam("event_kind"), String), t.c.queue, t.c.name, t.c.owner,
            cast(bindparam("event_detail"), Text), literal(1))
     .where(t.c.id.in_(bindparam("job_ids", expanding=True)), t.c.tracked == 1))
+#: An event written by hand (``moved``, ``priority``) for ``:job_id``: no worker, no run;
+#: published if the job is tracked.
+HAND_EVENT = insert(event_table).from_select(
+    ["job_id", "kind", "queue", "name", "detail", "emitted"],
+    select(t.c.id, cast(bindparam("event_kind"), String), t.c.queue, t.c.name,
+           cast(bindparam("event_detail"), Text), t.c.tracked).where(t.c.id == bindparam("job_id")))
+#: Dependents of the jobs ``:job_ids`` that just succeeded, with how many of
+#: their dependencies are among them.  Index ``(depends_on, job_id)``; plain
+#: read: no new row can appear meanwhile, since an enqueue that would add one
+#: first locks the dependency's row, which the completion holds.
+DEPENDENTS_DONE = (select(d.c.job_id, func.count().label("done")).where(d.c.depends_on.in_(
+    bindparam("job_ids", expanding=True))).group_by(d.c.job_id).order_by(d.c.job_id))
+#: ``:done`` dependencies of the waiting jobs ``:job_ids`` succeeded: those
+#: with none left become ``queued``.  One UPDATE by primary key: its row locks
+#: serialize two completions of the last dependencies on every backend, and
+#: each reads the count the other left.  ``state`` is assigned first: MySQL
+#: assigns left to right and the CASE must see ``pending_deps`` before the decrement.
+RELEASE_DEPENDENTS = (
+    update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True)), t.c.state == WAITING)
+    .ordered_values(
+        (t.c.state, case((t.c.pending_deps <= bindparam("done", type_=Integer), QUEUED), else_=t.c.state)),
+        (t.c.pending_deps, case((t.c.pending_deps > bindparam("done", type_=Integer),
+                                 t.c.pending_deps - bindparam("done", type_=Integer)), else_=0))))
+#: What a job that is never run writes when it expires (finished, unique key freed).
+EXPIRY_VALUES = dict(state=EXPIRED, finished_at=utc_now(), unique_key=None, lease_expires_at=None)
 #: Running jobs first, then queued ones in claim order, then waiting, failed, finished, then any other state.
 _STATE_ORDER = case({RUNNING: 0, QUEUED: 1, WAITING: 2, FAILED: 3, SUCCEEDED: 4, CANCELED: 5, EXPIRED: 6},
                     value=t.c.state, else_=7)
@@ -356,7 +394,15 @@ class Dialect(HistoryStatements):
         return self._popped(conn, self._rows(conn.execute(statement, params)))
 
     def _popped(self, conn, rows: list[ClaimedRow]) -> list[ClaimedRow]:
-        """``popped`` events of the tracked jobs among ``rows``, in the claim's transaction (none: no statement)."""
+        """The claimed rows to run, with ``popped`` events of the tracked ones, in the claim's transaction.
+
+        A row claimed past its ``expires_at`` is marked ``expired`` instead
+        (``expire_claimed``) and left out.  Neither costs a statement when
+        no row needs it.
+        """
+        if any(row.expired for row in rows):
+            self.expire_claimed(conn, [row.id for row in rows if row.expired])
+            rows = [row for row in rows if not row.expired]
         tracked = [row.id for row in rows if row.tracked]
         if tracked:
             self.emit_tracked(conn, tracked, "popped")
@@ -389,7 +435,8 @@ class Dialect(HistoryStatements):
     def _rows(result, token_offset: int = 0) -> list[ClaimedRow]:
         """Claimed rows in claim order.  Nothing here raises on a hand-written value (see ``read_time``)."""
         rows = [ClaimedRow(r.id, r.queue, r.name, r.args, r.retries, r.max_retries, r.token + token_offset,
-                           (r.neg_priority, _time_key(r.eta), r.id), bool(r.tracked)) for r in result]
+                           (r.neg_priority, _time_key(r.eta), r.id), bool(r.tracked), bool(r.has_dependents),
+                           bool(r.expired)) for r in result]
         rows.sort(key=lambda r: r.sort_key)
         return rows
 
@@ -406,15 +453,26 @@ class Dialect(HistoryStatements):
                 lost.append(job_id)
         return lost
 
-    def complete_job(self, conn, job_id: int, token: int, tracked: bool = False) -> bool:
+    def complete_job(self, conn, job_id: int, token: int, tracked: bool = False,
+                     has_dependents: bool = False) -> bool:
         """Mark a job ``succeeded`` inside the task's own transaction: one UPDATE, no event row.
 
         Fenced; row lock by primary key, held until the task's transaction
         commits (with the task's writes) or rolls back, so a rolled-back
-        completion leaves no trace in the job's history.  A tracked job also
-        publishes ``succeeded`` (one more statement, tracked jobs only).
+        completion leaves no trace in the job's history and releases no
+        dependent.  A tracked job also publishes ``succeeded`` (one more
+        statement, tracked jobs only).  ``has_dependents`` is the value the
+        claim read: if a dependent was enqueued since, the UPDATE does not
+        match and is repeated expecting one (the lost-lease path costs that
+        one more statement); a job with dependents then releases them
+        (``release_dependents``).
         """
-        done = conn.execute(COMPLETE, dict(job_id=job_id, job_token=token)).rowcount == 1
+        params = dict(job_id=job_id, job_token=token, seen_dependents=int(has_dependents))
+        done = conn.execute(COMPLETE, params).rowcount == 1
+        if not done and not has_dependents:
+            has_dependents = done = conn.execute(COMPLETE, dict(params, seen_dependents=1)).rowcount == 1
+        if done and has_dependents:
+            self.release_dependents(conn, [job_id])
         if done and tracked:
             self.emit_tracked(conn, [job_id], "succeeded")
         return done
@@ -432,14 +490,17 @@ class Dialect(HistoryStatements):
         """
         wanted = dict(jobs)
         rows = conn.execute(LOCK_JOBS, dict(job_ids=list(wanted))).all()
-        ours = [job_id for job_id, token, state in rows if state == RUNNING and wanted[job_id] == token]
+        ours = [job_id for job_id, token, state, _ in rows if state == RUNNING and wanted[job_id] == token]
         if ours:
             conn.execute(COMPLETE_MANY, dict(job_ids=ours))
+            releasing = [row.id for row in rows if row.id in set(ours) and row.has_dependents]
+            if releasing:
+                self.release_dependents(conn, releasing)
             published = sorted(set(ours) & set(tracked))
             if published:
                 self.emit_tracked(conn, published, "succeeded")
         kept = set(ours)
-        done = {job_id for job_id, token, state in rows if state == SUCCEEDED and wanted[job_id] == token}
+        done = {job_id for job_id, token, state, _ in rows if state == SUCCEEDED and wanted[job_id] == token}
         lost = [job_id for job_id in wanted if job_id not in kept]
         return lost, [job_id for job_id in lost if job_id in done]
 
@@ -624,33 +685,35 @@ class Dialect(HistoryStatements):
             select(t.c.id, literal("put"), t.c.queue, t.c.name, literal("retried by hand"), t.c.tracked)
             .where(t.c.id.in_(list(job_ids)))))
 
-    def retry_failed(self, conn, queue: str | None, batch: int = 500) -> tuple[int, list[int]]:
-        """Retry every failed job (of ``queue``, or all); return ``(count, ids left failed)``.
+    def retry_failed(self, conn, queue: str | None, after: int = 0,
+                     batch: int = 500) -> tuple[int, list[int], int | None]:
+        """Retry one batch of failed jobs (of ``queue``, or all) with id above ``after``.
 
-        Jobs without a unique key: locked by primary key ``batch`` at a time,
-        then one UPDATE and one event insert per batch.  Jobs with one:
-        ``requeue_job`` each, in id order; one whose key a live job holds
-        stays failed and is reported.
+        Returns ``(count, ids left failed, last id looked at)``; the last id
+        is None when no failed job is left to look at.  The batch is locked
+        by primary key in id order; jobs without a unique key get one
+        UPDATE and one event insert, jobs with one ``requeue_job`` each (one
+        whose key a live job holds stays failed and is reported).
         """
-        where = [t.c.state == FAILED] + ([t.c.queue == queue] if queue is not None else [])
-        count, after = 0, 0
-        while True:
-            ids = list(conn.execute(select(t.c.id).where(*where, t.c.failed_unique_key.is_(None), t.c.id > after)
-                                    .order_by(t.c.id).limit(batch).with_for_update()).scalars())
-            if not ids:
-                break
-            count += conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == FAILED).values(
+        where = [t.c.state == FAILED, t.c.id > after] + ([t.c.queue == queue] if queue is not None else [])
+        rows = conn.execute(select(t.c.id, t.c.token, t.c.failed_unique_key).where(*where).order_by(t.c.id)
+                            .limit(batch).with_for_update()).all()
+        if not rows:
+            return 0, [], None
+        plain = [row.id for row in rows if row.failed_unique_key is None]
+        count = 0
+        if plain:
+            count += conn.execute(update(t).where(t.c.id.in_(plain), t.c.state == FAILED).values(
                 state=QUEUED, eta=utc_now(), retries=0, lease_expires_at=None)).rowcount
-            self._put_by_hand(conn, ids)
-            after = ids[-1]
+            self._put_by_hand(conn, plain)
         held = []
-        for job_id, token in conn.execute(select(t.c.id, t.c.token).where(
-                *where, t.c.failed_unique_key.is_not(None)).order_by(t.c.id)).all():
-            try:
-                count += self.requeue_job(conn, job_id, FAILED, token)
-            except InvalidStateError:
-                held.append(job_id)
-        return count, held
+        for row in rows:
+            if row.failed_unique_key is not None:
+                try:
+                    count += self.requeue_job(conn, row.id, FAILED, row.token)
+                except InvalidStateError:
+                    held.append(row.id)
+        return count, held, rows[-1].id
 
     def force_requeue_job(self, conn, job_id: int, token: int) -> bool:
         """Take a running job back from its worker by hand (``mqueue retry ID --force``): queued, due now.
@@ -666,6 +729,173 @@ class Dialect(HistoryStatements):
         result = conn.execute(update(t).where(t.c.id == job_id, t.c.state == RUNNING, t.c.token == token).values(
             state=QUEUED, token=t.c.token + 1, eta=utc_now(), lease_expires_at=None))
         return self._ended_run(conn, result, job_id, "put", "forced back by hand (retry --force)")
+
+    def cancel_failed(self, conn, queue: str | None, after: int = 0,
+                      batch: int = 500) -> tuple[int, list[int], int | None]:
+        """Cancel one batch of failed jobs (of ``queue``, or all) with id above ``after``.
+
+        Returns ``(count, kept, last id looked at)``; the last id is None
+        when no failed job is left to look at.  Rows are locked by primary
+        key in id order (workers never touch failed rows), then one UPDATE
+        and one event insert for the tracked ones.  A failed job that other
+        jobs wait on is kept (``kept``): cancelling it would leave them
+        waiting for ever; ``cancel ID --cascade`` decides that one by one.
+        """
+        where = [t.c.state == FAILED, t.c.id > after] + ([t.c.queue == queue] if queue is not None else [])
+        rows = conn.execute(select(t.c.id, t.c.has_dependents).where(*where).order_by(t.c.id).limit(batch)
+                            .with_for_update()).all()
+        if not rows:
+            return 0, [], None
+        waited_on = {job_id for job_id, _state, _token in
+                     self.waiting_dependents(conn, [row.id for row in rows if row.has_dependents], by_dependency=True)}
+        ids = [row.id for row in rows if row.id not in waited_on]
+        count = 0
+        if ids:
+            count = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state == FAILED).values(
+                state=CANCELED, finished_at=utc_now(), unique_key=None, failed_unique_key=None,
+                lease_expires_at=None)).rowcount
+            self.emit_tracked(conn, ids, "canceled")
+        return count, sorted(waited_on), rows[-1].id
+
+    # -- dependencies ----------------------------------------------------------------
+    def lock_dependencies(self, conn, job_ids: Iterable[int]) -> list[int]:
+        """Of the jobs a new job depends on, those not done yet (not ``succeeded``; unknown ids are done).
+
+        Locks the existing rows by primary key in id order (``FOR UPDATE``;
+        SQLite: the write lock) until the enqueue commits: a dependency that
+        completes meanwhile waits, then finds the new dependent and
+        releases it; one that completed first reads as done here.  A running
+        dependency's heartbeats wait too, so enqueueing transactions must be
+        short (a worker's lock wait is bounded below its lease: it retries).
+        """
+        rows = conn.execute(select(t.c.id, t.c.state).where(t.c.id.in_(sorted(set(job_ids))))
+                            .order_by(t.c.id).with_for_update()).all()
+        return [job_id for job_id, state in rows if state != SUCCEEDED]
+
+    def add_dependencies(self, conn, job_id: int, depends_on: Sequence[int]) -> None:
+        """Record that ``job_id`` waits for ``depends_on`` (rows locked by ``lock_dependencies``).
+
+        One ``mqueue_dependency`` row each, and ``has_dependents`` set on
+        each dependency so its completion releases the new job.
+        """
+        conn.execute(insert(d), [dict(job_id=job_id, depends_on=other) for other in depends_on])
+        conn.execute(update(t).where(t.c.id.in_(list(depends_on)), t.c.has_dependents == 0).values(has_dependents=1))
+
+    def release_dependents(self, conn, job_ids: Sequence[int]) -> int:
+        """The jobs ``job_ids`` just succeeded (in this transaction): count them off their waiting
+        dependents, which become ``queued`` when none is left.  How many dependents were updated.
+
+        One read of ``mqueue_dependency`` (index ``(depends_on, job_id)``),
+        then ``RELEASE_DEPENDENTS`` by primary key, in id order, once per
+        distinct number of these jobs a dependent waits on (once, normally).
+        A dependent no longer waiting (canceled, retried by hand) is left alone.
+        """
+        by_done: dict[int, list[int]] = {}
+        for dependent, done in conn.execute(DEPENDENTS_DONE, dict(job_ids=list(job_ids))):
+            by_done.setdefault(int(done), []).append(dependent)
+        updated = 0
+        for done, dependents in sorted(by_done.items()):
+            updated += conn.execute(RELEASE_DEPENDENTS, dict(job_ids=dependents, done=done)).rowcount
+        return updated
+
+    def dependencies_of(self, conn, job_id: int) -> list[tuple[int, str | None]]:
+        """``(id, state)`` of each job ``job_id`` depends on, by id; state None if it was pruned.  Plain read."""
+        return [(int(other), state) for other, state in conn.execute(
+            select(d.c.depends_on, t.c.state).select_from(d.outerjoin(t, t.c.id == d.c.depends_on))
+            .where(d.c.job_id == job_id).order_by(d.c.depends_on))]
+
+    def dependents_of(self, conn, job_id: int) -> list[int]:
+        """Ids of the jobs that depend on ``job_id``, ascending.  Index ``(depends_on, job_id)``; plain read."""
+        return [int(other) for other in conn.execute(
+            select(d.c.job_id).where(d.c.depends_on == job_id).order_by(d.c.job_id)).scalars()]
+
+    def waiting_dependents(self, conn, job_ids: Sequence[int],
+                           by_dependency: bool = False) -> list[tuple[int, str, int]]:
+        """``(id, state, token)`` of the ``waiting`` jobs that depend on any of ``job_ids``, by id.
+
+        With ``by_dependency`` the first item is the dependency instead
+        (which of ``job_ids`` is waited on).  Plain read.
+        """
+        if not job_ids:
+            return []
+        first = d.c.depends_on if by_dependency else t.c.id
+        return [tuple(row) for row in conn.execute(
+            select(first, t.c.state, t.c.token).select_from(d.join(t, t.c.id == d.c.job_id))
+            .where(d.c.depends_on.in_(list(job_ids)), t.c.state == WAITING).order_by(first).distinct())]
+
+    # -- expiry -------------------------------------------------------------------------
+    def expire_claimed(self, conn, job_ids: Sequence[int]) -> None:
+        """Jobs this claim took past their ``expires_at`` become ``expired`` instead of running.
+
+        In the claim's transaction, on the rows it just locked (by primary
+        key); the claim's run is not counted (``runs - 1``).  Tracked jobs
+        publish ``expired``.
+        """
+        conn.execute(update(t).where(t.c.id.in_(list(job_ids)), t.c.state == RUNNING).values(
+            runs=t.c.runs - 1, **EXPIRY_VALUES))
+        self.emit_tracked(conn, job_ids, "expired")
+
+    def expire_jobs(self, conn, queues: Sequence[str] | None, limit: int,
+                    now: dt.datetime | None = None) -> int:
+        """Up to ``limit`` queued or waiting jobs (of ``queues``, or all) past their ``expires_at``
+        become ``expired``; how many.
+
+        ``now`` (naive UTC) replaces the database's clock in the test of
+        expiry (tests look ahead without waiting).  Reads the claim index
+        prefix ``(queue, state)`` and filters on ``expires_at`` (no index of
+        its own), without ORDER BY, so InnoDB locks only the rows it returns;
+        rows a claim holds are skipped (SKIP LOCKED; SQLite: the write lock).
+        """
+        moment = utc_now() if now is None else now
+        query = select(t.c.id).where(t.c.state.in_((QUEUED, WAITING)), t.c.expires_at <= moment).limit(limit)
+        if queues is not None:
+            query = query.where(t.c.queue.in_(list(queues)))
+        if self.skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        ids = list(conn.execute(query).scalars())
+        if not ids:
+            return 0
+        count = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state.in_((QUEUED, WAITING))).values(
+            **EXPIRY_VALUES)).rowcount
+        self.emit_tracked(conn, ids, "expired")
+        return count
+
+    # -- move and priority ------------------------------------------------------------------
+    def move_job(self, conn, job_id: int, state: str, token: int, queue: str, detail: str) -> bool:
+        """A job not running (waiting, queued, failed) still in ``state`` with ``token`` goes to
+        ``queue``, keeping its state; a ``moved`` event (``detail``).  Row lock by primary key."""
+        result = conn.execute(update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token)
+                              .values(queue=queue))
+        return self._hand_event(conn, result, job_id, "moved", detail)
+
+    def move_running_job(self, conn, job_id: int, token: int, queue: str, detail: str) -> bool:
+        """Take a running job from its worker into ``queue``: ``queued``, due now, a new token.
+
+        The old run's completion, heartbeats and failure then match no row
+        (the fence), so its writes roll back, and the job runs again in the
+        new queue; ``retries`` is kept.  The run ends with a ``moved`` event.
+        Named on the token just read; row lock by primary key.
+        """
+        result = conn.execute(update(t).where(t.c.id == job_id, t.c.state == RUNNING, t.c.token == token).values(
+            queue=queue, state=QUEUED, token=t.c.token + 1, eta=utc_now(), lease_expires_at=None))
+        return self._ended_run(conn, result, job_id, "moved", detail)
+
+    def set_priority(self, conn, job_id: int, state: str, token: int, priority: int, detail: str) -> bool:
+        """A job still in ``state`` with ``token`` gets ``priority``; a ``priority`` event (``detail``).
+
+        Row lock by primary key; the claim index follows (``neg_priority`` is generated).
+        """
+        result = conn.execute(update(t).where(t.c.id == job_id, t.c.state == state, t.c.token == token)
+                              .values(priority=priority))
+        return self._hand_event(conn, result, job_id, "priority", detail)
+
+    @staticmethod
+    def _hand_event(conn, result, job_id: int, kind: str, detail: str) -> bool:
+        """Record a change made by hand whose guarded UPDATE matched; False (nothing written) if it did not."""
+        if result.rowcount != 1:
+            return False
+        conn.execute(HAND_EVENT, dict(job_id=job_id, event_kind=kind, event_detail=detail))
+        return True
 
     # For tests: ``Worker.run_until_empty(with_scheduled=True)`` and ``mqueue.testing.perform_job``.
 

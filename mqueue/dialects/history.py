@@ -19,7 +19,8 @@ from sqlalchemy.exc import IntegrityError
 
 from .functions import minute_of, utc_now
 
-from ..schema import EXPIRED, FAILED, FINISHED, SUCCEEDED, event_table, setting_table, stats_table, tag_table, task_table
+from ..schema import (EXPIRED, FAILED, FINISHED, SUCCEEDED, dependency_table, event_table, setting_table, stats_table,
+                      tag_table, task_table)
 
 t = task_table
 e = event_table
@@ -82,10 +83,14 @@ class HistoryStatements:
         return conn.execute(query.with_for_update() if lock else query).all()
 
     def delete_jobs(self, conn, job_ids: Sequence[int]) -> int:
-        """Delete finished jobs, their events and tags (rows the caller locked).  Primary keys."""
+        """Delete finished jobs, their events, tags and dependency rows (either side) (rows the caller
+        locked).  Primary keys, and the ``(depends_on, job_id)`` index."""
         ids = list(job_ids)
         conn.execute(delete(e).where(e.c.job_id.in_(ids)))
         conn.execute(delete(g).where(g.c.job_id.in_(ids)))
+        dep = dependency_table
+        conn.execute(delete(dep).where(dep.c.job_id.in_(ids)))
+        conn.execute(delete(dep).where(dep.c.depends_on.in_(ids)))
         return conn.execute(delete(t).where(t.c.id.in_(ids), t.c.state.in_(FINISHED))).rowcount
 
     def prunable_events(self, conn, older_than: dt.datetime, limit: int) -> list:
