@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlencode
 from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeoutError
 
 from .. import admin
-from ..cli import one_line
+from ..cli import MAX_PRIORITY, one_line
 from ..errors import (AccessDeniedError, DatabaseUnavailableError, InvalidStateError, JobNotFoundError,
                       SchemaMissingError, UnknownTaskError)
 from ..registry import MAX_TAG_LENGTH
@@ -304,8 +304,15 @@ class Dashboard:
                 admin.retry_job(self.db, job_id)
                 return self.redirect(request, back, "retried")
             if action == "cancel":
-                admin.cancel_job(self.db, job_id)
-                return self.redirect(request, back, "canceled")
+                cascade = form.get("cascade") == "1"
+                admin.cancel_job(self.db, job_id, cascade=cascade)
+                return self.redirect(request, back, "canceled-cascade" if cascade else "canceled")
+            if action == "move":
+                admin.move_job(self.db, job_id, queue_param(form.get("queue", "").strip()))
+                return self.redirect(request, back, "moved")
+            if action == "priority":
+                admin.set_priority(self.db, job_id, priority_param(form_text(form, "priority")))
+                return self.redirect(request, back, "priority")
             if action == "tag":
                 admin.tag_job(self.db, job_id, form_text(form, "tag"))  # one tag, spaces and all
                 return self.redirect(request, back, "tagged")
@@ -336,6 +343,18 @@ def job_id_param(text: str) -> int:
     value = int(text)
     if not 0 < value <= MAX_ID:
         raise JobNotFoundError(f"no job {text}")
+    return value
+
+
+def priority_param(text: str) -> int:
+    """A priority as ``mqueue priority`` takes it: a 32-bit integer (its negation is stored too)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise HTTPError("400 Bad Request", f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}, "
+                                           f"got {text[:20]!r}")
     return value
 
 

@@ -33,6 +33,7 @@ DONE = {
     "retried": "Job retried: it is queued, due now.",
     "canceled": "Job cancelled.",
     "moved": "Job moved.",
+    "canceled-cascade": "Job cancelled, with the jobs that depended on it.",
     "priority": "Priority changed.",
     "tagged": "Tags added.",
     "untagged": "Tag removed.",
@@ -193,13 +194,22 @@ def job_page(view: View, job: Any) -> str:
               ("Finished", h(format_time(job.finished_at, " UTC"))),
               ("Waited", h(format_seconds(job.wait_seconds))), ("Ran", h(format_seconds(job.run_seconds))),
               ("Lease expires", h(format_time(job.lease_expires_at, " UTC"))),
+              ("Expires", h(format_time(job.expires_at, " UTC"))),
               ("Tracked", "yes" if job.tracked else "no")]
     details = "".join(f"<dt>{h(label)}</dt><dd>{value}</dd>" for label, value in fields)
     path = f"/jobs/{job.id}"
     actions = []
     if not job.finished and job.state != "running":
         actions.append(view.form(f"{path}/retry", "Retry now"))
-        actions.append(view.form(f"{path}/cancel", "Cancel", confirm=f"Cancel job {job.id}?", css="danger"))
+        cascade = ('<label><input type="checkbox" name="cascade" value="1"> with the '
+                   f'{len(job.dependents)} job(s) that depend on it</label> ') if job.dependents else ""
+        actions.append(view.form(f"{path}/cancel", "Cancel", inputs=cascade, confirm=f"Cancel job {job.id}?",
+                                 css="danger"))
+    if not job.finished:
+        actions.append(view.form(f"{path}/move", "Move", inputs=(
+            f'<input name="queue" required maxlength="100" value="{h(job.queue)}" aria-label="queue"> ')))
+        actions.append(view.form(f"{path}/priority", "Set priority", inputs=(
+            f'<input name="priority" type="number" required value="{h(job.priority)}" aria-label="priority"> ')))
     actions.append(view.form(f"{path}/untrack", "Untrack") if job.tracked else view.form(f"{path}/track", "Track"))
     tags = " ".join(f'<span class="tag-item">{tag_list(view, [tag])}'
                     f'{view.form(f"{path}/untag", "×", {"tag": tag}, css="inline")}</span>' for tag in job.tags) or "-"
@@ -209,8 +219,22 @@ def job_page(view: View, job: Any) -> str:
             f'<div class="actions">{"".join(actions)}</div></section>'
             f'<h2>Arguments</h2><pre class="args">{h(pretty_args(job.raw_args))}</pre>'
             f'<h2>Tags</h2><div class="tags">{tags} {add_tag}</div>'
+            f'<h2>Dependencies</h2>{dependencies(view, job)}'
             f'<h2>History</h2>{timeline(job.history)}'
             f'<h2>Errors</h2>{errors(job)}')
+
+
+def dependencies(view: View, job: Any) -> str:
+    """The jobs this one waits for (with their states) and the jobs that wait for it."""
+    if not job.depends_on and not job.dependents:
+        return '<p class="empty">none</p>'
+    waits = " ".join(f"{job_link(view, other)} {state_badge(state) if state else '(pruned)'}"
+                     for other, state in zip(job.depends_on, job.dependency_states)) or "-"
+    blocked = (f' <span class="error">blocked: {" ".join(f"#{other}" for other in job.blocked_by)} will not '
+               f'succeed unless retried</span>') if job.blocked_by else ""
+    dependents = " ".join(job_link(view, other) for other in job.dependents) or "-"
+    return (f'<dl class="deps"><dt>Waits for</dt><dd>{waits}{blocked}</dd>'
+            f'<dt>Waited for by</dt><dd>{dependents}</dd></dl>')
 
 
 def pretty_args(raw: str) -> str:

@@ -143,3 +143,38 @@ def test_read_only_shows_no_forms_and_refuses_every_post(db):
                              token=False)
         assert result.status == 403 and "read-only" in result.text
     assert admin.get_job(db, job_id).state == "failed"
+
+
+def test_move_and_set_priority_from_the_job_page(db, client):
+    job_id = enqueue(db, ok, n=1, delay=600)
+    page = client.get(f"/jobs/{job_id}")
+    assert ">Move</button>" in page.text and ">Set priority</button>" in page.text
+    assert "Job moved." in follow(client, client.post(f"/jobs/{job_id}/move", {"queue": OTHER_QUEUE}))
+    assert "Priority changed." in follow(client, client.post(f"/jobs/{job_id}/priority", {"priority": "-7"}))
+    job = admin.get_job(db, job_id)
+    assert (job.queue, job.priority) == (OTHER_QUEUE, -7)
+    kinds = [entry.kind for entry in job.history]
+    assert "moved" in kinds and "priority" in kinds
+    for bad in ("high", str(2 ** 31), ""):
+        assert client.post(f"/jobs/{job_id}/priority", {"priority": bad}).status == 400
+    assert client.post(f"/jobs/{job_id}/move", {"queue": "q" * 101}).status == 400
+    assert admin.get_job(db, job_id).priority == -7
+
+
+def test_cancel_a_job_others_depend_on_needs_the_cascade_box(db, client):
+    first = enqueue(db, ok, n=1, delay=600)
+    with db.session():
+        second = ok.options(depends_on=[first]).enqueue(n=2)
+    page = client.get(f"/jobs/{first}")
+    assert 'name="cascade"' in page.text and "1 job(s) that depend on it" in page.text
+    deps = re.search(r'<dl class="deps">(.*?)</dl>', page.text).group(1)
+    assert f'href="/jobs/{second}"' in deps
+    dependent = client.get(f"/jobs/{second}").text
+    waits = re.search(r"<dt>Waits for</dt><dd>(.*?)</dd>", dependent).group(1)
+    assert f'href="/jobs/{first}"' in waits and "queued" in waits
+    refused = client.post(f"/jobs/{first}/cancel")
+    assert refused.status == 409 and "depend" in refused.text
+    assert admin.get_job(db, first).state == "queued" and admin.get_job(db, second).state == "waiting"
+    page = follow(client, client.post(f"/jobs/{first}/cancel", {"cascade": "1"}))
+    assert "with the jobs that depended on it" in page
+    assert admin.get_job(db, first).state == admin.get_job(db, second).state == "canceled"
