@@ -13,6 +13,7 @@ from .errors import (AccessDeniedError, DatabaseUnavailableError, DatabaseURLErr
                      HasDependentsError, InvalidStateError, JobNotFoundError, LeaseLostError, MQueueError, NoSessionError, Retry,
                      SchemaMissingError, UnknownTaskError)
 from .jobs import Job, current_job
+from .middleware import add_middleware, remove_middleware
 from .registry import Task, task
 from .scheduler import cron
 from .session import Database, ctx, current_session, use_session
@@ -26,7 +27,7 @@ __all__ = [
     "AccessDeniedError", "Database", "DatabaseURLError", "DatabaseUnavailableError", "DuplicateTaskError",
     "Fail", "HasDependentsError", "InvalidStateError", "Job", "JobNotFoundError", "LeaseLostError", "MQueueError", "NoSessionError",
     "Retry", "SchemaMissingError", "RunResult", "Task", "UnknownTaskError", "Worker", "ctx", "current_job",
-    "current_session", "init", "start", "task", "use_session",
+    "add_middleware", "current_session", "init", "remove_middleware", "start", "task", "use_session",
 ]
 
 #: Submodules of the public API loaded on first use (``mqueue.migrate.upgrade(db)``,

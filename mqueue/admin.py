@@ -192,6 +192,8 @@ class QueueStats:
     succeeded: int = 0
     canceled: int = 0
     expired: int = 0
+    #: Workers claim nothing from it (``pause_queue``); its running jobs finish.
+    paused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -343,22 +345,25 @@ def stats(database: "Database | str", queues: Iterable[str] = ()) -> list[QueueS
     "Due" is judged by the database's clock, read once, so the counts and the
     age agree with each other and with what workers would claim.  Known
     queues with no jobs are listed too, with zero counts: ``queues`` (e.g.
-    those of the registered tasks) and the queues of the crons in ``mqueue_cron``.
+    those of the registered tasks), the queues of the crons in ``mqueue_cron``
+    and paused queues.  ``paused`` marks the queues workers claim nothing from.
     """
     with _opened(database) as db, _reading(db) as conn:
         now = db.dialect.db_now(conn)
         rows = db.dialect.queue_stats(conn, now)
-        known = set(queues) | {cron.queue for cron in db.dialect.list_crons(conn)}
+        paused = db.dialect.paused_queues(conn)
+        known = set(queues) | {cron.queue for cron in db.dialect.list_crons(conn)} | paused
     stats = []
     for row in rows:
         oldest = read_time(row.oldest_due)
         stats.append(QueueStats(row.queue, int(row.queued), int(row.scheduled), int(row.running), int(row.failed),
                                 None if oldest is None else max(0.0, (now - oldest).total_seconds()),
                                 int(row.other), int(row.waiting), int(row.succeeded), int(row.canceled),
-                                int(row.expired)))
+                                int(row.expired), paused=row.queue in paused))
     idle = known - {queue.queue for queue in stats}
     if idle:
-        stats = sorted(stats + [QueueStats(queue, 0, 0, 0, 0, None) for queue in idle], key=lambda q: q.queue)
+        stats = sorted(stats + [QueueStats(queue, 0, 0, 0, 0, None, paused=queue in paused) for queue in idle],
+                       key=lambda q: q.queue)
     return stats
 
 
@@ -385,23 +390,30 @@ def queue_stats(database: "Database | str", queue: str, day: "dt.date | str | No
         return history.read_day_stats(db.dialect, conn, queue, day)
 
 
-def get_config(database: "Database | str") -> dict[str, int]:
-    """Every shared setting (``mqueue config``): stored values over defaults."""
+def get_config(database: "Database | str") -> dict[str, float]:
+    """Every shared setting (``mqueue config``): stored values over defaults, and each ``heartbeat:QUEUE`` set."""
     with _opened(database) as db, _reading(db) as conn:
         return shared_settings.read(db.dialect, conn)
 
 
-def set_config(database: "Database | str", key: str, value: "int | str | None") -> int:
+def set_config(database: "Database | str", key: str, value: "float | str | None") -> float | None:
     """Set a shared setting for every worker (None: back to its default); returns the value now in force.
 
+    e.g.::
+
+        admin.set_config(db, "heartbeat", 120)          # the lease of workers started without --lease
+        admin.set_config(db, "heartbeat:reports", 900)  # one queue's lease, over heartbeat
+
     Unknown keys and bad values raise ``ValueError``.  Workers pick a change
-    up within a minute, without a restart.
+    up within a minute, without a restart.  Removing ``heartbeat:QUEUE``
+    returns None: that queue follows ``heartbeat`` again.
     """
-    if key not in shared_settings.KEYS:
-        shared_settings.parse(key, value)  # raises: unknown setting, naming the known ones
-    parsed = shared_settings.parse(key, shared_settings.KEYS[key].default if value is None else value)
+    key_info = shared_settings.key_for(key)  # raises: unknown setting, naming the known ones
+    parsed = shared_settings.parse(key, key_info.default if value is None else value)
     with _opened(database) as db, _writing(db) as session:
         db.dialect.write_setting(session.connection(), key, None if value is None else str(parsed))
+    if value is None and key not in shared_settings.KEYS:
+        return None
     return parsed
 
 
@@ -763,6 +775,97 @@ def _check_delay(delay: Any) -> float:
     if not isinstance(seconds, numbers.Real) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
         raise ValueError(f"delay must be seconds >= 0 or a timedelta, got {delay!r}")
     return float(seconds)
+
+
+# -- worker control ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker, as it last wrote its row of ``mqueue_worker`` (times naive UTC).
+
+    ``name`` is its worker id (``host:pid:n``, the ``owner`` of the jobs it
+    claims); ``running`` the ids of the jobs it ran at ``last_seen``;
+    ``claiming`` False while claiming is stopped by SIGUSR2.
+    """
+
+    name: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    started_at: dt.datetime | None
+    last_seen: dt.datetime | None
+    lease_seconds: float
+    running: tuple[int, ...]
+    claiming: bool
+
+    @classmethod
+    def from_row(cls, row) -> "WorkerInfo":
+        return cls(row.name, row.host, int(row.pid), tuple(_json_list(row.queues, str)), read_time(row.started_at),
+                   read_time(row.last_seen), float(row.lease_seconds), tuple(_json_list(row.running, int)),
+                   bool(row.claiming))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(started_at=_iso(self.started_at), last_seen=_iso(self.last_seen), queues=list(self.queues),
+                   running=list(self.running))
+        return out
+
+
+def _json_list(text: Any, kind: type) -> list:
+    """A JSON list of ``kind`` from a registry row; anything else (written by hand) is empty."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    return [item for item in value if isinstance(item, kind) and not isinstance(item, bool)] \
+        if isinstance(value, list) else []
+
+
+def _queue_names(queues: Iterable[str]) -> list[str]:
+    names = [_check_queue(queue) for queue in queues]
+    if not names:
+        raise ValueError("name at least one queue")
+    return names
+
+
+def pause_queue(database: "Database | str", *queues: str) -> None:
+    """Stop every worker on every host from claiming jobs of ``queues`` (running jobs finish).
+
+    e.g.::
+
+        admin.pause_queue(db, "mail", "reports")
+
+    Workers read the paused set once per poll interval, so claiming stops
+    within one; the pause is stored, so it outlives restarts until ``resume_queue``.
+    """
+    names = _queue_names(queues)
+    with _opened(database) as db, _writing(db) as session:
+        db.dialect.set_paused(session.connection(), names, True)
+
+
+def resume_queue(database: "Database | str", *queues: str) -> None:
+    """Let workers claim jobs of ``queues`` again (within one poll interval)."""
+    names = _queue_names(queues)
+    with _opened(database) as db, _writing(db) as session:
+        db.dialect.set_paused(session.connection(), names, False)
+
+
+def paused_queues(database: "Database | str") -> set[str]:
+    """The names of the paused queues."""
+    with _opened(database) as db, _reading(db) as conn:
+        return db.dialect.paused_queues(conn)
+
+
+def list_workers(database: "Database | str") -> list[WorkerInfo]:
+    """Live workers by host and pid: those that wrote their row within 3 of their leases.
+
+    A worker writes its row on every heartbeat and deletes it when it stops
+    cleanly; the row of a killed one is ignored here after 3 leases, and
+    deleted by the next worker's heartbeat.
+    """
+    with _opened(database) as db, _reading(db) as conn:
+        return [WorkerInfo.from_row(row) for row in db.dialect.live_workers(conn)]
 
 
 # -- the dashboard's reads and group actions ----------------------------------------

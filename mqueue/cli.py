@@ -28,7 +28,7 @@ from .events import KINDS as EVENT_KINDS
 from .registry import MAX_TAG_LENGTH
 from .schema import STATES
 from .session import Database, safe_url
-from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS, LOG_FORMAT
+from .worker import DEFAULT_GRACE_SECONDS, DEFAULT_LEASE_SECONDS, DEFAULT_POLL_SECONDS, LOG_FORMAT, ORDERS, PRIORITY
 
 EXIT_OK = 0
 EXIT_ERROR = 1        # anything else (e.g. the tasks package fails to import)
@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_subparser(common))
     commands.required = True
 
-    start = commands.add_parser("start", help="run a worker daemon serving QUEUE(s), first named first served")
+    start = commands.add_parser("start", help="run a worker daemon serving QUEUE(s), first named first served",
+                                description="Run a worker until SIGTERM/SIGINT. SIGUSR2 stops claiming and logs "
+                                            "every thread's stack; SIGCONT claims again (with --processes the "
+                                            "supervisor passes both on to every worker process).")
     start.add_argument("queues", nargs="+", metavar="QUEUE")
     add_database_option(start)
     start.add_argument("--tasks", default=None, metavar="PACKAGE",
@@ -64,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--concurrency", type=worker_count, default=1, help="threads per process (default 1)")
     start.add_argument("--processes", type=worker_count, default=1,
                        help="worker processes under one supervisor (default 1)")
-    start.add_argument("--lease", type=positive_float, default=DEFAULT_LEASE_SECONDS, metavar="SECONDS",
-                       help="lease of a claimed job, renewed by heartbeats (default 60)")
+    start.add_argument("--lease", type=positive_float, default=None, metavar="SECONDS",
+                       help="lease of a claimed job, renewed by heartbeats, for every queue of this worker; "
+                            "default: the shared settings heartbeat:QUEUE, else heartbeat (see: mqueue config), "
+                            f"else {DEFAULT_LEASE_SECONDS:g}")
+    start.add_argument("--order", choices=ORDERS, default=PRIORITY,
+                       help="with several QUEUEs: priority (default) drains the first named first; "
+                            "round-robin takes from them in turn")
     start.add_argument("--poll-interval", type=positive_float, default=DEFAULT_POLL_SECONDS,
                        metavar="SECONDS", help="longest wait between polls of an idle queue (default 0.1)")
     start.add_argument("--grace", type=non_negative_float, default=DEFAULT_GRACE_SECONDS, metavar="SECONDS",
@@ -200,7 +208,7 @@ def add_job_commands(commands) -> None:
     counts = commands.add_parser(
         "stats", help="per queue: jobs by state and the oldest due job's age; with QUEUE: a day's wait and run",
         description="Without QUEUE: per queue, queued (due now), scheduled, running, failed, waiting, succeeded, "
-                    "canceled, expired, other and oldest_due_seconds, with the same names in the table and in "
+                    "canceled, expired, other, paused and oldest_due_seconds, with the same names in the table and in "
                     "--json; queues with no jobs are listed too when known (those of the registered tasks and "
                     "of the crons). With QUEUE: for one UTC day (default today), the wait (eta to first start) "
                     "and run (start to finish) of the jobs that succeeded, as count, mean, std and a histogram, "
@@ -216,13 +224,30 @@ def add_job_commands(commands) -> None:
         description="Settings stored in the database and read by every worker within a minute: "
                     "jobs-history (seconds a finished job is kept, default 30 days), jobs-history-count "
                     "(finished jobs kept at most, default 50000), stats-history (days of daily stats, "
-                    "default 30). 'default' as VALUE puts a key back to its default.")
+                    "default 30), heartbeat (lease in seconds of a claimed job, default 60, for workers started "
+                    "without --lease), heartbeat:QUEUE (one queue's lease, over heartbeat). 'default' as VALUE "
+                    "puts a key back to its default (heartbeat:QUEUE: removed).")
     configure.add_argument("key", nargs="?", metavar="KEY")
     configure.add_argument("value", nargs="?", metavar="VALUE")
     configure.set_defaults(handler=cmd_config)
 
     crons = commands.add_parser("crons", help="registered crons with their last and next run")
     crons.set_defaults(handler=cmd_crons)
+
+    pause = commands.add_parser("pause", help="stop every worker claiming from QUEUE(s) until resumed",
+                                description="Every worker on every host stops claiming jobs of QUEUE(s) within "
+                                            "one poll interval; running jobs finish. Stored in the database: "
+                                            "it outlives restarts until 'mqueue resume'.")
+    resume = commands.add_parser("resume", help="let workers claim from paused QUEUE(s) again")
+    for command in (pause, resume):
+        command.add_argument("queues", nargs="+", type=queue_name, metavar="QUEUE")
+    pause.set_defaults(handler=cmd_pause, paused=True)
+    resume.set_defaults(handler=cmd_pause, paused=False)
+    workers = commands.add_parser(
+        "workers", help="live workers: host, pid, queues, started, last seen, running job ids",
+        description="Workers that wrote their row within 3 of their leases (a killed worker drops off then). "
+                    "CLAIMING is 'no' between SIGUSR2 and SIGCONT.")
+    workers.set_defaults(handler=cmd_workers)
 
     tag = commands.add_parser("tag", help="add tags to a job (live or finished); prints its tags")
     untag = commands.add_parser("untag", help="remove tags from a job; prints its tags")
@@ -250,9 +275,9 @@ def add_job_commands(commands) -> None:
     follow.set_defaults(handler=cmd_events)
 
     for command in (enqueue, jobs, show, cancel, retry, counts, crons, configure, tag, untag, track, untrack,
-                    follow, move, prioritize):
+                    follow, move, prioritize, pause, resume, workers):
         add_database_option(command)
-        if command not in (enqueue, cancel, retry, tag, untag, track, untrack, move, prioritize):
+        if command not in (enqueue, cancel, retry, tag, untag, track, untrack, move, prioritize, pause, resume):
             command.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -410,7 +435,7 @@ def cmd_start(args) -> int:
                 return run_supervisor(args, url, package)
             from .worker import Worker
             worker = Worker(db, queues=args.queues, concurrency=args.concurrency, lease=args.lease,
-                            poll_interval=args.poll_interval, grace=args.grace, command=command)
+                            poll_interval=args.poll_interval, grace=args.grace, command=command, order=args.order)
             if worker.db is not db:
                 db.dispose()
             worker.run()  # rides out outages itself (its loops back off and retry)
@@ -463,8 +488,10 @@ def run_supervisor(args, url: str, package: str) -> int:
 def worker_argv(args, package: str) -> list[str]:
     """The ``mqueue`` arguments of one supervised worker: this start's options, one process."""
     argv = ["start", "--tasks", package, "--processes", "1", "--concurrency", str(args.concurrency),
-            "--lease", repr(args.lease), "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
-            "--log-level", args.log_level]
+            "--poll-interval", repr(args.poll_interval), "--grace", repr(args.grace),
+            "--log-level", args.log_level, "--order", args.order]
+    if args.lease is not None:
+        argv += ["--lease", repr(args.lease)]
     if args.exec is not None:
         if not args.tasks:
             argv[1:3] = []  # an exec worker imports a tasks package only when told to
@@ -608,14 +635,20 @@ def cmd_enqueue(args) -> int:
 
 def cmd_list(args) -> int:
     from . import admin
-    jobs = admin.list_jobs(admin_database(args), queue=args.queue, state=args.state, limit=args.limit, tag=args.tag)
+    db = admin_database(args)
+    jobs = admin.list_jobs(db, queue=args.queue, state=args.state, limit=args.limit, tag=args.tag)
     filters = ", ".join(f"{key} {value}" for key, value in (("queue", args.queue), ("state", args.state),
                                                             ("tag", args.tag)) if value)
-    return print_listing(
+    print_listing(
         args, jobs, f"no jobs{f' ({filters})' if filters else ''}",
         ("ID", "QUEUE", "TASK", "STATE", "PRIORITY", "ETA (UTC)", "RETRIES", "LAST ERROR"),
         lambda job: (job.id, job.queue, job.name, job.state, job.priority, format_time(job.eta), job.retries,
                      excerpt(job.error_summary or "", 60)))
+    if not args.json:
+        paused = sorted(admin.paused_queues(db) & ({job.queue for job in jobs} | {args.queue}))
+        if paused:
+            print(f"paused (workers claim nothing from it until 'mqueue resume'): {', '.join(paused)}")
+    return EXIT_OK
 
 
 def cmd_show(args) -> int:
@@ -781,9 +814,10 @@ def cmd_stats(args) -> int:
     return print_listing(
         args, admin.stats(admin_database(args), task_queues(args.tasks)), "no jobs",
         ("QUEUE", "QUEUED", "SCHEDULED", "RUNNING", "FAILED", "WAITING", "SUCCEEDED", "CANCELED", "EXPIRED",
-         "OTHER", "OLDEST_DUE_SECONDS"),
+         "OTHER", "PAUSED", "OLDEST_DUE_SECONDS"),
         lambda q: (q.queue, q.queued, q.scheduled, q.running, q.failed, q.waiting, q.succeeded, q.canceled,
-                   q.expired, q.other, "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}"))
+                   q.expired, q.other, "yes" if q.paused else "no",
+                   "-" if q.oldest_due_seconds is None else f"{q.oldest_due_seconds:.1f}"))
 
 
 def task_queues(package: str | None) -> set[str]:
@@ -828,26 +862,55 @@ def histogram_bars(counts, width: int = 40) -> list[str]:
 
 def cmd_config(args) -> int:
     from . import admin
-    from .shared_settings import KEYS
+    from .shared_settings import key_for
+    try:
+        key = key_for(args.key) if args.key is not None else None  # before the database: a typo is one line
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     db = admin_database(args)
-    if args.key is None:
+    if key is None:
         values = admin.get_config(db)
         if args.json:
             return print_json(values)
         print_table(("KEY", "VALUE", "DEFAULT", "MEANING"),
-                    [(name, values[name], key.default, key.meaning) for name, key in KEYS.items()])
+                    [(name, value, (described := key_for(name)).default, described.meaning)
+                     for name, value in values.items()])
         return EXIT_OK
-    if args.key not in KEYS:
-        raise UsageError(f"unknown setting {args.key!r}; known: {', '.join(KEYS)}")
     if args.value is None:
-        value = admin.get_config(db)[args.key]
+        value = admin.get_config(db).get(args.key)
+        if value is None:  # heartbeat:QUEUE not set: the queue follows heartbeat
+            value = admin.get_config(db)["heartbeat"]
         return print_json({args.key: value}) if args.json else (print(value) or EXIT_OK)
     try:
         value = admin.set_config(db, args.key, None if args.value == "default" else args.value)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(f"{args.key} = {value} (workers pick it up within a minute)")
+    if value is None:
+        print(f"{args.key} removed: queue follows heartbeat (workers pick it up within a minute)")
+    else:
+        print(f"{args.key} = {value} (workers pick it up within a minute)")
     return EXIT_OK
+
+
+def cmd_pause(args) -> int:
+    """``pause``/``resume``: one write for all the queues named, then what is paused now."""
+    from . import admin
+    db = admin_database(args)
+    (admin.pause_queue if args.paused else admin.resume_queue)(db, *args.queues)
+    paused = sorted(admin.paused_queues(db))
+    print(f"{'paused' if args.paused else 'resumed'} {', '.join(args.queues)}; paused now: "
+          f"{', '.join(paused) or 'none'} (workers see it within one poll interval)")
+    return EXIT_OK
+
+
+def cmd_workers(args) -> int:
+    from . import admin
+    return print_listing(
+        args, admin.list_workers(admin_database(args)), "no live workers",
+        ("WORKER", "HOST", "PID", "QUEUES", "STARTED (UTC)", "LAST SEEN (UTC)", "LEASE", "CLAIMING", "RUNNING"),
+        lambda w: (w.name, w.host, w.pid, ",".join(w.queues), format_time(w.started_at), format_time(w.last_seen),
+                   format_seconds(w.lease_seconds), "yes" if w.claiming else "no",
+                   " ".join(map(str, w.running)) or "-"))
 
 
 def cmd_crons(args) -> int:

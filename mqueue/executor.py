@@ -36,6 +36,7 @@ from .dialects.base import ClaimedRow
 from .encoding import decode_args
 from .errors import Fail, JobTimeout, LeaseLostError, Retry, UnknownTaskError, first_line
 from .jobs import Job, reset_current_job, set_current_job
+from .middleware import run_wrapped
 from .registry import DEFAULT_MAX_RETRIES, get_task
 from .retry import Decision, decide
 from .schema import SUCCEEDED as SUCCEEDED_STATE
@@ -104,6 +105,8 @@ class Running:
         #: Monotonic time at or before the lease was last extended (claim or heartbeat):
         #: the lease surely holds until ``renewed + lease``.
         self.renewed = time.monotonic()
+        #: The lease this job was claimed with (its queue's), extended by each heartbeat.
+        self.lease_seconds: float | None = None
         self._state = _HELD
         self._lost = False
         self._lock = threading.Lock()
@@ -242,7 +245,7 @@ class Executor:
         try:
             try:
                 running.started = time.monotonic()
-                self._call(running, task.fn, args, kwargs)
+                self._call(running, task.fn, args, kwargs, job, getattr(task, "middleware", ()))
                 if running.timed_out:
                     raise JobTimeout()
                 if not (session.in_transaction() or session.new or session.dirty or session.deleted):
@@ -281,21 +284,26 @@ class Executor:
             _current_session.reset(session_token)
             session.close()
 
-    def _call(self, running: Running, fn, args, kwargs) -> None:
-        """Call the task where the timeout watchdog may interrupt it, and nowhere else.
+    def _call(self, running: Running, fn, args, kwargs, job: Job | None = None,
+              middleware: Sequence[Callable] = ()) -> None:
+        """Call the task, inside its middleware, where the timeout watchdog may interrupt it, and nowhere else.
 
         An ``async def`` task (or one that returns a coroutine) runs to
         completion on a fresh event loop in this thread; its context, so the
-        job's session and ``current_job()``, is this thread's.
+        job's session and ``current_job()``, is this thread's.  Middleware
+        (``middleware.py``) wraps the whole run, the event loop included.
         """
+        def run():
+            result = fn(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result = asyncio.run(_cancellable(running, result))
+            return result
+
         with running._lock:
             running._thread_id = threading.get_ident()
             running._state = _IN_TASK
         try:
-            result = fn(*args, **kwargs)
-            if inspect.iscoroutine(result):
-                result = asyncio.run(_cancellable(running, result))
-            running.value = result
+            running.value = run() if job is None else run_wrapped(job, run, middleware)
         finally:
             with running._lock:
                 running._cancel = None
@@ -450,9 +458,10 @@ class Executor:
 
     def _lease_deadline(self, running: Running) -> float:
         """Monotonic time until which the job's lease surely holds."""
-        if self.lease_seconds is None:
+        lease = running.lease_seconds or self.lease_seconds
+        if lease is None:
             return max(running.renewed, time.monotonic()) + WRITE_RETRY_SECONDS
-        return running.renewed + self.lease_seconds
+        return running.renewed + lease
 
     def _retrying(self, write, *held: Running, job_ids: Sequence[int] = (), deadline: float | None = None):
         """Run ``write(conn)`` in its own transaction, retrying transient errors.

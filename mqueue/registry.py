@@ -24,6 +24,7 @@ from .dialects.base import DEFAULT_MAX_RETRIES  # one default, also used in SQL 
 from .dialects.functions import utc_now
 from .encoding import encode_args
 from .errors import DuplicateTaskError, NoSessionError, UnknownTaskError
+from .middleware import check_middleware
 from .retry import Backoff, check_backoff
 from .schema import WAITING
 from .session import peek_session, translate_error
@@ -47,10 +48,12 @@ class Task(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, R], name: str, queue: str | None, priority: int,
                  max_retries: int, backoff: Backoff, timeout: float | None,
-                 expires: float | None = None) -> None:
+                 expires: float | None = None, middleware: Sequence[Callable] = ()) -> None:
         self.fn = fn
         #: Seconds after enqueueing past which a job not started yet is never run (``expired``).
         self.expires = expires
+        #: ``fn(job, call_next)`` around each run, inside the process-wide ones (``middleware.py``).
+        self.middleware = tuple(middleware)
         self.name = name
         self.queue = queue
         self.priority = priority
@@ -406,7 +409,8 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
 
 def task(fn: Callable | None = None, *, name: str | None = None, queue: str | None = None,
          priority: int = 0, max_retries: int = DEFAULT_MAX_RETRIES, backoff: Backoff = None,
-         timeout: float | None = None, expires: "float | dt.timedelta | None" = None):
+         timeout: float | None = None, expires: "float | dt.timedelta | None" = None,
+         middleware: Sequence[Callable] = ()):
     """Register a function as a task, by default named ``module.qualname``.
 
     e.g.::
@@ -416,6 +420,9 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
 
         @mqueue.task(queue="reports", max_retries=3, backoff=[10, 60], timeout=300)
         def report(day: datetime.date) -> None: ...
+
+    ``middleware``: functions ``fn(job, call_next)`` around each run of
+    this task, inside those of ``mqueue.add_middleware`` (``middleware.py``).
 
     An ``async def`` task runs to completion on an event loop in the worker's
     thread (with the job's synchronous session); generator functions are
@@ -431,6 +438,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
         check_queue_name(queue)
     if expires is not None:
         expires = check_expires(expires)
+    middleware = check_middleware(middleware)
 
     def register(function: Callable) -> Task:
         if isinstance(function, Task):
@@ -442,7 +450,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, queue: str | No
             # A worker would create the generator and never iterate it: the body would never run.
             raise TypeError(f"task {task_name!r} is a generator function, which a worker cannot run; "
                             f"return instead of yield (enqueue one job per item if need be)")
-        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout, expires)
+        registered = Task(function, task_name, queue, priority, max_retries, backoff, timeout, expires, middleware)
         _add(registered)
         return registered
 

@@ -91,7 +91,7 @@ class StopRequested(BaseException):
 
 
 class StartupSignals:
-    """Handle SIGTERM/SIGINT until the worker installs its own handlers.
+    """Handle SIGTERM/SIGINT (and ignore SIGUSR2) until the worker installs its own handlers.
 
     While waiting, a signal is only recorded (``stopped()``), and the wait
     ends within ``_STOP_CHECK_SECONDS``.  After ``interrupt_from_now()`` a
@@ -110,6 +110,9 @@ class StartupSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._on_signal)
+            # SIGUSR2 (stop claiming, see worker.py) would otherwise end a worker
+            # that is still starting, e.g. when a supervisor passes it on early.
+            self._previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,7 +4,8 @@ Children are fresh interpreters (``python -m mqueue start ... --processes 1``)
 rather than forks, so no pooled connection or lock is ever shared across a
 ``fork()``.  Each child gets its own session (process group): a Ctrl-C in the
 terminal reaches the supervisor only, which forwards one SIGTERM to each
-child.  A second signal kills the children at once.
+child.  A second signal kills the children at once.  SIGUSR2 (stop claiming,
+log stacks) and SIGCONT (claim again) are passed on to every child as they are.
 
 The database URL reaches a child through its environment, never its command
 line (``ps`` shows command lines, with any password in them, to every user).
@@ -63,15 +64,23 @@ class Supervisor:
         self.started_at: dict[int, float] = {}
         self.failures: dict[int, int] = {}
         self.signals: list[int] = []
+        #: SIGUSR2/SIGCONT received, to pass on to the children (recorded by the handler only).
+        self.to_forward: list[int] = []
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda s, _f: self.signals.append(s))
+        for signum in (signal.SIGUSR2, signal.SIGCONT):
+            signal.signal(signum, lambda s, _f: self.to_forward.append(s))
         for slot in range(self.processes):
             self._spawn(slot)
         stopping = False
         exit_code = 0
         while self.children:
+            while self.to_forward:
+                signum = self.to_forward.pop(0)
+                log.info("passing %s on to %d worker process(es)", signal.Signals(signum).name, len(self.children))
+                self._forward(signum)
             if self.signals and not stopping:
                 stopping = True
                 self.signals.clear()

@@ -17,6 +17,14 @@
 Each is a ``loops.Loop``: start, stop, one step.  Signal handlers only
 record the signal; the producer acts on it.
 
+Worker control (``mqueue pause``, ``mqueue workers``, ``mqueue config``):
+the producer reads the set of paused queues at most once per poll interval,
+inside its first claim transaction of a round, never once per claim; the
+heartbeat loop writes this worker's row of ``mqueue_worker`` (queues,
+running job ids, claiming or not), deletes the rows of dead workers and
+reads the shared settings (the ``heartbeat`` leases) again.  SIGUSR2 stops
+claiming and logs every thread's stack; SIGCONT resumes claiming.
+
 e.g.::
 
     worker = mqueue.Worker(db, queues=["mail"], concurrency=4, lease=60)
@@ -26,18 +34,21 @@ e.g.::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue as queue_module
 import random
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from typing import Sequence
 
-from . import history, wakeup
-from .errors import LeaseLostError
+from . import history, shared_settings, wakeup
+from .errors import LeaseLostError, first_line
 from .executor import (DEFERRED, FAILED, LOST, RELEASED, RETRIED, SUCCEEDED, Executor, Outcome, Running,
                        log_outcome)
 from .jobs import Job
@@ -77,6 +88,12 @@ EXPIRE_SECONDS = 30.0
 PRUNE_SECONDS = 60.0
 #: Batches (``history.PRUNE_BATCH`` rows each) per turn; a turn that hits it goes on soon after.
 PRUNE_BATCHES_PER_TURN = 20
+#: ``order=``: first named, first served (default); or the queues in turn.
+PRIORITY, ROUND_ROBIN = "priority", "round-robin"
+ORDERS = (PRIORITY, ROUND_ROBIN)
+#: The heartbeat loop never sleeps longer than this, so the worker's row and
+#: the shared settings are refreshed at least this often (well within a minute).
+MAX_HEARTBEAT_SECONDS = 15.0
 
 
 @dataclasses.dataclass
@@ -94,28 +111,42 @@ class RunResult:
 
 
 class Worker:
-    """Serve ``queues`` (first named, first served) with ``concurrency`` threads."""
+    """Serve ``queues`` with ``concurrency`` threads: first named, first served, or in turn
+    (``order="round-robin"``).
+
+    ``lease``: the lease of every job this worker claims.  Left out (None),
+    each queue's lease is the shared setting ``heartbeat:QUEUE``, else
+    ``heartbeat`` (``mqueue config``), else 60 s, read again while running.
+    """
 
     def __init__(self, database: "Database | str", queues: Sequence[str] | str = ("default",),
-                 concurrency: int = 1, lease: float = DEFAULT_LEASE_SECONDS,
+                 concurrency: int = 1, lease: float | None = None,
                  poll_interval: float = DEFAULT_POLL_SECONDS, grace: float = DEFAULT_GRACE_SECONDS,
-                 heartbeat_interval: float | None = None, command: "ShellCommand | None" = None) -> None:
+                 heartbeat_interval: float | None = None, command: "ShellCommand | None" = None,
+                 order: str = PRIORITY) -> None:
         self.queues = [queues] if isinstance(queues, str) else list(queues)
         if not self.queues or not all(isinstance(q, str) and q for q in self.queues):
             raise ValueError(f"queues must be non-empty names, got {queues!r}")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
-        if lease <= 0 or poll_interval <= 0 or grace < 0:
+        if (lease is not None and lease <= 0) or poll_interval <= 0 or grace < 0:
             raise ValueError("lease and poll_interval must be > 0 and grace >= 0")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.concurrency = concurrency
-        self.lease_seconds = float(lease)
+        self.order = order
+        #: A lease given by the caller is kept; otherwise the shared settings decide (``_apply_settings``).
+        self._lease_given = lease is not None
+        self.lease_seconds = float(lease) if lease is not None else DEFAULT_LEASE_SECONDS
+        #: Each queue's lease for new claims and heartbeats.
+        self.queue_leases = {queue: self.lease_seconds for queue in self.queues}
         self.poll_seconds = float(poll_interval)
         self.grace_seconds = float(grace)
         self.claim_batch = concurrency
         self.db = worker_database(database, concurrency, self.lease_seconds)
         self._owns_db = self.db is not database   # built here: its pool is closed after each run
-        self.heartbeat_seconds = heartbeat_interval or max(min(self.lease_seconds / 4, 15.0), 0.05)
-        self.rescue_seconds = min(self.lease_seconds / 2, MAX_RESCUE_INTERVAL_SECONDS)
+        self._heartbeat_given = heartbeat_interval
+        self._set_intervals()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         #: ``--exec``: every job of these queues runs this command, not its registered task.
         self.command = command
@@ -127,7 +158,16 @@ class Worker:
         self._held_lock = threading.Lock()
         self._signals = 0
         self._pending_signal: int | None = None
+        #: SIGUSR2/SIGCONT recorded by the handler, acted on by the producer (``list.append`` is atomic).
+        self._control_signals: list[int] = []
+        self._beat_wake = threading.Event()
         self._reset()
+
+    def _set_intervals(self) -> None:
+        """Heartbeat and rescue intervals from the shortest lease (given, or the queues' from settings)."""
+        shortest = min(self.queue_leases.values())
+        self.heartbeat_seconds = self._heartbeat_given or max(min(shortest / 4, MAX_HEARTBEAT_SECONDS), 0.05)
+        self.rescue_seconds = min(shortest / 2, MAX_RESCUE_INTERVAL_SECONDS)
 
     def _reset(self) -> None:
         """Fresh per-run state: ``run_until_empty`` may be called again on the same worker."""
@@ -147,6 +187,10 @@ class Worker:
         self._claim_pause_until = 0.0
         self._prune_started = False
         self._expire_after = 0.0
+        self._paused: set[str] = set()        # queues paused by ``mqueue pause``, as last read
+        self._paused_read_at: float | None = None
+        self._turn = 0                        # round-robin: the queue that goes first next
+        self.claiming = True                  # False between SIGUSR2 and SIGCONT
 
     # -- public ----------------------------------------------------------------
     def run(self) -> None:
@@ -232,7 +276,8 @@ class Worker:
     def heartbeat_job(self, job: Job) -> None:
         """Extend one job's lease now (``current_job().heartbeat()``)."""
         with self.db.engine.begin() as conn:
-            lost = self.db.dialect.heartbeat_jobs(conn, [(job.id, job.token)], self.lease_seconds)
+            lost = self.db.dialect.heartbeat_jobs(conn, [(job.id, job.token)],
+                                                  self.queue_leases.get(job.queue, self.lease_seconds))
         if lost:
             raise LeaseLostError(f"job {job.id} is no longer owned by this worker")
 
@@ -255,6 +300,7 @@ class Worker:
                 self.db.dispose()
 
     def _run_loops(self) -> None:
+        self._register()  # the shared leases before the first claim, and this worker's row
         wakeup.subscribe(self.queues, self._wake)
         from .scheduler import Scheduler
         scheduler = Scheduler(self.db, self.queues)  # ticks even with no crons: it deletes removed ones
@@ -262,15 +308,16 @@ class Worker:
         executors = [Loop("running a job", self._execute_step, outages=outages).start(f"mqueue-exec-{n}")
                      for n in range(self.concurrency)]
         completer = Loop("completing jobs", self._complete_step, outages=outages).start("mqueue-complete")
-        heartbeat = Loop("heartbeating", self._heartbeat_step, outages=outages).start("mqueue-heartbeat")
+        heartbeat = Loop("heartbeating", self._heartbeat_step, wake=self._beat_wake,
+                         outages=outages).start("mqueue-heartbeat")
         watchdog = Loop("enforcing timeouts", self._watchdog_step, outages=outages).start("mqueue-watchdog")
         rescuer = Loop("rescuing expired jobs", self._rescue_step, outages=outages).start("mqueue-rescue")
         crons = Loop("scheduling crons", lambda: self._cron_step(scheduler), outages=outages).start("mqueue-cron")
         pruner = Loop("pruning history", self._prune_step, outages=outages).start("mqueue-prune")
         self._producer = Loop("claiming", self._claim_step, wake=self._wake, outages=outages,
-                              interrupted=lambda: self._pending_signal is not None)
-        log.info("worker %s serving %s with %d thread(s), lease %.1fs%s", self.owner, ",".join(self.queues),
-                 self.concurrency, self.lease_seconds,
+                              interrupted=lambda: self._pending_signal is not None or bool(self._control_signals))
+        log.info("worker %s serving %s with %d thread(s), lease %s%s%s", self.owner, ",".join(self.queues),
+                 self.concurrency, self._describe_leases(), "" if self.order == PRIORITY else ", in turn",
                  "" if self.command is None else f", running {self.command.argv[0]} for every job")
         try:
             self._producer.run()
@@ -282,15 +329,20 @@ class Worker:
             for loop in (heartbeat, watchdog):
                 loop.stop()
             wakeup.unsubscribe(self.queues, self._wake)
+            self._unregister()
             log.info("worker %s stopped", self.owner)
 
     def _claim_step(self) -> float:
         """Claim up to the number of free executor threads; the seconds to wait before the next claim."""
         if self._pending_signal is not None:
             self._act_on_signal()
+        while self._control_signals:
+            self._act_on_control(self._control_signals.pop(0))
         if self._stop.is_set():
             self._producer.stop()
             return 0.0
+        if not self.claiming:
+            return self.poll_seconds
         with self._held_lock:
             held = len(self._held)
             free = self.concurrency - (held - self._completing)
@@ -329,22 +381,91 @@ class Worker:
         return delay
 
     def _claim(self, limit: int) -> int:
-        """Claim up to ``limit`` jobs, queues in the order given; hand them to the threads."""
-        total = 0
-        for queue_name in self.queues:
-            if total >= limit:
+        """Claim up to ``limit`` jobs from the queues not paused; hand them to the threads.
+
+        ``priority``: the queues in the order given, each while jobs are
+        due.  ``round-robin``: each round starts one queue further, and each
+        queue first gets its share of ``limit``; what a queue leaves unused
+        goes to those that filled theirs, in the same order.
+
+        The paused set is read at most once per poll interval, in the
+        round's first transaction (one small SELECT, no round trip of its
+        own): every worker stops claiming from a paused queue within a poll
+        interval, and an idle worker runs no query per claim for it.
+        """
+        with self.db.engine.begin() as conn:
+            queues = self._claim_order(conn)
+            first = self._claim_rows(conn, queues[0], self._share(queues, 0, limit)) if queues else None
+        claims = [self._hand_over(*first)] if first is not None else []  # once committed
+        for position in range(1, len(queues)):
+            if sum(claims) >= limit:
                 break
-            with self.db.engine.begin() as conn:
-                rows = self.db.dialect.claim_jobs(conn, queue_name, limit - total, self.owner,
-                                                  self.lease_seconds)
-            for row in rows:
-                running = Running(row)
-                with self._held_lock:
-                    self._held[row.id] = running
-                self._ready.put(running)
-            total += len(rows)
+            claims.append(self._claim_from(queues[position], self._share(queues, position, limit - sum(claims))))
+        if self.order == ROUND_ROBIN:
+            # Shares a queue left unused go to the queues that filled theirs (they may have more).
+            for position, claimed in enumerate(list(claims)):
+                if sum(claims) >= limit:
+                    break
+                if claimed and claimed == self._share(queues, position, limit - sum(claims[:position])):
+                    claims.append(self._claim_from(queues[position], limit - sum(claims)))
+        total = sum(claims)
         self._claimed += total
         return total
+
+    def _claim_order(self, conn) -> list[str]:
+        """The queues to claim from this round, in order: paused ones left out, rotated for round-robin."""
+        now = time.monotonic()
+        if self._paused_read_at is None or now - self._paused_read_at >= self.poll_seconds:
+            self._read_paused(conn)
+            self._paused_read_at = now
+        queues = [queue for queue in self.queues if queue not in self._paused]
+        if self.order == ROUND_ROBIN and queues:
+            start = self._turn % len(queues)
+            self._turn = start + 1
+            queues = queues[start:] + queues[:start]
+        return queues
+
+    def _share(self, queues: list[str], position: int, left: int) -> int:
+        """How many of ``left`` jobs the queue at ``position`` is asked for: all (priority), or its
+        part of what is left among it and the queues after it (round-robin, rounded up)."""
+        if self.order != ROUND_ROBIN:
+            return left
+        return -(-left // (len(queues) - position))
+
+    def _claim_from(self, queue_name: str, limit: int) -> int:
+        """Claim up to ``limit`` jobs of one queue in a transaction of its own; hand them to the threads."""
+        with self.db.engine.begin() as conn:
+            rows, lease = self._claim_rows(conn, queue_name, limit)
+        return self._hand_over(rows, lease)
+
+    def _claim_rows(self, conn, queue_name: str, limit: int) -> "tuple[list, float]":
+        """Claim up to ``limit`` jobs of one queue with its lease: the rows, and that lease."""
+        lease = self.queue_leases.get(queue_name, self.lease_seconds)
+        return self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease), lease
+
+    def _hand_over(self, rows, lease: float) -> int:
+        """Give claimed rows to the executor threads: only after the claim committed.
+
+        A task started earlier would write its completion against the row as
+        it was before the claim (on PostgreSQL its fenced UPDATE skips the
+        queued version, zero rows: a lost lease that never was).
+        """
+        for row in rows:
+            running = Running(row)
+            running.lease_seconds = lease
+            with self._held_lock:
+                self._held[row.id] = running
+            self._ready.put(running)
+        return len(rows)
+
+    def _read_paused(self, conn) -> None:
+        paused = self.db.dialect.paused_queues(conn) & set(self.queues)
+        if paused != self._paused:
+            for queue in sorted(paused - self._paused):
+                log.info("queue %s is paused: claiming nothing from it until resumed", queue)
+            for queue in sorted(self._paused - paused):
+                log.info("queue %s is resumed", queue)
+        self._paused = paused
 
     def _hasten(self) -> int:
         """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""
@@ -431,20 +552,30 @@ class Worker:
             log_outcome(running.row, running.run_seconds(), RELEASED)
 
     def _heartbeat_step(self) -> float:
+        """Extend the leases of held jobs, each by its queue's lease now, then write this worker's row."""
         with self._held_lock:
-            pairs = [(r.row.id, r.row.token) for r in self._held.values() if not (r.lost or r.timed_out)]
+            held = [r for r in self._held.values() if not (r.lost or r.timed_out)]
+        by_lease: dict[float, list[tuple[int, int]]] = {}
+        for running in held:
+            lease = self.queue_leases.get(running.row.queue, self.lease_seconds)
+            by_lease.setdefault(lease, []).append((running.row.id, running.row.token))
+        pairs = [(pair, lease) for lease, group in by_lease.items() for pair in group]
         if not pairs:
+            self._register()
             return self.heartbeat_seconds
         began = time.monotonic()
+        lost: set[int] = set()
         with self.db.engine.begin() as conn:
-            lost = set(self.db.dialect.heartbeat_jobs(conn, pairs, self.lease_seconds))
+            for lease, group in by_lease.items():
+                lost.update(self.db.dialect.heartbeat_jobs(conn, group, lease))
         with self._held_lock:
-            for job_id, token in pairs:
+            for (job_id, token), lease in pairs:
                 running = self._held.get(job_id)
                 if running is None or running.row.token != token:
                     continue  # finished meanwhile, or held again under a new claim
                 if job_id not in lost:
                     running.mark_renewed(began)
+                    running.lease_seconds = lease  # the executor's deadline follows the lease now held
                 elif not running.timed_out:
                     running.mark_lost()
                     # A job being finished may be gone because its own completion
@@ -452,7 +583,49 @@ class Worker:
                     # fenced write says what happened, and logs a lost lease itself.
                     if not running.finishing:
                         log.warning("job=%s lease lost (another worker took it over)", job_id)
+        self._register()
         return self.heartbeat_seconds
+
+    # -- the registry and the shared settings -----------------------------------------
+    def _register(self) -> None:
+        """Write this worker's row, delete dead workers' rows, and apply the shared leases: one transaction.
+
+        On the heartbeat loop, so at least every ``MAX_HEARTBEAT_SECONDS``.
+        """
+        with self._held_lock:
+            running = sorted(self._held)
+        with self.db.engine.begin() as conn:
+            self.db.dialect.register_worker(
+                conn, self.owner, socket.gethostname(), os.getpid(), json.dumps(self.queues),
+                min(self.queue_leases.values()), json.dumps(running), self.claiming)
+            self.db.dialect.delete_stale_workers(conn)
+            if not self._lease_given:
+                self._apply_settings(shared_settings.read(self.db.dialect, conn))
+
+    def _unregister(self) -> None:
+        """Delete this worker's row on a clean stop (a failure only leaves it to go stale)."""
+        try:
+            with self.db.engine.begin() as conn:
+                self.db.dialect.unregister_worker(conn, self.owner)
+        except Exception as error:  # noqa: BLE001 - stopping must not fail on it
+            log.warning("could not delete worker %s from the registry: %s", self.owner, first_line(error))
+
+    def _apply_settings(self, values: dict) -> None:
+        """Each queue's lease from the shared settings, for the next claims and heartbeats."""
+        leases = {queue: shared_settings.lease_for(values, queue) for queue in self.queues}
+        if leases == self.queue_leases:
+            return
+        self.queue_leases = leases
+        self.lease_seconds = values["heartbeat"]
+        self.executor.lease_seconds = min(leases.values())
+        self._set_intervals()
+        log.info("worker %s lease now %s (shared setting heartbeat)", self.owner, self._describe_leases())
+
+    def _describe_leases(self) -> str:
+        """``60.0s``, or ``mail=5.0s,reports=900.0s`` when the queues' leases differ."""
+        if len(set(self.queue_leases.values())) == 1:
+            return f"{next(iter(self.queue_leases.values())):.1f}s"
+        return ",".join(f"{queue}={lease:.1f}s" for queue, lease in self.queue_leases.items())
 
     def _watchdog_step(self) -> float:
         """Enforce ``timeout=`` on a thread of its own.
@@ -542,7 +715,13 @@ class Worker:
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, self._on_signal)
+        for signum in CONTROL_SIGNALS:
+            previous[signum] = signal.signal(signum, self._on_control_signal)
         return previous
+
+    def _on_control_signal(self, signum, _frame) -> None:
+        """SIGUSR2/SIGCONT: only recorded, for the reason given in ``_on_signal``."""
+        self._control_signals.append(signum)
 
     def _on_signal(self, signum, _frame) -> None:
         self._signals += 1
@@ -563,6 +742,37 @@ class Worker:
         log.info("received %s: finishing running jobs (grace %.0fs), send again to exit at once",
                  signal.Signals(signum).name, self.grace_seconds)
         self.stop()
+
+    def _act_on_control(self, signum: int) -> None:
+        """SIGUSR2: stop claiming (running jobs go on) and log every thread's stack; SIGCONT: claim again.
+
+        The heartbeat loop is woken so the registry shows the change at once.
+        SIGCONT also arrives after a SIGSTOP: if claiming was not stopped it changes nothing.
+        """
+        if signum == signal.SIGUSR2:
+            self.claiming = False
+            log.warning("received SIGUSR2: claiming stopped until SIGCONT; running jobs go on. %s",
+                        thread_stacks())
+        elif not self.claiming:
+            self.claiming = True
+            self._paused_read_at = None  # read the paused queues again before the next claim
+            log.info("received SIGCONT: claiming again")
+        self._beat_wake.set()
+
+
+#: Recorded by a worker's handlers (``_on_control_signal``) and forwarded by the supervisor.
+CONTROL_SIGNALS = (signal.SIGUSR2, signal.SIGCONT)
+
+
+def thread_stacks() -> str:
+    """Every thread's stack, each under a line with its name: what a stuck worker is doing."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    frames = sys._current_frames()
+    parts = [f"Stacks of {len(frames)} thread(s):"]
+    for ident, frame in sorted(frames.items(), key=lambda item: names.get(item[0], "")):
+        parts.append(f"--- thread {names.get(ident, '?')} (id {ident}):")
+        parts.append("".join(traceback.format_stack(frame)).rstrip())
+    return "\n".join(parts)
 
 
 def worker_database(database: "Database | str", concurrency: int, lease_seconds: float) -> Database:

@@ -86,7 +86,8 @@ def test_cancel_keeps_the_job_and_finished_jobs_refuse_cancel_and_retry(db, tmp_
 def test_config_lists_sets_and_refuses_bad_values(db, tmp_path):
     url = str(db.engine.url.render_as_string(hide_password=False))
     listed = json.loads(succeeds(mq("config", "--json", "--database", url, cwd=tmp_path)))
-    assert listed == {"jobs-history": 30 * 86400, "jobs-history-count": 50_000, "stats-history": 30}
+    assert listed == {"jobs-history": 30 * 86400, "jobs-history-count": 50_000, "stats-history": 30,
+                      "heartbeat": 60}
     assert succeeds(mq("config", "jobs-history-count", "10", "--database", url, cwd=tmp_path)).startswith(
         "jobs-history-count = 10")
     assert succeeds(mq("config", "jobs-history-count", "--database", url, cwd=tmp_path)).strip() == "10"

@@ -23,6 +23,7 @@ from ..errors import InvalidStateError
 from ..schema import (CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, WAITING,
                       cron_table, dependency_table, event_table, task_table)
 from .functions import due_now, seconds_since, utc_now
+from .control import ControlStatements
 from .history import HistoryStatements
 
 t = task_table
@@ -209,10 +210,11 @@ def _time_key(value) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.min
 
 
-class Dialect(HistoryStatements):
+class Dialect(HistoryStatements, ControlStatements):
     """Portable defaults.  Subclasses: ``mysql.py``, ``postgresql.py``, ``sqlite.py``.
 
-    Pruning, stats and settings statements live in ``history.py``.
+    Pruning, stats and settings statements live in ``history.py``; paused
+    queues and the worker registry in ``control.py``.
     """
 
     name = "base"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import QUEUED
@@ -141,3 +142,7 @@ class MySQLDialect(Dialect):
 
     def is_access_denied(self, error: BaseException) -> bool:
         return isinstance(error, DBAPIError) and error_code(error) in ACCESS_DENIED_CODES
+
+    def upsert(self, conn, table, values, changes) -> None:
+        """``INSERT ... ON DUPLICATE KEY UPDATE``: one statement, row lock by primary key."""
+        conn.execute(mysql_insert(table).values(**values).on_duplicate_key_update(**changes))

@@ -104,3 +104,8 @@ class PostgreSQLDialect(Dialect):
             return True
         message = str(getattr(error, "orig", error))
         return isinstance(error, DBAPIError) and any(words in message for words in ACCESS_DENIED_WORDS)
+
+    def upsert(self, conn, table, values, changes) -> None:
+        """``INSERT ... ON CONFLICT (primary key) DO UPDATE``: one statement, row lock by primary key."""
+        conn.execute(pg_insert(table).values(**values).on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=changes))

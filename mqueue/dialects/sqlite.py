@@ -167,3 +167,8 @@ class SQLiteDialect(Dialect):
 
     def is_unreachable(self, error: BaseException) -> bool:
         return "unable to open database" in str(getattr(error, "orig", error)).lower()
+
+    def upsert(self, conn, table, values, changes) -> None:
+        """``INSERT ... ON CONFLICT (primary key) DO UPDATE`` (SQLite 3.24+), under the write lock."""
+        conn.execute(sqlite_insert(table).values(**values).on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=changes))

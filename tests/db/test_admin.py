@@ -353,7 +353,7 @@ def test_stats_counts_and_oldest_due_age(db):
     assert (b.queued, b.scheduled, b.running, b.failed, b.oldest_due_seconds) == (0, 1, 0, 0, None)
     assert json.loads(json.dumps(b.to_dict())) == {
         "queue": "b", "queued": 0, "scheduled": 1, "running": 0, "failed": 0, "oldest_due_seconds": None, "other": 0,
-        "waiting": 0, "succeeded": 1, "canceled": 1, "expired": 0}
+        "waiting": 0, "succeeded": 1, "canceled": 1, "expired": 0, "paused": False}
 
 
 def test_stats_empty(db):

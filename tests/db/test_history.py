@@ -293,7 +293,7 @@ def test_a_pruned_job_is_not_found(db):
 # -- shared settings ---------------------------------------------------------------------
 
 
-DEFAULTS = {"jobs-history": 30 * 86400, "jobs-history-count": 50_000, "stats-history": 30}
+DEFAULTS = {"jobs-history": 30 * 86400, "jobs-history-count": 50_000, "stats-history": 30, "heartbeat": 60}
 
 
 def test_get_config_shows_defaults_and_set_config_changes_them_for_everyone(db, database_url):
@@ -303,9 +303,10 @@ def test_get_config_shows_defaults_and_set_config_changes_them_for_everyone(db, 
     assert admin.set_config(db, "stats-history", " 7 ") == 7
     assert admin.set_config(db, "stats-history", 0) == 0
     # Another handle on the same database (another host's worker) sees the same.
-    assert admin.get_config(database_url) == {"jobs-history": 3600, "jobs-history-count": 10, "stats-history": 0}
+    assert admin.get_config(database_url) == {**DEFAULTS, "jobs-history": 3600, "jobs-history-count": 10,
+                                              "stats-history": 0}
     assert admin.set_config(db, "jobs-history-count", None) == 50_000  # back to the default
-    assert admin.get_config(db) == {"jobs-history": 3600, "jobs-history-count": 50_000, "stats-history": 0}
+    assert admin.get_config(db) == {**DEFAULTS, "jobs-history": 3600, "jobs-history-count": 50_000, "stats-history": 0}
 
 
 @pytest.mark.parametrize("key, value, message", [

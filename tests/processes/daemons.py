@@ -229,7 +229,7 @@ class Daemon:
     """One ``python -m mqueue start`` process; stdout/stderr go to files."""
 
     def __init__(self, tasks: Tasks, url: str, queues=("default",), *, concurrency: int = 1,
-                 processes: int = 1, lease: float = 2.0, poll_interval: float = 0.05,
+                 processes: int = 1, lease: float | None = 2.0, poll_interval: float = 0.05,
                  grace: float | None = None, name: str = "daemon", extra: list[str] | None = None) -> None:
         self.tasks = tasks
         self.name = name
@@ -237,7 +237,9 @@ class Daemon:
         self.err_path = tasks.root / f"{name}.err"
         argv = [sys.executable, "-m", "mqueue", "start", *queues, "--database", url,
                 "--tasks", getattr(tasks, "package", TASKS_PACKAGE), "--concurrency", str(concurrency), "--processes", str(processes),
-                "--lease", str(lease), "--poll-interval", str(poll_interval)]
+                "--poll-interval", str(poll_interval)]
+        if lease is not None:  # None: the shared setting heartbeat decides
+            argv += ["--lease", str(lease)]
         if grace is not None:
             argv += ["--grace", str(grace)]
         argv += extra or []
