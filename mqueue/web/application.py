@@ -240,7 +240,7 @@ class Dashboard:
 
         if path == "/":
             queues = admin.stats(self.db)
-            return html("Queues", pages.overview(view, queues, admin.throughput(self.db), set()))
+            return html("Queues", pages.overview(view, queues, admin.throughput(self.db)))
         if path == "/queue":
             name = queue_param(q.get("name"))
             state = q.get("state") or "queued"
@@ -266,6 +266,8 @@ class Dashboard:
                 raise HTTPError("400 Bad Request", f"a tag has 1 to {MAX_TAG_LENGTH} characters")
             jobs = admin.jobs_tagged(self.db, tag, limit=200) if tag else []
             return html("Tags", pages.tags_page(view, tag, jobs))
+        if path == "/workers":
+            return html("Workers", pages.workers_page(view, admin.list_workers(self.db)))
         if path == "/crons":
             return html("Crons", pages.crons_page(view, admin.list_crons(self.db)))
         if path == "/stats":
@@ -322,6 +324,13 @@ class Dashboard:
             if action in ("track", "untrack"):
                 admin.track_job(self.db, job_id, tracked=action == "track")
                 return self.redirect(request, back, f"{action}ed")
+        if path in ("/queues/pause", "/queues/resume"):
+            queue = queue_param(form.get("queue"))
+            if path == "/queues/pause":
+                admin.pause_queue(self.db, queue)
+                return self.redirect(request, "/", "paused")
+            admin.resume_queue(self.db, queue)
+            return self.redirect(request, "/", "resumed")
         if path in ("/failed/retry", "/failed/cancel"):
             queue, error = queue_param(form.get("queue")), form_text(form, "error")
             if path == "/failed/retry":

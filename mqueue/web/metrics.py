@@ -4,6 +4,7 @@
   is due now, ``scheduled`` waits for a later eta.
 * ``mqueue_oldest_due_seconds{queue}`` (gauge): how long the oldest due job
   has waited past its eta (0 when none is due).
+* ``mqueue_queue_paused{queue}`` (gauge): 1 while the queue is paused.
 * ``mqueue_runs_total{queue,outcome}`` (counter): today's (UTC) runs from the
   daily stats: ``succeeded``, ``retried`` (failed and retried, lost leases
   included), ``failed`` (for good), ``expired``.  It starts again from 0 at
@@ -35,6 +36,10 @@ def render(db: Database) -> str:
               "# TYPE mqueue_oldest_due_seconds gauge"]
     for q in queues:
         lines.append(f'mqueue_oldest_due_seconds{{queue="{label(q.queue)}"}} {q.oldest_due_seconds or 0:.3f}')
+    lines += ["# HELP mqueue_queue_paused 1 while workers claim no job of the queue (mqueue pause).",
+              "# TYPE mqueue_queue_paused gauge"]
+    for q in queues:
+        lines.append(f'mqueue_queue_paused{{queue="{label(q.queue)}"}} {int(q.paused)}')
     lines += ["# HELP mqueue_runs_total Runs today (UTC) by outcome, from the daily stats; resets at midnight UTC.",
               "# TYPE mqueue_runs_total counter"]
     for q in queues:

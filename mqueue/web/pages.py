@@ -26,7 +26,7 @@ from .svg import histogram, sparkline
 PAGE_SIZE = 50
 
 NAV = (("/", "Queues"), ("/failed", "Failed"), ("/tracked", "Tracked"), ("/tags", "Tags"),
-       ("/crons", "Crons"), ("/stats", "Stats"))
+       ("/workers", "Workers"), ("/crons", "Crons"), ("/stats", "Stats"))
 
 #: What a finished action says on the page it returns to (``?done=KEY&n=COUNT``): fixed texts only.
 DONE = {
@@ -135,8 +135,9 @@ def jobs_table(view: View, jobs: Sequence[Any], empty: str) -> str:
 COUNT_COLUMNS = ("queued", "scheduled", "running", "waiting", "failed", "succeeded", "canceled", "expired")
 
 
-def overview(view: View, queues: Sequence[Any], throughput: Any, paused: set[str]) -> str:
-    """Queues with their counts, paused or not, and jobs succeeded per minute over the last hour."""
+def overview(view: View, queues: Sequence[Any], throughput: Any) -> str:
+    """Queues with their counts, paused or not (with pause and resume), and jobs succeeded per minute
+    over the last hour."""
     total = throughput.total()
     minutes = len(throughput.minutes)
     summary = (f'<section class="throughput"><h2>Jobs succeeded per minute, last {minutes} minutes</h2>'
@@ -150,8 +151,10 @@ def overview(view: View, queues: Sequence[Any], throughput: Any, paused: set[str
             state = "queued" if column == "scheduled" else column
             counts.append(link(view, "/queue", value, name=q.queue, state=state) if value else "0")
         spark = throughput.per_queue.get(q.queue, (0,) * minutes)
-        is_paused = q.queue in paused
-        control = ""
+        is_paused = q.paused
+        control = (view.form("/queues/resume", "Resume", {"queue": q.queue}) if is_paused
+                   else view.form("/queues/pause", "Pause", {"queue": q.queue},
+                                  confirm=f"Pause queue {q.queue}? Workers will claim none of its jobs."))
         rows.append([link(view, "/queue", q.queue, name=q.queue),
                      '<span class="paused">paused</span>' if is_paused else "no",
                      *counts, h(format_seconds(q.oldest_due_seconds)),
@@ -298,6 +301,18 @@ def tags_page(view: View, tag: str | None, jobs: Sequence[Any]) -> str:
     if tag is None:
         return search
     return search + f"<h2>Jobs tagged {h(tag)}</h2>" + jobs_table(view, jobs, f"no job has tag {tag}")
+
+
+def workers_page(view: View, workers: Sequence[Any]) -> str:
+    """Live workers: where they run, what they serve, when last seen, the jobs they run now."""
+    return table(("Worker", "Host", "PID", "Queues", "Started (UTC)", "Last seen (UTC)", "Lease", "Claiming",
+                  "Running jobs"),
+                 ((h(w.name), h(w.host), h(w.pid),
+                   " ".join(link(view, "/queue", queue, name=queue) for queue in w.queues) or "-",
+                   h(format_time(w.started_at)), h(format_time(w.last_seen)), h(format_seconds(w.lease_seconds)),
+                   "yes" if w.claiming else '<span class="paused">stopped (SIGUSR2)</span>',
+                   " ".join(job_link(view, job_id) for job_id in w.running) or "-") for w in workers),
+                 "no live workers", "workers")
 
 
 def crons_page(view: View, crons: Sequence[Any]) -> str:

@@ -178,3 +178,20 @@ def test_cancel_a_job_others_depend_on_needs_the_cascade_box(db, client):
     page = follow(client, client.post(f"/jobs/{first}/cancel", {"cascade": "1"}))
     assert "with the jobs that depended on it" in page
     assert admin.get_job(db, first).state == admin.get_job(db, second).state == "canceled"
+
+
+def test_pause_and_resume_a_queue_from_the_overview(db, client):
+    job_id = enqueue(db, ok, n=1)
+    page = client.get("/")
+    assert f'<input type="hidden" name="queue" value="{QUEUE}">' in page.text and ">Pause</button>" in page.text
+    page = follow(client, client.post("/queues/pause", {"queue": QUEUE}))
+    assert "Queue paused" in page and '<span class="paused">paused</span>' in page and ">Resume</button>" in page
+    assert admin.paused_queues(db) == {QUEUE}
+    assert run_queue(db).total == 0 and admin.get_job(db, job_id).state == "queued"
+    lines = client.get("/metrics").text.splitlines()
+    assert f'mqueue_queue_paused{{queue="{QUEUE}"}} 1' in lines
+    page = follow(client, client.post("/queues/resume", {"queue": QUEUE}))
+    assert "Queue resumed" in page and admin.paused_queues(db) == set()
+    assert run_queue(db).succeeded == 1
+    assert client.post("/queues/pause", {"queue": ""}).status == 400
+    assert admin.paused_queues(db) == set()

@@ -1,6 +1,6 @@
 """The dashboard in a real Chromium (Debian's ``chromium`` and ``chromium-driver``) driven by
 Selenium: an operator follows a failed job from the overview, retries it from its page, sees it
-succeed once a worker ran it, and searches a tag.  Each page visited is saved as a screenshot
+succeed once a worker ran it, searches a tag, and pauses a queue.  Each page visited is saved as a screenshot
 under the test's temporary directory.
 
 One browser serves every backend's test (starting Chromium is most of the cost); each test
@@ -77,7 +77,7 @@ class Pages:
         return self.driver.find_element(By.CSS_SELECTOR, css).text
 
 
-def test_operator_retries_a_failed_job_and_searches_a_tag(db, served, browser, tmp_path):
+def test_operator_retries_a_failed_job_searches_a_tag_and_pauses_a_queue(db, served, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     for n in range(3):
@@ -121,7 +121,18 @@ def test_operator_retries_a_failed_job_and_searches_a_tag(db, served, browser, t
     assert links == [f"#{job_id}"]
     pages.shot("tag-search")
 
-    for path, name in (("/stats?queue=" + QUEUE, "stats"), ("/crons", "crons"), ("/tracked", "tracked")):
+    browser.get(served + "/")
+    row = browser.find_element(By.XPATH, f"//table[@class='queues']//tr[td/a[text()='{QUEUE}']]")
+    row.find_element(By.XPATH, ".//button[text()='Pause']").click()
+    browser.switch_to.alert.accept()  # the page's script asks first
+    assert pages.text("p.done").startswith("Queue paused")
+    row = browser.find_element(By.XPATH, f"//table[@class='queues']//tr[td/a[text()='{QUEUE}']]")
+    assert row.find_element(By.CSS_SELECTOR, "span.paused").text == "paused"
+    assert admin.paused_queues(db) == {QUEUE}
+    pages.shot("overview-paused")
+
+    for path, name in (("/stats?queue=" + QUEUE, "stats"), ("/crons", "crons"), ("/tracked", "tracked"),
+                       ("/workers", "workers")):
         browser.get(served + path)
         pages.shot(name)
-    assert len(list(tmp_path.glob("*.png"))) == pages.count == 9
+    assert len(list(tmp_path.glob("*.png"))) == pages.count == 11

@@ -212,3 +212,26 @@ def test_head_requests_and_other_methods(db, client):
     head = client.request("HEAD", "/")
     assert head.status == 200 and head.text == ""
     assert client.request("DELETE", "/").status == 405
+
+
+def test_workers_page_lists_live_workers_and_their_jobs(db, client):
+    import threading
+
+    import mqueue
+    assert "no live workers" in client.get("/workers").text
+    worker = mqueue.Worker(db, queues=[QUEUE, OTHER_QUEUE], poll_interval=0.05, lease=2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        from helpers import wait_for
+        wait_for(lambda: admin.list_workers(db), timeout=20)
+        page = client.get("/workers")
+        row = re.search(r"<table class=\"workers\">.*?<tbody><tr>(.*?)</tr>", page.text, re.S).group(1)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        assert cells[0] == worker.owner
+        assert f'href="/queue?name={QUEUE}"' in cells[3] and f'href="/queue?name={OTHER_QUEUE}"' in cells[3]
+        assert cells[6] == "2.0s" and cells[7] == "yes"
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert "no live workers" in client.get("/workers").text
