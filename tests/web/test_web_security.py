@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import QUEUE, Client, broken, enqueue, run_queue
+from conftest import Client, broken, enqueue, run_queue
 from helpers import free_port, python_env, wait_for
 from sqlalchemy.engine import make_url
 
