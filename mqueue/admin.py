@@ -866,3 +866,144 @@ def list_workers(database: "Database | str") -> list[WorkerInfo]:
     """
     with _opened(database) as db, _reading(db) as conn:
         return [WorkerInfo.from_row(row) for row in db.dialect.live_workers(conn)]
+
+
+# -- the dashboard's reads and group actions ----------------------------------------
+
+#: At most this many failed jobs are read to group them by error (oldest first).
+FAILED_GROUP_SCAN = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """Jobs that succeeded per minute over the last ``len(minutes)`` minutes (oldest first), per queue.
+
+    ``minutes`` are the starts of the minutes (naive UTC, by the database's
+    clock); ``per_queue[queue][i]`` counts that queue's successes in minute
+    ``i``.  Jobs pruned meanwhile (``jobs-history-count``) are not counted.
+    """
+
+    minutes: tuple[dt.datetime, ...]
+    per_queue: dict[str, tuple[int, ...]]
+
+    def total(self) -> tuple[int, ...]:
+        """Every queue's counts added up, minute by minute."""
+        return tuple(sum(counts) for counts in zip(*self.per_queue.values())) or (0,) * len(self.minutes)
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedGroup:
+    """Failed jobs that failed with the same kind of error.
+
+    ``error`` is the exception's type as its stored last line names it
+    (``RuntimeError`` of ``RuntimeError: disk full``), or that whole line
+    when it names no type; ``example`` is the last line of the newest one.
+    """
+
+    error: str
+    queue: str
+    job_ids: tuple[int, ...]
+    example: str
+    names: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.job_ids)
+
+
+def error_type(stored_error: str | None) -> str:
+    """What groups failed jobs: the exception type of the error's last line (``RuntimeError``), else
+    that line, else ``(no error)``."""
+    line = headline(stored_error)
+    if line is None:
+        return "(no error)"
+    kind, colon, _ = line.partition(":")
+    return kind if colon and kind and " " not in kind.strip() else line
+
+
+def throughput(database: "Database | str", minutes: int = 60) -> Throughput:
+    """Per queue, how many jobs succeeded in each of the last ``minutes`` minutes (the dashboard's sparkline)."""
+    if not isinstance(minutes, int) or isinstance(minutes, bool) or not 1 <= minutes <= 24 * 60:
+        raise ValueError(f"minutes must be an integer from 1 to 1440, got {minutes!r}")
+    with _opened(database) as db, _reading(db) as conn:
+        now = db.dialect.db_now(conn)
+        first = now.replace(second=0, microsecond=0) - dt.timedelta(minutes=minutes - 1)
+        rows = db.dialect.succeeded_per_minute(conn, first)
+    starts = tuple(first + dt.timedelta(minutes=i) for i in range(minutes))
+    index = {start.strftime("%Y-%m-%d %H:%M"): i for i, start in enumerate(starts)}
+    counts: dict[str, list[int]] = {}
+    for queue, minute, jobs in rows:
+        slot = index.get(str(minute))
+        if slot is not None:
+            counts.setdefault(queue, [0] * minutes)[slot] += int(jobs)
+    return Throughput(starts, {queue: tuple(values) for queue, values in sorted(counts.items())})
+
+
+def tracked_jobs(database: "Database | str", limit: int = 50) -> list[JobInfo]:
+    """Tracked jobs (``track_job``), newest first, at most ``limit``."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    with _opened(database) as db, _reading(db) as conn:
+        rows = db.dialect.tracked_jobs(conn, limit)
+        tags = db.dialect.tags_of(conn, [row.id for row in rows])
+        return [JobInfo.from_row(row, tags=tags.get(row.id, ())) for row in rows]
+
+
+def failed_groups(database: "Database | str", queue: str | None = None) -> list[FailedGroup]:
+    """Failed jobs grouped by queue and ``error_type``, largest group first.
+
+    Reads at most ``FAILED_GROUP_SCAN`` failed jobs, oldest first; retrying
+    or cancelling a group brings the next ones in.
+    """
+    if queue is not None:
+        _check_queue(queue)
+    with _opened(database) as db, _reading(db) as conn:
+        rows = db.dialect.failed_errors(conn, queue, FAILED_GROUP_SCAN)
+    groups: dict[tuple[str, str], list] = {}
+    for row in rows:
+        groups.setdefault((row.queue, error_type(row.last_error)), []).append(row)
+    found = [FailedGroup(error, group_queue, tuple(row.id for row in members),
+                         headline(members[-1].last_error) or "", tuple(sorted({row.name for row in members})))
+             for (group_queue, error), members in groups.items()]
+    return sorted(found, key=lambda group: (-group.count, group.queue, group.error))
+
+
+def _failed_group_ids(database: "Database | str", queue: str, error: str) -> list[int]:
+    for group in failed_groups(database, queue):
+        if group.error == error:
+            return list(group.job_ids)
+    return []
+
+
+def retry_failed_group(database: "Database | str", queue: str, error: str) -> int:
+    """Retry every failed job of ``queue`` whose error is of type ``error`` (see ``failed_groups``); how many.
+
+    Each job is one ``retry_job``: a job that changed meanwhile (retried,
+    cancelled) or whose unique key a live job holds is left as it is.
+    """
+    with _opened(database) as db:
+        done = 0
+        for job_id in _failed_group_ids(db, queue, error):
+            try:
+                retry_job(db, job_id)
+                done += 1
+            except (InvalidStateError, JobNotFoundError):
+                pass
+        return done
+
+
+def cancel_failed_group(database: "Database | str", queue: str, error: str) -> int:
+    """Cancel every failed job of ``queue`` whose error is of type ``error``; how many.
+
+    Each job is one ``cancel_job``; one that changed meanwhile, or that
+    other jobs depend on, is left as it is.
+    """
+    with _opened(database) as db:
+        done = 0
+        for job_id in _failed_group_ids(db, queue, error):
+            try:
+                cancel_job(db, job_id)
+                done += 1
+            except (InvalidStateError, JobNotFoundError):
+                pass
+        return done

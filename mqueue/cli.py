@@ -96,7 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
                               "version_locations) and exit without touching a database")
     migrate.set_defaults(handler=cmd_migrate)
     add_job_commands(commands)
+    add_web_command(commands)
     return parser
+
+
+def add_web_command(commands) -> None:
+    """``mqueue web``: the dashboard (``mqueue.web``)."""
+    web = commands.add_parser(
+        "web", help="serve the web dashboard (queues, jobs, failures, stats, /metrics)",
+        description="Serve the web dashboard until Ctrl-C or SIGTERM. It binds 127.0.0.1 unless --host says "
+                    "otherwise; set MQUEUE_WEB_PASSWORD to ask every visitor for that password (HTTP basic "
+                    "auth, any user name).")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=port_number, default=8080, help="TCP port (default 8080; 0: any free one)")
+    web.add_argument("--read-only", action="store_true", help="show no forms and refuse every action")
+    add_database_option(web)
+    web.set_defaults(handler=cmd_web)
+
+
+def cmd_web(args) -> int:
+    """The dashboard until a signal; a database that is down meanwhile shows 503 pages, not an exit."""
+    from .web import serve
+    db = open_database(args)
+    db.check_file()  # a SQLite file that does not exist is reported, not created empty
+    logger = logging.getLogger("mqueue.web")
+
+    def ready(url: str) -> None:
+        logger.info("dashboard of %s on %s%s", db.safe_url, url, " (read-only)" if args.read_only else "")
+    try:
+        serve(db, args.host, args.port, read_only=args.read_only, ready=ready)
+    finally:
+        db.dispose()
+    return EXIT_OK
 
 
 def add_job_commands(commands) -> None:
@@ -318,6 +349,7 @@ def _seconds_type(expected: str, accept):
 
 
 job_id = _integer_type("a positive integer", 1, MAX_BIGINT)
+port_number = _integer_type("a TCP port", 0, 65535)
 event_id = _integer_type("an event id (an integer >= 0)", 0, MAX_BIGINT)
 job_limit = _integer_type("a positive integer", 1, MAX_BIGINT)
 worker_count = _integer_type("a positive integer", 1, MAX_WORKERS)

@@ -113,3 +113,21 @@ def test_installed_wheel_is_named_as_the_readme_says_and_shows_its_revisions(ins
     resolved = run([python, "-c", "from alembic.util import coerce_resource_to_filename as c; "
                                   "print(c('mqueue:migrations/versions'))"], cwd=work).stdout.strip()
     assert Path(resolved).resolve() == Path(printed).resolve()
+
+
+def test_installed_wheel_ships_the_dashboard_files(installed, tmp_path):
+    """The dashboard's stylesheet and script are package data: served from the installed wheel."""
+    python, venv, work = installed
+    code = ("import sys, io; from wsgiref.util import setup_testing_defaults\n"
+            "from mqueue.web import app\n"
+            "import mqueue.web, pathlib\n"
+            "assert pathlib.Path(sys.prefix).resolve() in pathlib.Path(mqueue.web.__file__).resolve().parents\n"
+            "for name in ('dashboard.css', 'dashboard.js'):\n"
+            "    environ = {'PATH_INFO': '/static/' + name}; setup_testing_defaults(environ)\n"
+            "    status = []\n"
+            "    body = b''.join(app(sys.argv[1])(environ, lambda s, h: status.append(s)))\n"
+            "    print(name, status[0], len(body))\n")
+    result = run([python, "-c", code, f"sqlite:///{tmp_path / 'none.db'}"], cwd=work)
+    lines = result.stdout.splitlines()
+    assert [line.rsplit(" ", 1)[0] for line in lines] == ["dashboard.css 200 OK", "dashboard.js 200 OK"]
+    assert all(int(line.rsplit(" ", 1)[1]) > 100 for line in lines)

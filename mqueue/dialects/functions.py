@@ -7,7 +7,7 @@ worker's, so hosts with skewed clocks still agree.
 
 from __future__ import annotations
 
-from sqlalchemy import DateTime, Float, literal
+from sqlalchemy import DateTime, Float, String, literal
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
@@ -122,3 +122,32 @@ def _sqlite_seconds_since(element, compiler, **kw):
     since = compiler.process(list(element.clauses)[0], **kw)
     # julianday() is a double in days: about 40 us of resolution today.
     return f"((julianday('now') - julianday({since})) * 86400.0)"
+
+
+class minute_of(FunctionElement):
+    """A stored time cut to its minute, as text ``YYYY-MM-DD HH:MM`` (for grouping by minute).
+
+    The same text on every backend, so callers parse one layout.
+    """
+
+    type = String()
+    inherit_cache = True
+    name = "minute_of"
+
+
+@compiles(minute_of, "mysql")
+@compiles(minute_of, "mariadb")
+def _mysql_minute_of(element, compiler, **kw):
+    # LEFT of the text form rather than DATE_FORMAT: no percent signs to escape for the driver.
+    return f"LEFT(CAST({compiler.process(list(element.clauses)[0], **kw)} AS CHAR), 16)"
+
+
+@compiles(minute_of, "postgresql")
+def _postgresql_minute_of(element, compiler, **kw):
+    return f"to_char({compiler.process(list(element.clauses)[0], **kw)}, 'YYYY-MM-DD HH24:MI')"
+
+
+@compiles(minute_of, "sqlite")
+def _sqlite_minute_of(element, compiler, **kw):
+    # Times are stored in one canonical text layout (``schema.py``): its first 16 characters.
+    return f"substr({compiler.process(list(element.clauses)[0], **kw)}, 1, 16)"

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .functions import utc_now
+from .functions import minute_of, utc_now
 
-from ..schema import (EXPIRED, FINISHED, SUCCEEDED, dependency_table, event_table, setting_table, stats_table,
+from ..schema import (EXPIRED, FAILED, FINISHED, SUCCEEDED, dependency_table, event_table, setting_table, stats_table,
                       tag_table, task_table)
 
 t = task_table
@@ -184,6 +184,32 @@ class HistoryStatements:
     def set_tracked(self, conn, job_id: int, tracked: bool) -> bool:
         """Track or stop tracking a job (any state).  Row lock by primary key."""
         return conn.execute(update(t).where(t.c.id == job_id).values(tracked=int(tracked))).rowcount == 1
+
+    def tracked_jobs(self, conn, limit: int) -> list:
+        """Rows of tracked jobs, newest (highest id) first, at most ``limit``.
+
+        No index covers ``tracked`` (it must not slow the hot path): a scan
+        of the primary key backwards that stops after ``limit`` matches; plain read.
+        """
+        return conn.execute(select(t).where(t.c.tracked == 1).order_by(t.c.id.desc()).limit(limit)).all()
+
+    def failed_errors(self, conn, queue: str | None, limit: int) -> list:
+        """``(id, queue, name, last_error)`` of failed jobs (of ``queue``), oldest id first, at most
+        ``limit``: what the dashboard groups by error.  Claim index prefix ``(queue, state)``
+        with a queue, else a scan; plain read."""
+        query = (select(t.c.id, t.c.queue, t.c.name, t.c.last_error).where(t.c.state == FAILED)
+                 .order_by(t.c.id).limit(limit))
+        if queue is not None:
+            query = query.where(t.c.queue == queue)
+        return conn.execute(query).all()
+
+    def succeeded_per_minute(self, conn, since: dt.datetime) -> list:
+        """``(queue, minute, count)`` of jobs that succeeded at or after ``since``, per queue and minute
+        (``minute`` as text ``YYYY-MM-DD HH:MM``).  Index range on ``(finished_at, id)``; plain read."""
+        minute = minute_of(t.c.finished_at)
+        return conn.execute(select(t.c.queue, minute.label("minute"), func.count().label("jobs"))
+                            .where(t.c.finished_at >= since, t.c.state == SUCCEEDED)
+                            .group_by(t.c.queue, minute)).all()
 
     # -- published events --------------------------------------------------------
     def published_events(self, conn, after: int | None, limit: int, kinds: Sequence[str] = (),
