@@ -174,6 +174,8 @@ task_table = Table(
     Column("expires_at", UTCDateTime, nullable=True),
     Index(None, "queue", "state", "neg_priority", "eta", "id"),
     Index(None, "finished_at", "id"),
+    # The expiry sweep reads only jobs past their expiry (jobs without one are not in its range).
+    Index(None, "expires_at"),
     # SQLite reuses the largest rowid once that row is deleted (as a succeeded
     # job's is); AUTOINCREMENT never does, so (id, token) fences never collide.
     sqlite_autoincrement=True,

@@ -265,7 +265,7 @@ class Worker:
             self.db.check_schema()
             with self.db.engine.begin() as conn:
                 row = self.db.dialect.claim_job(conn, job_id, self.owner, self.lease_seconds)
-            if row is None:
+            if row is None or row.expired:
                 return None
             running = Running(row)
             with self._held_lock:
@@ -498,9 +498,13 @@ class Worker:
 
         A task started earlier would write its completion against the row as
         it was before the claim (on PostgreSQL its fenced UPDATE skips the
-        queued version, zero rows: a lost lease that never was).
+        queued version, zero rows: a lost lease that never was).  Rows the
+        claim found past their expiry are now ``expired``: skipped, but
+        counted (the queue was not empty).
         """
         for row in rows:
+            if row.expired:
+                continue
             running = Running(row)
             running.lease_seconds = lease
             with self._held_lock:

@@ -445,13 +445,13 @@ class Dialect(HistoryStatements, ControlStatements):
         """The claimed rows to run, with ``popped`` events of the tracked ones, in the claim's transaction.
 
         A row claimed past its ``expires_at`` is marked ``expired`` instead
-        (``expire_claimed``) and left out.  Neither costs a statement when
-        no row needs it.
+        (``expire_claimed``) and returned with ``expired`` set, for the caller
+        to skip: it was claimed (a claim that took only expired rows is not
+        an empty queue).  Neither costs a statement when no row needs it.
         """
         if any(row.expired for row in rows):
             self.expire_claimed(conn, [row.id for row in rows if row.expired])
-            rows = [row for row in rows if not row.expired]
-        tracked = [row.id for row in rows if row.tracked]
+        tracked = [row.id for row in rows if row.tracked and not row.expired]
         if tracked:
             self.emit_tracked(conn, tracked, "popped")
         return rows
@@ -889,9 +889,8 @@ class Dialect(HistoryStatements, ControlStatements):
         become ``expired``; how many.
 
         ``now`` (naive UTC) replaces the database's clock in the test of
-        expiry (tests look ahead without waiting).  Reads the claim index
-        prefix ``(queue, state)`` and filters on ``expires_at`` (no index of
-        its own), without ORDER BY, so InnoDB locks only the rows it returns;
+        expiry (tests look ahead without waiting).  Reads the ``expires_at`` index
+        (only jobs past their expiry are in its range), without ORDER BY, so InnoDB locks only the rows it returns;
         rows a claim holds are skipped (SKIP LOCKED; SQLite: the write lock).
         """
         moment = utc_now() if now is None else now
@@ -963,6 +962,8 @@ class Dialect(HistoryStatements, ControlStatements):
 
     def claim_job(self, conn, job_id: int, owner: str, lease_seconds: float) -> ClaimedRow | None:
         """Claim one queued job chosen by id, due or not, as ``claim_jobs`` claims; None if it is not queued.
+
+        A job past its ``expires_at`` comes back with ``expired`` set (it is now ``expired``, not to be run).
 
         Row lock by primary key.
         """

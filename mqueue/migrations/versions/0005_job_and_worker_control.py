@@ -38,6 +38,7 @@ def upgrade() -> None:
     op.add_column("mqueue_task", sa.Column("pending_deps", sa.Integer, nullable=False, server_default="0"))
     op.add_column("mqueue_task", sa.Column("has_dependents", sa.SmallInteger, nullable=False, server_default="0"))
     op.add_column("mqueue_task", sa.Column("expires_at", TIME, nullable=True))
+    op.create_index("ix_mqueue_task_expires_at", "mqueue_task", ["expires_at"])
     op.create_table(
         "mqueue_dependency",
         sa.Column("job_id", sa.BigInteger, nullable=False),
@@ -78,5 +79,6 @@ def downgrade() -> None:
     # state before this revision: they become queued (their order is lost).
     task = sa.table("mqueue_task", sa.column("state"))
     op.execute(task.update().where(task.c.state == "waiting").values(state="queued"))
+    op.drop_index("ix_mqueue_task_expires_at", table_name="mqueue_task")
     for column in ("expires_at", "has_dependents", "pending_deps"):
         op.drop_column("mqueue_task", column)
