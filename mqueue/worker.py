@@ -18,9 +18,9 @@ Each is a ``loops.Loop``: start, stop, one step.  Signal handlers only
 record the signal; the producer acts on it.
 
 Worker control (``mqueue pause``, ``mqueue workers``, ``mqueue config``):
-the producer reads the set of paused queues at most once per poll interval,
-inside its first claim transaction of a round, never once per claim; the
-heartbeat loop writes this worker's row of ``mqueue_worker`` (queues,
+a paused queue has no claimable job (the claim's first read of a queue
+checks ``mqueue_queue`` by primary key: no statement of its own, and every
+worker stops at its next claim); the heartbeat loop writes this worker's row of ``mqueue_worker`` (queues,
 running job ids, claiming or not), deletes the rows of dead workers and
 reads the shared settings (the ``heartbeat`` leases) again.  SIGUSR2 stops
 claiming and logs every thread's stack; SIGCONT resumes claiming.
@@ -199,10 +199,9 @@ class Worker:
         self._claim_pause_until = 0.0
         self._prune_started = False
         self._expire_after = 0.0
-        self._paused: set[str] = set()        # queues paused by ``mqueue pause``, as last read
-        self._paused_read_at: float | None = None
         self._turn = 0                        # round-robin: the queue that goes first next
         self.claiming = True                  # False between SIGUSR2 and SIGCONT
+        self._paused: set[str] | None = None  # paused queues as the registry last read them (for the log)
         self._claim_conflicts = 0  # claim races lost (and retried at once) in this run
         self._claim_raced = False  # the last claim step lost every attempt
         self._window = 0           # the window of due jobs claimed from (0: the head)
@@ -411,16 +410,12 @@ class Worker:
         return delay
 
     def _claim(self, limit: int) -> int:
-        """Claim up to ``limit`` jobs from the queues not paused; hand them to the threads.
+        """Claim up to ``limit`` jobs from the queues (paused ones give none); hand them to the threads.
 
         ``priority``: the queues in the order given, each while jobs are
         due.  ``round-robin``: each round starts one queue further, and each
         queue first gets its share of ``limit``; what a queue leaves unused
         goes to those that filled theirs, in the same order.
-
-        The paused set is read at most once per poll interval (one small
-        SELECT, never one per claim): every worker stops claiming from a
-        paused queue within a poll interval.
         """
         self._claim_raced = False
         queues = self._claim_order()
@@ -441,13 +436,12 @@ class Worker:
         return total
 
     def _claim_order(self) -> list[str]:
-        """The queues to claim from this round, in order: paused ones left out, rotated for round-robin."""
-        now = time.monotonic()
-        if self._paused_read_at is None or now - self._paused_read_at >= self.poll_seconds:
-            with self.db.dialect.reader(self.db.engine).connect() as conn:  # no write lock on SQLite
-                self._read_paused(conn)
-            self._paused_read_at = now
-        queues = [queue for queue in self.queues if queue not in self._paused]
+        """The queues to claim from this round, in order: as named, or rotated for round-robin.
+
+        Paused queues stay in: the claim itself finds nothing in them
+        (``dialects.base.NOT_PAUSED``), so a pause costs no statement.
+        """
+        queues = list(self.queues)
         if self.order == ROUND_ROBIN and queues:
             start = self._turn % len(queues)
             self._turn = start + 1
@@ -511,15 +505,6 @@ class Worker:
                 self._held[row.id] = running
             self._ready.put(running)
         return len(rows)
-
-    def _read_paused(self, conn) -> None:
-        paused = self.db.dialect.paused_queues(conn) & set(self.queues)
-        if paused != self._paused:
-            for queue in sorted(paused - self._paused):
-                log.info("queue %s is paused: claiming nothing from it until resumed", queue)
-            for queue in sorted(self._paused - paused):
-                log.info("queue %s is resumed", queue)
-        self._paused = paused
 
     def _counts(self, scheduler) -> tuple[int, int, int, int, int, int]:
         """Succeeded, retried, failed, lost; claim conflicts; other lost races (crons, heartbeats, rescue)."""
@@ -684,6 +669,7 @@ class Worker:
                     min(self.queue_leases.values()), json.dumps(running), self.claiming)
                 self.db.dialect.delete_stale_workers(conn)
                 settings = None if self._lease_given else shared_settings.read(self.db.dialect, conn)
+                paused = self.db.dialect.paused_queues(conn) & set(self.queues)
         except DBAPIError as error:
             # The next beat writes it again: a deadlock or an outage here must
             # neither stop a starting worker nor delay its jobs' heartbeats
@@ -694,6 +680,16 @@ class Worker:
             return
         if settings is not None:
             self._apply_settings(settings)
+        self._log_paused(paused)
+
+    def _log_paused(self, paused: set[str]) -> None:
+        """Say which queues are paused at the start and when that changes (the claim itself obeys at once)."""
+        before = set() if self._paused is None else self._paused
+        for queue in sorted(paused - before):
+            log.info("queue %s is paused: claiming nothing from it until resumed", queue)
+        for queue in sorted(before - paused):
+            log.info("queue %s is resumed", queue)
+        self._paused = paused
 
     def _unregister(self) -> None:
         """Delete this worker's row on a clean stop (a failure only leaves it to go stale)."""
@@ -848,7 +844,6 @@ class Worker:
                         thread_stacks())
         elif not self.claiming:
             self.claiming = True
-            self._paused_read_at = None  # read the paused queues again before the next claim
             log.info("received SIGCONT: claiming again")
         self._beat_wake.set()
 

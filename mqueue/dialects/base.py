@@ -14,8 +14,8 @@ import datetime as dt
 import functools
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, func, insert,
-                        literal, or_, select, update)
+from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, exists, func,
+                        insert, literal, or_, select, update)
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from .. import connections
 from ..errors import InvalidStateError
 from ..schema import (CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, WAITING,
-                      cron_table, dependency_table, event_table, task_table)
+                      cron_table, dependency_table, event_table, queue_table, task_table)
 from .functions import due_now, seconds_since, utc_now
 from .control import ControlStatements
 from .history import HistoryStatements
@@ -150,6 +150,14 @@ CLAIM_VALUES = dict(state=RUNNING, token=t.c.token + 1, owner=bindparam("new_own
                     wait_seconds=func.coalesce(t.c.wait_seconds, seconds_since(t.c.eta)))
 
 
+#: ``:from_queue`` is not paused (``mqueue pause``).  Part of the claim's
+#: first read of the queue (its first priority level), evaluated once per
+#: statement by primary key: a paused queue has no level, so nothing is
+#: claimed from it, every worker knows of a pause at its next claim, and
+#: the check costs no statement of its own.
+NOT_PAUSED = ~exists().where(queue_table.c.name == bindparam("from_queue"), queue_table.c.paused == 1)
+
+
 def due_jobs(*columns, at_level: bool = True):
     """``SELECT columns`` of due jobs of ``:from_queue`` in claim order, ``LIMIT :limit``.
 
@@ -192,7 +200,8 @@ def _priority_levels():
     number of future-dated rows.  Plain reads, no locks.
     """
     queued = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
-    first = select(t.c.neg_priority).where(*queued).order_by(t.c.neg_priority).limit(1).scalar_subquery()
+    first = (select(t.c.neg_priority).where(*queued, NOT_PAUSED).order_by(t.c.neg_priority).limit(1)
+             .scalar_subquery())
     levels = select(first.label("level"), literal(1).label("depth")).cte("mqueue_levels", recursive=True)
     following = (select(t.c.neg_priority).where(*queued, t.c.neg_priority > levels.c.level)
                  .order_by(t.c.neg_priority).limit(1).scalar_subquery())

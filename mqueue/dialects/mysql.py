@@ -19,7 +19,7 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import QUEUED
-from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, ClaimedRow, Dialect, due_jobs, t
+from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, t
 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
 #: (params ``from_queue``, ``level``, ``limit``); tests EXPLAIN it.
@@ -32,8 +32,8 @@ CLAIM_BY_ID = (select(*CLAIM_COLUMNS).where(t.c.id.in_(bindparam("ids", expandin
                .order_by(t.c.id).with_for_update(skip_locked=True))
 CLAIM_SELECT_ANY_LEVEL = due_jobs(*CLAIM_COLUMNS, at_level=False).with_for_update(skip_locked=True)
 _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
-#: The next priority level with a queued job, after ``:after`` (None: the first).
-FIRST_LEVEL = select(t.c.neg_priority).where(*_QUEUED_IN).order_by(t.c.neg_priority).limit(1)
+#: The next priority level with a queued job, after ``:after`` (None: the first; none while paused).
+FIRST_LEVEL = select(t.c.neg_priority).where(*_QUEUED_IN, NOT_PAUSED).order_by(t.c.neg_priority).limit(1)
 NEXT_LEVEL = FIRST_LEVEL.where(t.c.neg_priority > bindparam("after", type_=Integer))
 CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).values(**CLAIM_VALUES)
 
