@@ -268,11 +268,7 @@ def _not_found(job_id: int) -> JobNotFoundError:
 
 def _checked(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
     """The job if it exists, is not finished and is not running; else the error that says why not."""
-    if job is None:
-        raise _not_found(job_id)
-    if job.finished:
-        raise InvalidStateError(f"job {job.id} has already finished ({job.state}) and cannot be {action}; "
-                                f"a finished job never runs again: enqueue a new one")
+    job = _not_finished(job, job_id, action)
     if job.state == RUNNING and not job.leaseless:
         force = (f" (or, if its worker is dead, force it back: mqueue retry {job.id} --force)"
                  if action == "retried" else "")

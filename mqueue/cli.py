@@ -752,19 +752,26 @@ def cmd_events(args) -> int:
     return EXIT_OK
 
 
-def cmd_cancel(args) -> int:
-    from . import admin
+def check_one_or_all_failed(args, command: str, option: str) -> None:
+    """``retry``/``cancel``: a job ID (with ``option``) or ``--all-failed`` (with ``--queue``), not both."""
     if args.all_failed == (args.id is not None):
-        raise UsageError("give a job ID or --all-failed (see: mqueue cancel --help)")
+        raise UsageError(f"give a job ID or --all-failed (see: mqueue {command} --help)")
     if args.queue is not None and not args.all_failed:
         raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
-    if args.cascade and args.all_failed:
-        raise UsageError("--cascade goes with a job ID, not with --all-failed")
+    if getattr(args, option) and args.all_failed:
+        raise UsageError(f"--{option} goes with a job ID, not with --all-failed")
+
+
+def print_bulk(verb: str, count: int, queue: str | None) -> None:
+    print(f"{verb} {count} failed job{'' if count == 1 else 's'}{f' in queue {queue}' if queue else ''}")
+
+
+def cmd_cancel(args) -> int:
+    from . import admin
+    check_one_or_all_failed(args, "cancel", "cascade")
     db = admin_database(args)
     if args.all_failed:
-        count = admin.cancel_failed(db, args.queue)
-        print(f"cancelled {count} failed job{'' if count == 1 else 's'}"
-              f"{f' in queue {args.queue}' if args.queue else ''}")
+        print_bulk("cancelled", admin.cancel_failed(db, args.queue), args.queue)
         return EXIT_OK
     job = admin.cancel_job(db, args.id, cascade=args.cascade)
     print(f"cancelled job {job.id} ({job.name}, was {job.state})")
@@ -787,17 +794,10 @@ def cmd_priority(args) -> int:
 
 def cmd_retry(args) -> int:
     from . import admin
-    if args.all_failed == (args.id is not None):
-        raise UsageError("give a job ID or --all-failed (see: mqueue retry --help)")
-    if args.queue is not None and not args.all_failed:
-        raise UsageError("--queue goes with --all-failed; a job ID needs no queue")
-    if args.force and args.all_failed:
-        raise UsageError("--force goes with a job ID, not with --all-failed")
+    check_one_or_all_failed(args, "retry", "force")
     db = admin_database(args)
     if args.all_failed:
-        count = admin.retry_failed(db, args.queue)
-        print(f"retried {count} failed job{'' if count == 1 else 's'}"
-              f"{f' in queue {args.queue}' if args.queue else ''}")
+        print_bulk("retried", admin.retry_failed(db, args.queue), args.queue)
     else:
         job = admin.retry_job(db, args.id, force=args.force)
         print(f"job {job.id} ({job.name}) is queued, due {format_time(job.eta, ' UTC')}")
