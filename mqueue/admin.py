@@ -45,7 +45,7 @@ from .encoding import decode_args, encode_args
 from .errors import HasDependentsError, InvalidStateError, JobNotFoundError, headline
 from .registry import check_job_ids, check_tags, get_task, insert_row, registered_tasks
 from .history import DayStats, HistoryEntry
-from .schema import CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, WAITING, read_time
+from .schema import CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, WAITING, read_time
 from .session import Database, as_database
 
 #: Attempts at a cancel/retry whose row keeps changing under it (a worker
@@ -545,7 +545,8 @@ def retry_job(database: "Database | str", job_id: int, force: bool = False) -> J
     back; ``last_error`` is kept until the next run.  If a live job took
     that key meanwhile, ``InvalidStateError`` names it and nothing changes.
     A queued job that waits for a later eta is made due now.  A running or
-    finished job raises ``InvalidStateError``; a running row without a
+    finished job raises ``InvalidStateError``, and so does a ``waiting``
+    one (its dependencies run first); a running row without a
     lease, or a row in a state mqueue does not know (both written by hand),
     is queued like a failed one.  The history gets a ``put`` entry.
 
@@ -568,6 +569,13 @@ def retry_job(database: "Database | str", job_id: int, force: bool = False) -> J
                         return _read(db, session, job_id)
                     continue
                 job = _checked(job, job_id, "retried")
+                if job.state == WAITING:
+                    # Queuing it would run it before what it depends on: the dependencies go first.
+                    waiting_on = ", ".join(f"{other} {state or 'pruned'}" for other, state
+                                           in db.dialect.dependencies_of(session, job_id)
+                                           if state != SUCCEEDED) or "none left"
+                    raise InvalidStateError(f"job {job_id} is waiting for its dependencies ({waiting_on}) and "
+                                            f"cannot be retried; retry or finish those, or cancel it")
                 if job.state == QUEUED:
                     updated = db.dialect.hasten_job(session, job_id, job.token)
                 else:

@@ -182,6 +182,11 @@ def test_dependency_failed_for_good_blocks_until_retried(db):
     assert (job.state, job.depends_on, job.dependency_states, job.blocked_by) == (WAITING, (base,), (FAILED,),
                                                                                   (base,))
     assert admin.get_job(db, base).dependents == (dependent,)
+    # The dependent cannot jump the queue: retrying it by hand is refused, and nothing changes.
+    with pytest.raises(InvalidStateError, match=f"job {dependent} is waiting for its dependencies "
+                                                f"\\({base} failed\\)"):
+        admin.retry_job(db, dependent)
+    assert state(db, dependent) == WAITING
     failing.clear()
     admin.retry_job(db, base)
     drain(db)
