@@ -63,23 +63,8 @@ def _flaky_fails_again():
 
 
 def run_queue(db, queue: str = QUEUE) -> Any:
-    """Run every due job of ``queue`` in a real worker, here and now; the counts of what ran.
-
-    ``run_until_empty`` is asked again (a few times at most) while due jobs
-    are left: since the worker-control merge a fresh worker on MariaDB
-    sometimes ends its first drain without claiming a job that is due.
-    """
-    from mqueue import admin
-    from mqueue.worker import RunResult
-    total = RunResult()
-    for _ in range(5):
-        result = mqueue.Worker(db, queues=[queue], poll_interval=0.05, lease=10).run_until_empty(timeout=30)
-        total = RunResult(*(getattr(total, name) + getattr(result, name)
-                            for name in ("succeeded", "retried", "failed", "lost")))
-        counts = [q for q in admin.stats(db, [queue]) if q.queue == queue]
-        if not counts or counts[0].queued == 0 or counts[0].paused:
-            break
-    return total
+    """Run every due job of ``queue`` in a real worker, here and now; the counts of what ran."""
+    return mqueue.Worker(db, queues=[queue], poll_interval=0.05, lease=10).run_until_empty(timeout=30)
 
 
 @dataclasses.dataclass
