@@ -38,6 +38,8 @@ from typing import Iterable
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from .errors import first_line
+
 log = logging.getLogger("mqueue.wakeup")
 
 #: PostgreSQL channel of new jobs; the payload is the queue's name.
@@ -239,7 +241,7 @@ class Listener:
                     if self._stopping.is_set():
                         break
             except Exception as error:  # noqa: BLE001 - a broken listener only loses speed: polling goes on
-                log.info("wake-up listener lost its connection (%s); polling meanwhile", error)
+                log.info("wake-up listener lost its connection (%s); polling meanwhile", first_line(error))
                 with contextlib.suppress(Exception):
                     self._connection.close()
                 self._connection = None
@@ -265,7 +267,7 @@ class Listener:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 open(path, "w").close()
         except OSError as error:
-            log.warning("cannot register for wake-ups (%s): polling only", error)
+            log.warning("cannot register for wake-ups (%s): polling only", first_line(error))
             if sock is not None:
                 sock.close()
             return False
@@ -330,7 +332,7 @@ def listen(db) -> tuple:
             try:
                 listener.start()
             except Exception as error:  # noqa: BLE001 - no wake-ups, polling as before
-                log.warning("wake-ups unavailable (%s): polling only", error)
+                log.warning("wake-ups unavailable (%s): polling only", first_line(error))
         listener.users += 1
     return key
 

@@ -318,7 +318,9 @@ class Worker:
                 self.db.dispose()
 
     def _run_loops(self) -> None:
-        self._register()  # the shared leases before the first claim, and this worker's row
+        # The shared leases before the first claim, by a plain read: the registry row is the
+        # heartbeat loop's first write (on SQLite a write here would wait behind a running task).
+        self._read_settings()
         wakeup.subscribe(self.queues, self._wake)
         wake_key = wakeup.listen(self.db)   # enqueues of other processes wake the producer
         from .scheduler import Scheduler
@@ -690,6 +692,19 @@ class Worker:
         for queue in sorted(before - paused):
             log.info("queue %s is resumed", queue)
         self._paused = paused
+
+    def _read_settings(self) -> None:
+        """Apply the shared leases now (a read; a failure leaves the defaults to the first heartbeat)."""
+        if self._lease_given:
+            return
+        try:
+            with self.db.dialect.reader(self.db.engine).connect() as conn:
+                settings = shared_settings.read(self.db.dialect, conn)
+        except DBAPIError as error:
+            log.info("worker %s: reading the shared settings failed, the first heartbeat tries again: %s",
+                     self.owner, first_line(error))
+            return
+        self._apply_settings(settings)
 
     def _unregister(self) -> None:
         """Delete this worker's row on a clean stop (a failure only leaves it to go stale)."""

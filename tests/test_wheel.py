@@ -93,7 +93,7 @@ def test_installed_wheel_migrates_a_fresh_database(installed, database_url, back
             versions = conn.execute(text("SELECT version_num FROM mqueue_alembic_version")).scalars().all()
         from mqueue.migrate import alembic_config
         from alembic.script import ScriptDirectory
-        assert versions == [ScriptDirectory.from_config(alembic_config()).get_current_head()] == ["mqueue_0004"]
+        assert versions == [ScriptDirectory.from_config(alembic_config()).get_current_head()] == ["mqueue_0005"]
     finally:
         engine.dispose()
     if backend == "sqlite":

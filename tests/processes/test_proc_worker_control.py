@@ -170,7 +170,9 @@ def test_the_supervisor_passes_sigusr2_and_sigcont_on(db, tasks, daemons, databa
 
     supervisor.send(signal.SIGCONT)
     all_started(tasks, waiting, daemons)
-    assert supervisor.stderr().count("received SIGCONT: claiming again") == 2
+    # One child may take every job before the other has logged its SIGCONT.
+    wait_for(lambda: supervisor.stderr().count("received SIGCONT: claiming again") == 2, timeout=10,
+             message=supervisor.stderr)
     supervisor.send(signal.SIGTERM)
     assert supervisor.wait(30) == 0
 
