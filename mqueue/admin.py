@@ -31,7 +31,7 @@ import dataclasses
 import datetime as dt
 import json
 import numbers
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -486,21 +486,20 @@ def move_job(database: "Database | str", job_id: int, queue: str) -> JobInfo:
     """
     _check_id(job_id)
     _check_queue(queue)
-    with _opened(database) as db, _writing(db) as session:
-        for _ in range(_WRITE_ATTEMPTS):
-            job = _read(db, session, job_id)
-            _not_finished(job, job_id, "moved")
-            if job.queue == queue:
-                return job
-            detail = f"from {job.queue} to {queue}"
-            if job.state == RUNNING:
-                moved = db.dialect.move_running_job(session, job_id, job.token, queue, detail)
-            else:
-                moved = db.dialect.move_job(session, job_id, job.state, job.token, queue, detail)
-            if moved:
-                wakeup.notify_after_commit(session, queue)
-                return _read(db, session, job_id)
-    raise InvalidStateError(f"job {job_id} kept changing while being moved; try again")
+
+    def move(db: Database, session: Session, job: JobInfo) -> bool | None:
+        if job.queue == queue:
+            return None
+        detail = f"from {job.queue} to {queue}"
+        if job.state == RUNNING:
+            moved = db.dialect.move_running_job(session, job_id, job.token, queue, detail)
+        else:
+            moved = db.dialect.move_job(session, job_id, job.state, job.token, queue, detail)
+        if moved:
+            wakeup.notify_after_commit(session, queue)
+        return moved
+
+    return _change_job(database, job_id, "moved", move)
 
 
 def set_priority(database: "Database | str", job_id: int, priority: int) -> JobInfo:
@@ -516,16 +515,33 @@ def set_priority(database: "Database | str", job_id: int, priority: int) -> JobI
     """
     _check_id(job_id)
     _check_priority(priority)
+
+    def reprioritize(db: Database, session: Session, job: JobInfo) -> bool | None:
+        if job.priority == priority:
+            return None
+        return db.dialect.set_priority(session, job_id, job.state, job.token, priority,
+                                       f"from {job.priority} to {priority}")
+
+    return _change_job(database, job_id, "given a new priority", reprioritize)
+
+
+def _change_job(database: "Database | str", job_id: int, action: str,
+                change: "Callable[[Database, Session, JobInfo], bool | None]") -> JobInfo:
+    """Read a live job and let ``change`` make its state- and token-guarded write; the job as it is then.
+
+    ``change`` returns True once written, False when its guard missed (a
+    worker changed the job meanwhile: read it again and retry), or None
+    when there is nothing to change.  A finished job raises ``InvalidStateError``.
+    """
     with _opened(database) as db, _writing(db) as session:
         for _ in range(_WRITE_ATTEMPTS):
-            job = _read(db, session, job_id)
-            _not_finished(job, job_id, "given a new priority")
-            if job.priority == priority:
+            job = _not_finished(_read(db, session, job_id), job_id, action)
+            done = change(db, session, job)
+            if done is None:
                 return job
-            if db.dialect.set_priority(session, job_id, job.state, job.token, priority,
-                                       f"from {job.priority} to {priority}"):
+            if done:
                 return _read(db, session, job_id)
-    raise InvalidStateError(f"job {job_id} kept changing while its priority was set; try again")
+    raise InvalidStateError(f"job {job_id} kept changing while being {action}; try again")
 
 
 def _not_finished(job: JobInfo | None, job_id: int, action: str) -> JobInfo:
