@@ -473,9 +473,8 @@ class Worker:
             if self._window and time.monotonic() > self._window_until:
                 self._window = 0
             try:
-                with self.db.engine.begin() as conn:
-                    rows = self.db.dialect.claim_jobs(conn, queue_name, limit, self.owner, lease,
-                                                      skip=self._window * self.claim_batch)
+                rows = self.db.dialect.claim(self.db.engine, queue_name, limit, self.owner, lease,
+                                             skip=self._window * self.claim_batch)
                 return self._hand_over(rows, lease)
             except DBAPIError as error:
                 if not self.db.dialect.is_conflict(error):

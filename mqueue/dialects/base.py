@@ -443,6 +443,12 @@ class Dialect(HistoryStatements, ControlStatements):
         claimed.sort(key=lambda row: row.sort_key)
         return claimed
 
+    def claim(self, engine: Engine, queue: str, limit: int, owner: str, lease_seconds: float,
+              skip: int = 0) -> list[ClaimedRow]:
+        """``claim_jobs`` in a transaction of its own, committed when this returns (the worker's claim)."""
+        with engine.begin() as conn:
+            return self.claim_jobs(conn, queue, limit, owner, lease_seconds, skip=skip)
+
     def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
                        lease_seconds: float) -> list[ClaimedRow]:
         """Claim up to ``limit`` due jobs of one priority level (``neg_priority``; None: every level)."""

@@ -1,0 +1,110 @@
+"""``Dialect.claim``: the worker's claim, committed when it returns, on every backend.
+
+On PostgreSQL it is one statement on its own (autocommit) for an idle poll
+and for a batch from one priority level; the transactional walk of
+``claim_jobs`` runs only when a chosen job needs more writes than the claim
+(a tracked job's ``popped`` event, a job past its expiry) or when the first
+level gave fewer jobs than asked and another level has due ones.  These
+tests hold every backend to the same result, and count the statements.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import event, insert, select
+
+from mqueue import admin
+from mqueue.dialects.base import MAX_LEVELS
+from mqueue.schema import EXPIRED, QUEUED, RUNNING, event_table, task_table
+
+QUEUE = "claims"
+OWNER = "host:1:claim"
+
+
+def add(db, priority: int = 0, seconds_ago: float = 10.0, **values) -> int:
+    with db.engine.begin() as conn:
+        now = db.dialect.db_now(conn)
+        row = dict(queue=QUEUE, name="claims.job", args="{}", priority=priority,
+                   eta=now - dt.timedelta(seconds=seconds_ago), **values)
+        return conn.execute(insert(task_table).values(**row).returning(task_table.c.id)).scalar_one()
+
+
+def claim(db, limit: int):
+    return db.dialect.claim(db.engine, QUEUE, limit, OWNER, 60)
+
+
+def states(db, ids) -> dict[int, str]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(task_table.c.id, task_table.c.state).where(task_table.c.id.in_(ids)))
+        return dict(rows.all())
+
+
+def test_priorities_first_then_oldest_across_levels(db, backend):
+    high = [add(db, priority=5, seconds_ago=s) for s in (20, 10)]
+    low = [add(db, priority=0, seconds_ago=s) for s in (30, 20, 10)]
+    future = add(db, priority=9, seconds_ago=-3600)       # a higher level with nothing due
+    rows = claim(db, 4)
+    assert [row.id for row in rows] == high + low[:2]
+    assert all(row.token == 1 and not row.expired for row in rows)
+    assert states(db, high + low + [future]) == {**{i: RUNNING for i in high + low[:2]},
+                                                  low[2]: QUEUED, future: QUEUED}
+    assert [row.id for row in claim(db, 4)] == [low[2]]
+    assert claim(db, 4) == []
+
+
+def test_a_tracked_job_at_the_head_is_claimed_with_its_popped_event(db, backend):
+    tracked = add(db, seconds_ago=20, tracked=1)
+    plain = add(db, seconds_ago=10)
+    rows = claim(db, 2)
+    assert [(row.id, row.tracked) for row in rows] == [(tracked, True), (plain, False)]
+    with db.engine.connect() as conn:
+        kinds = conn.execute(select(event_table.c.job_id, event_table.c.kind)).all()
+    assert [tuple(k) for k in kinds] == [(tracked, "popped")]
+
+
+def test_a_job_past_its_expiry_is_marked_expired_in_the_claim(db, backend):
+    gone = add(db, seconds_ago=20, expires_at=dt.datetime(2000, 1, 1))
+    plain = add(db, seconds_ago=10)
+    rows = claim(db, 2)
+    assert [(row.id, row.expired) for row in rows] == [(gone, True), (plain, False)]
+    assert states(db, [gone, plain]) == {gone: EXPIRED, plain: RUNNING}
+
+
+def test_a_paused_queue_gives_nothing_until_resumed(db, backend):
+    job = add(db)
+    admin.pause_queue(db, QUEUE)
+    assert claim(db, 4) == []
+    admin.resume_queue(db, QUEUE)
+    assert [row.id for row in claim(db, 4)] == [job]
+
+
+def test_a_due_job_below_more_levels_than_the_walk_takes_is_found(db, backend):
+    with db.engine.begin() as conn:
+        now = db.dialect.db_now(conn)
+        conn.execute(insert(task_table), [dict(queue=QUEUE, name="claims.job", args="{}", priority=1000 - n,
+                                               eta=now + dt.timedelta(hours=1)) for n in range(MAX_LEVELS)])
+    due = add(db, priority=-5)
+    assert [row.id for row in claim(db, 2)] == [due]
+
+
+#: Statements per claim: an idle poll, then a batch that fills the limit from one level (SQLite's
+#: count includes its ``BEGIN IMMEDIATE``; the servers' BEGIN and COMMIT are not statements here).
+STATEMENTS = {"sqlite": (2, 3), "mysql": (1, 3), "postgresql": (1, 1)}
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "batch"])
+def test_statements_per_claim(db, backend, busy):
+    if busy:
+        for _ in range(6):
+            add(db)
+    executed = []
+    listener = lambda *args: executed.append(args[2])  # noqa: E731 - the statement text
+    event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        rows = claim(db, 4)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listener)
+    assert len(rows) == (4 if busy else 0)
+    assert len(executed) == STATEMENTS[db.dialect.name][busy], executed
