@@ -420,16 +420,16 @@ class Executor:
         pairs = [(r.row.id, r.row.token) for r in batch]
         attempts = 0
 
-        def write(conn) -> list[int]:
+        def write(engine) -> list[int]:
             nonlocal attempts
             attempts += 1
-            lost, gone = self.dialect.complete_jobs(conn, pairs, [r.row.id for r in batch if r.row.tracked])
+            lost, gone = self.dialect.complete_many(engine, pairs, [r.row.id for r in batch if r.row.tracked])
             # After a failed attempt whose COMMIT may have landed, a row that
             # is gone was completed by it (as ``_commit`` decides for one job):
             # every attempt starts while all the leases hold.
             return lost if attempts == 1 else [job_id for job_id in lost if job_id not in gone]
 
-        lost = self._retrying(write, *batch)
+        lost = self._retrying(write, *batch, own_transaction=True)
         outcomes = []
         now = time.monotonic()
         for running in batch:
@@ -463,8 +463,11 @@ class Executor:
             return max(running.renewed, time.monotonic()) + WRITE_RETRY_SECONDS
         return running.renewed + lease
 
-    def _retrying(self, write, *held: Running, job_ids: Sequence[int] = (), deadline: float | None = None):
+    def _retrying(self, write, *held: Running, job_ids: Sequence[int] = (), deadline: float | None = None,
+                  own_transaction: bool = False):
         """Run ``write(conn)`` in its own transaction, retrying transient errors.
+
+        ``own_transaction``: ``write(engine)`` opens and commits its own transaction(s).
 
         Returns the write's result, or ``_GAVE_UP`` once the next attempt
         would start after the leases of ``held`` surely expired (or after
@@ -480,6 +483,8 @@ class Executor:
         while True:
             attempt += 1
             try:
+                if own_transaction:
+                    return write(self.db.engine)
                 with self.db.engine.begin() as conn:
                     return write(conn)
             except (DBAPIError, PoolTimeoutError) as error:

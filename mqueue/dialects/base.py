@@ -567,6 +567,12 @@ class Dialect(HistoryStatements, ControlStatements):
         lost = [job_id for job_id in wanted if job_id not in kept]
         return lost, [job_id for job_id in lost if job_id in done]
 
+    def complete_many(self, engine: Engine, jobs: Sequence[tuple[int, int]],
+                      tracked: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+        """``complete_jobs`` in a transaction of its own, committed when this returns (the worker's batches)."""
+        with engine.begin() as conn:
+            return self.complete_jobs(conn, jobs, tracked)
+
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
         """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``; a ``retried`` event with the error.
 

@@ -1,11 +1,15 @@
-"""``Dialect.claim``: the worker's claim, committed when it returns, on every backend.
+"""``Dialect.claim`` and ``Dialect.complete_many``: the worker's claim and its batched completions.
 
-On PostgreSQL it is one statement on its own (autocommit) for an idle poll
-and for a batch from one priority level; the transactional walk of
-``claim_jobs`` runs only when a chosen job needs more writes than the claim
-(a tracked job's ``popped`` event, a job past its expiry) or when the first
-level gave fewer jobs than asked and another level has due ones.  These
-tests hold every backend to the same result, and count the statements.
+Each commits before it returns, on every backend.  On PostgreSQL each is
+one statement on its own (autocommit) in the common case: the claim for an
+idle poll and for a batch from one priority level, the completion for a
+batch of jobs all still held, without dependents and untracked.  The
+transactional paths (``claim_jobs``, ``complete_jobs``) run only when
+needed: a chosen job that needs more writes than the claim (a tracked
+job's ``popped`` event, a job past its expiry), a first level that gave
+fewer jobs than asked while another level has due ones, a lost lease, a
+dependent to release, a ``succeeded`` event to publish.  These tests hold
+every backend to the same results, and count the statements.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from sqlalchemy import event, insert, select
 
 from mqueue import admin
 from mqueue.dialects.base import MAX_LEVELS
-from mqueue.schema import EXPIRED, QUEUED, RUNNING, event_table, task_table
+from mqueue.schema import EXPIRED, QUEUED, RUNNING, SUCCEEDED, WAITING, event_table, task_table
 
 QUEUE = "claims"
 OWNER = "host:1:claim"
@@ -108,3 +112,60 @@ def test_statements_per_claim(db, backend, busy):
         event.remove(db.engine, "before_cursor_execute", listener)
     assert len(rows) == (4 if busy else 0)
     assert len(executed) == STATEMENTS[db.dialect.name][busy], executed
+
+
+def count_statements(db, action):
+    executed = []
+    listener = lambda *args: executed.append(args[2])  # noqa: E731 - the statement text
+    event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        return action(), executed
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listener)
+
+
+def claimed_pairs(db, count: int, **values) -> list[tuple[int, int]]:
+    for _ in range(count):
+        add(db, **values)
+    return [(row.id, row.token) for row in claim(db, count)]
+
+
+#: Statements of a batched completion of held jobs (SQLite's includes ``BEGIN IMMEDIATE``).
+COMPLETION_STATEMENTS = {"sqlite": 3, "mysql": 2, "postgresql": 1}
+
+
+def test_a_batch_of_held_jobs_is_completed_at_once(db, backend):
+    pairs = claimed_pairs(db, 5)
+    (lost, gone), executed = count_statements(db, lambda: db.dialect.complete_many(db.engine, pairs))
+    assert (lost, gone) == ([], [])
+    assert states(db, [i for i, _ in pairs]) == {i: SUCCEEDED for i, _ in pairs}
+    assert len(executed) == COMPLETION_STATEMENTS[db.dialect.name], executed
+
+
+def test_a_lost_lease_in_the_batch_is_reported_and_the_others_complete(db, backend):
+    pairs = claimed_pairs(db, 3)
+    stale = (pairs[1][0], pairs[1][1] - 1)              # an earlier run's token: its lease was lost
+    lost, gone = db.dialect.complete_many(db.engine, [pairs[0], stale, pairs[2]])
+    assert (lost, gone) == ([stale[0]], [])
+    assert states(db, [i for i, _ in pairs]) == {pairs[0][0]: SUCCEEDED, stale[0]: RUNNING,
+                                                 pairs[2][0]: SUCCEEDED}
+    # Completed already under this token (a COMMIT whose reply was lost): lost here, and gone.
+    assert db.dialect.complete_many(db.engine, [pairs[0]]) == ([pairs[0][0]], [pairs[0][0]])
+
+
+def test_a_completion_in_the_batch_releases_its_dependents(db, backend):
+    pairs = claimed_pairs(db, 2)
+    waiting = add(db, state=WAITING, pending_deps=1)
+    with db.engine.begin() as conn:
+        db.dialect.add_dependencies(conn, waiting, [pairs[0][0]])
+    assert db.dialect.complete_many(db.engine, pairs) == ([], [])
+    assert states(db, [i for i, _ in pairs] + [waiting]) == {pairs[0][0]: SUCCEEDED, pairs[1][0]: SUCCEEDED,
+                                                             waiting: QUEUED}
+
+
+def test_a_tracked_job_in_the_batch_publishes_succeeded(db, backend):
+    pairs = claimed_pairs(db, 1, tracked=1) + claimed_pairs(db, 1)
+    assert db.dialect.complete_many(db.engine, pairs, tracked=[pairs[0][0]]) == ([], [])
+    with db.engine.connect() as conn:
+        kinds = conn.execute(select(event_table.c.job_id, event_table.c.kind).order_by(event_table.c.id)).all()
+    assert [tuple(k) for k in kinds] == [(pairs[0][0], "popped"), (pairs[0][0], "succeeded")]
