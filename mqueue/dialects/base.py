@@ -15,7 +15,7 @@ import functools
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, exists, func,
-                        insert, literal, or_, select, update)
+                        insert, literal, or_, select, tuple_, update)
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -82,6 +82,11 @@ LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state, t.c.has_dependents)
              .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
              .order_by(t.c.id).with_for_update())
 COMPLETE_MANY = update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True))).values(**SUCCESS_VALUES)
+#: Those of ``:pairs`` (id, token) still held under those tokens and without dependents (``complete_many``).
+COMPLETE_HELD = (update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True)),
+                                 tuple_(t.c.id, t.c.token).in_(bindparam("pairs", expanding=True)),
+                                 t.c.state == RUNNING, t.c.has_dependents == 0)
+                 .values(**SUCCESS_VALUES))
 HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
 # The run-ending transitions below keep ``owner`` and ``started_at``: the
 # event they write next reads the run's worker and start from the row.
@@ -569,9 +574,23 @@ class Dialect(HistoryStatements, ControlStatements):
 
     def complete_many(self, engine: Engine, jobs: Sequence[tuple[int, int]],
                       tracked: Sequence[int] = ()) -> tuple[list[int], list[int]]:
-        """``complete_jobs`` in a transaction of its own, committed when this returns (the worker's batches)."""
-        with engine.begin() as conn:
-            return self.complete_jobs(conn, jobs, tracked)
+        """``complete_jobs`` for the worker's batches, committed when this returns.
+
+        First one guarded UPDATE (``COMPLETE_HELD``), committed only if it
+        completed every job of the batch: all still held, untracked and
+        without dependents, the common case (one statement where
+        ``complete_jobs`` takes two).  Otherwise it is rolled back and
+        ``complete_jobs`` sorts the batch out, in a transaction of its own.
+        """
+        with engine.connect() as conn:
+            if not tracked:
+                with conn.begin() as transaction:
+                    params = dict(job_ids=[job_id for job_id, _ in jobs], pairs=list(jobs))
+                    if conn.execute(COMPLETE_HELD, params).rowcount == len(jobs):
+                        return [], []
+                    transaction.rollback()
+            with conn.begin():
+                return self.complete_jobs(conn, jobs, tracked)
 
     def retry_job(self, conn, job_id: int, token: int, delay_seconds: float, error: str) -> bool:
         """Back to ``queued`` with ``retries + 1`` and ``eta = now + delay``; a ``retried`` event with the error.

@@ -90,7 +90,10 @@ def _claim_alone():
     plain = ~exists().where(or_(chosen.c.tracked == 1, chosen.c.expired == 1))
     claimed = (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED, plain)
                .values(**CLAIM_VALUES).returning(*CLAIM_COLUMNS).cte("mqueue_claimed"))
-    one = select(literal(1).label("one")).subquery("mqueue_one")
+    # The claim's commit does not wait for its WAL to reach the disk: the task's own commit (or the
+    # completion's) flushes the WAL up to itself, claim included.  A crash before that loses the
+    # claim and whatever the run wrote, together: the job is queued again, as if never claimed.
+    one = select(func.set_config("synchronous_commit", "off", True).label("one")).subquery("mqueue_one")
     counts = (select(func.count()).select_from(levels).scalar_subquery().label("levels"),
               select(func.count()).select_from(levels).where(levels.c.due.is_not(None))
               .scalar_subquery().label("due_levels"),
@@ -210,7 +213,8 @@ class PostgreSQLDialect(Dialect):
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 if conn.execute(COMPLETE_ALONE, params).scalar_one() == len(jobs):
                     return [], []
-        return super().complete_many(engine, jobs, tracked)
+        with engine.begin() as conn:
+            return self.complete_jobs(conn, jobs, tracked)
 
     def insert_jobs(self, conn, rows):
         """One ``INSERT ... SELECT ... FROM json_array_elements_text(:args) WITH ORDINALITY ... RETURNING id``.

@@ -1,9 +1,10 @@
 """``Dialect.claim`` and ``Dialect.complete_many``: the worker's claim and its batched completions.
 
-Each commits before it returns, on every backend.  On PostgreSQL each is
-one statement on its own (autocommit) in the common case: the claim for an
-idle poll and for a batch from one priority level, the completion for a
-batch of jobs all still held, without dependents and untracked.  The
+Each commits before it returns, on every backend.  A batch of jobs all
+still held, without dependents and untracked is completed by one guarded
+UPDATE.  On PostgreSQL each is one statement on its own (autocommit) in the
+common case: the claim for an idle poll and for a batch from one priority
+level, and that completion.  The
 transactional paths (``claim_jobs``, ``complete_jobs``) run only when
 needed: a chosen job that needs more writes than the claim (a tracked
 job's ``popped`` event, a job past its expiry), a first level that gave
@@ -131,7 +132,7 @@ def claimed_pairs(db, count: int, **values) -> list[tuple[int, int]]:
 
 
 #: Statements of a batched completion of held jobs (SQLite's includes ``BEGIN IMMEDIATE``).
-COMPLETION_STATEMENTS = {"sqlite": 3, "mysql": 2, "postgresql": 1}
+COMPLETION_STATEMENTS = {"sqlite": 2, "mysql": 1, "postgresql": 1}
 
 
 def test_a_batch_of_held_jobs_is_completed_at_once(db, backend):
