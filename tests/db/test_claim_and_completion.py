@@ -40,6 +40,17 @@ def claim(db, limit: int):
     return db.dialect.claim(db.engine, QUEUE, limit, OWNER, 60)
 
 
+def count_statements(db, action):
+    """``action()``'s result and the statements it sent (their text)."""
+    executed = []
+    listener = lambda *args: executed.append(args[2])  # noqa: E731 - the statement text
+    event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        return action(), executed
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listener)
+
+
 def states(db, ids) -> dict[int, str]:
     with db.engine.connect() as conn:
         rows = conn.execute(select(task_table.c.id, task_table.c.state).where(task_table.c.id.in_(ids)))
@@ -104,25 +115,9 @@ def test_statements_per_claim(db, backend, busy):
     if busy:
         for _ in range(6):
             add(db)
-    executed = []
-    listener = lambda *args: executed.append(args[2])  # noqa: E731 - the statement text
-    event.listen(db.engine, "before_cursor_execute", listener)
-    try:
-        rows = claim(db, 4)
-    finally:
-        event.remove(db.engine, "before_cursor_execute", listener)
+    rows, executed = count_statements(db, lambda: claim(db, 4))
     assert len(rows) == (4 if busy else 0)
     assert len(executed) == STATEMENTS[db.dialect.name][busy], executed
-
-
-def count_statements(db, action):
-    executed = []
-    listener = lambda *args: executed.append(args[2])  # noqa: E731 - the statement text
-    event.listen(db.engine, "before_cursor_execute", listener)
-    try:
-        return action(), executed
-    finally:
-        event.remove(db.engine, "before_cursor_execute", listener)
 
 
 def claimed_pairs(db, count: int, **values) -> list[tuple[int, int]]:
