@@ -35,9 +35,11 @@ DEFAULT_MAX_RETRIES = 10
 #: Columns a worker needs to run a claimed job.  ``expired`` (1: its
 #: ``expires_at`` has passed by the database's clock) is computed by the
 #: claim itself, so a job that is not run costs the claim no extra read.
+#: 1 if the job's ``expires_at`` has passed by the database's clock, else 0.
+EXPIRED_NOW = case((t.c.expires_at <= utc_now(), 1), else_=0)
 CLAIM_COLUMNS = (t.c.id, t.c.queue, t.c.name, t.c.args, t.c.retries, t.c.max_retries,
                  t.c.token, t.c.neg_priority, t.c.eta, t.c.tracked, t.c.has_dependents,
-                 case((t.c.expires_at <= utc_now(), 1), else_=0).label("expired"))
+                 EXPIRED_NOW.label("expired"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +84,12 @@ LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state, t.c.has_dependents)
              .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
              .order_by(t.c.id).with_for_update())
 COMPLETE_MANY = update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True))).values(**SUCCESS_VALUES)
-#: Those of ``:pairs`` (id, token) still held under those tokens and without dependents (``complete_many``).
-COMPLETE_HELD = (update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True)),
-                                 tuple_(t.c.id, t.c.token).in_(bindparam("pairs", expanding=True)),
-                                 t.c.state == RUNNING, t.c.has_dependents == 0)
-                 .values(**SUCCESS_VALUES))
+#: The jobs of ``:pairs`` (id, token; ``:job_ids`` their ids) still running under those tokens,
+#: without dependents: a batch ``complete_many`` completes by one statement.
+HELD_WITHOUT_DEPENDENTS = (t.c.id.in_(bindparam("job_ids", expanding=True)),
+                           tuple_(t.c.id, t.c.token).in_(bindparam("pairs", expanding=True)),
+                           t.c.state == RUNNING, t.c.has_dependents == 0)
+COMPLETE_HELD = update(t).where(*HELD_WITHOUT_DEPENDENTS).values(**SUCCESS_VALUES)
 HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
 # The run-ending transitions below keep ``owner`` and ``started_at``: the
 # event they write next reads the run's worker and start from the row.
@@ -163,7 +166,7 @@ CLAIM_VALUES = dict(state=RUNNING, token=t.c.token + 1, owner=bindparam("new_own
 NOT_PAUSED = ~exists().where(queue_table.c.name == bindparam("from_queue"), queue_table.c.paused == 1)
 
 
-def due_jobs(*columns, at_level: bool = True):
+def due_jobs(*columns, at_level: bool = True, level=None):
     """``SELECT columns`` of due jobs of ``:from_queue`` in claim order, ``LIMIT :limit``.
 
     Follows the claim index ``(queue, state, neg_priority, eta, id)`` exactly,
@@ -174,10 +177,23 @@ def due_jobs(*columns, at_level: bool = True):
     """
     where = [t.c.queue == bindparam("from_queue"), t.c.state == QUEUED]
     if at_level:
-        where.append(t.c.neg_priority == bindparam("level", type_=Integer))
+        where.append(t.c.neg_priority == (bindparam("level", type_=Integer) if level is None else level))
     return (select(*columns).where(*where, t.c.eta <= due_now())
             .order_by(t.c.neg_priority, t.c.eta, t.c.id)
             .limit(bindparam("limit", type_=Integer)))
+
+
+def chosen_for_claim(candidates, skip_locked: bool = True):
+    """``candidates`` (a ``due_jobs`` select) as the claim's CTE ``mqueue_claim``, locked with SKIP LOCKED.
+
+    A materialized CTE runs once.  As a plain IN (subquery) PostgreSQL 15
+    plans a nested-loop semi join that re-runs the LIMIT subquery for every
+    outer row, SKIP LOCKED passing over the rows it just claimed: LIMIT 1
+    claimed every due job of the queue (measured).
+    """
+    if skip_locked:
+        candidates = candidates.with_for_update(skip_locked=True)
+    return candidates.cte("mqueue_claim").prefix_with("MATERIALIZED", dialect="postgresql")
 
 
 #: Engine execution option carrying a worker engine's lock-wait bound (seconds).
@@ -489,13 +505,7 @@ class Dialect(HistoryStatements, ControlStatements):
         return self._claim(due_jobs(t.c.id, at_level=False))
 
     def _claim(self, candidates):
-        if self.skip_locked:
-            candidates = candidates.with_for_update(skip_locked=True)
-        # A materialized CTE runs once.  As a plain IN (subquery) PostgreSQL 15
-        # plans a nested-loop semi join that re-runs the LIMIT subquery for
-        # every outer row, SKIP LOCKED passing over the rows it just claimed:
-        # LIMIT 1 claimed every due job of the queue (measured).
-        chosen = candidates.cte("mqueue_claim").prefix_with("MATERIALIZED", dialect="postgresql")
+        chosen = chosen_for_claim(candidates, self.skip_locked)
         return (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED)
                 .values(**CLAIM_VALUES).returning(*CLAIM_COLUMNS))
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import (DDL, JSON, Integer, Text, bindparam, case, cast, event, exists, func, insert, literal, or_,
-                        select, true, tuple_, update)
+from sqlalchemy import (DDL, JSON, Integer, Text, bindparam, cast, event, exists, func, insert, literal, or_, select,
+                        true, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..schema import QUEUED, RUNNING, event_table
+from ..schema import QUEUED, event_table
 from ..wakeup import JOBS_CHANNEL
-from .base import (CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, PRIORITY_LEVELS, SUCCESS_VALUES, Dialect, due_now, t,
-                   utc_now)
+from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, HELD_WITHOUT_DEPENDENTS, MAX_LEVELS, PRIORITY_LEVELS,
+                   SUCCESS_VALUES, Dialect, chosen_for_claim, due_jobs, t)
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
 EVENTS_CHANNEL = "mqueue_events"
@@ -80,13 +80,7 @@ def _claim_alone():
     """
     levels = PRIORITY_LEVELS.cte("mqueue_due_levels")
     first_due = select(func.min(levels.c.level)).where(levels.c.due.is_not(None)).scalar_subquery()
-    expired = case((t.c.expires_at <= utc_now(), 1), else_=0)
-    chosen = (select(t.c.id, t.c.tracked, expired.label("expired"))
-              .where(t.c.queue == bindparam("from_queue"), t.c.state == QUEUED, t.c.neg_priority == first_due,
-                     t.c.eta <= due_now())
-              .order_by(t.c.neg_priority, t.c.eta, t.c.id).limit(bindparam("limit", type_=Integer))
-              .with_for_update(skip_locked=True)
-              .cte("mqueue_claim").prefix_with("MATERIALIZED", dialect="postgresql"))
+    chosen = chosen_for_claim(due_jobs(t.c.id, t.c.tracked, EXPIRED_NOW.label("expired"), level=first_due))
     plain = ~exists().where(or_(chosen.c.tracked == 1, chosen.c.expired == 1))
     claimed = (update(t).where(t.c.id.in_(select(chosen.c.id)), t.c.state == QUEUED, plain)
                .values(**CLAIM_VALUES).returning(*CLAIM_COLUMNS).cte("mqueue_claimed"))
@@ -113,11 +107,7 @@ def _complete_alone():
     without dependents, by primary key in id order (as heartbeats lock
     them), and completes them only if that is all ``:wanted`` of them.
     """
-    ours = (select(t.c.id)
-            .where(t.c.id.in_(bindparam("job_ids", expanding=True)),
-                   tuple_(t.c.id, t.c.token).in_(bindparam("pairs", expanding=True)),
-                   t.c.state == RUNNING, t.c.has_dependents == 0)
-            .order_by(t.c.id).with_for_update()
+    ours = (select(t.c.id).where(*HELD_WITHOUT_DEPENDENTS).order_by(t.c.id).with_for_update()
             .cte("mqueue_ours").prefix_with("MATERIALIZED", dialect="postgresql"))
     every_one = select(func.count()).select_from(ours).scalar_subquery() == bindparam("wanted", type_=Integer)
     done = (update(t).where(t.c.id.in_(select(ours.c.id)), every_one).values(**SUCCESS_VALUES)
