@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import (DDL, JSON, Integer, Text, bindparam, cast, event, exists, func, insert, literal, or_, select,
-                        true, update)
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import (DDL, JSON, BigInteger, Integer, Text, and_, bindparam, cast, event, exists, func, insert,
+                        literal, or_, select, true, update)
+from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..schema import QUEUED, event_table
+from ..schema import QUEUED, RUNNING, event_table
 from ..wakeup import JOBS_CHANNEL
-from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, HELD_WITHOUT_DEPENDENTS, MAX_LEVELS, PRIORITY_LEVELS,
-                   SUCCESS_VALUES, Dialect, chosen_for_claim, due_jobs, t)
+from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, MAX_LEVELS, PRIORITY_LEVELS, SUCCESS_VALUES, Dialect,
+                   chosen_for_claim, due_jobs, t)
+from .driver import DriverStatement
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
 EVENTS_CHANNEL = "mqueue_events"
@@ -97,17 +98,22 @@ def _claim_alone():
     return select(*columns, *counts).select_from(one.outerjoin(claimed, true()))
 
 
-CLAIM_ALONE = _claim_alone()
+CLAIM_ALONE = DriverStatement(_claim_alone(), ("from_queue", "limit", "new_owner", "lease_seconds"))
 
 
 def _complete_alone():
-    """``PostgreSQLDialect.complete_many``'s statement: how many of ``:pairs`` (id, token) it completed.
+    """``PostgreSQLDialect.complete_many``'s statement: how many jobs of the batch it completed.
 
-    It locks the batch's rows still running under the caller's tokens and
+    The batch is two arrays, ``:ids`` and their ``:tokens`` (one parameter
+    each, so the statement text is the same for every batch size).  It
+    locks the batch's rows still running under the caller's tokens and
     without dependents, by primary key in id order (as heartbeats lock
     them), and completes them only if that is all ``:wanted`` of them.
     """
-    ours = (select(t.c.id).where(*HELD_WITHOUT_DEPENDENTS).order_by(t.c.id).with_for_update()
+    batch = (func.unnest(bindparam("ids", type_=ARRAY(BigInteger)), bindparam("tokens", type_=ARRAY(BigInteger)))
+             .table_valued("id", "token").render_derived(name="mqueue_batch"))
+    ours = (select(t.c.id).join(batch, and_(t.c.id == batch.c.id, t.c.token == batch.c.token))
+            .where(t.c.state == RUNNING, t.c.has_dependents == 0).order_by(t.c.id).with_for_update(of=t)
             .cte("mqueue_ours").prefix_with("MATERIALIZED", dialect="postgresql"))
     every_one = select(func.count()).select_from(ours).scalar_subquery() == bindparam("wanted", type_=Integer)
     done = (update(t).where(t.c.id.in_(select(ours.c.id)), every_one).values(**SUCCESS_VALUES)
@@ -115,7 +121,7 @@ def _complete_alone():
     return select(func.count()).select_from(done)
 
 
-COMPLETE_ALONE = _complete_alone()
+COMPLETE_ALONE = DriverStatement(_complete_alone(), ("ids", "tokens", "wanted"))
 
 
 #: ``psycopg.pq.TransactionStatus.IDLE``: no transaction open (libpq's PQTRANS_IDLE).
@@ -171,9 +177,8 @@ class PostgreSQLDialect(Dialect):
         have a due job, so the walk runs only when the first level gave
         fewer jobs than asked and another one has some.
         """
-        params = dict(from_queue=queue, limit=limit, new_owner=owner, lease_seconds=lease_seconds)
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            result = conn.execute(CLAIM_ALONE, params).all()
+        result = CLAIM_ALONE.run(engine, dict(from_queue=queue, limit=limit, new_owner=owner,
+                                              lease_seconds=lease_seconds))
         summary = result[0]
         claimed = self._rows(row for row in result if row.id is not None)
         walk = (summary.levels >= MAX_LEVELS
@@ -199,10 +204,9 @@ class PostgreSQLDialect(Dialect):
         one transaction, which sorts them out.
         """
         if not tracked:
-            params = dict(job_ids=[job_id for job_id, _ in jobs], pairs=list(jobs), wanted=len(jobs))
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                if conn.execute(COMPLETE_ALONE, params).scalar_one() == len(jobs):
-                    return [], []
+            params = dict(ids=[job_id for job_id, _ in jobs], tokens=[token for _, token in jobs], wanted=len(jobs))
+            if COMPLETE_ALONE.run(engine, params)[0][0] == len(jobs):
+                return [], []
         with engine.begin() as conn:
             return self.complete_jobs(conn, jobs, tracked)
 

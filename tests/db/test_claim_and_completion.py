@@ -165,3 +165,50 @@ def test_a_tracked_job_in_the_batch_publishes_succeeded(db, backend):
     with db.engine.connect() as conn:
         kinds = conn.execute(select(event_table.c.job_id, event_table.c.kind).order_by(event_table.c.id)).all()
     assert [tuple(k) for k in kinds] == [(pairs[0][0], "popped"), (pairs[0][0], "succeeded")]
+
+
+# -- PostgreSQL: the claim and the batched completion go straight to the driver's cursor ---------
+@pytest.mark.backends("postgresql")
+def test_a_connection_lost_under_the_claim_is_an_error_and_replaced(db, backend, database_url):
+    """A killed session gives SQLAlchemy's DBAPIError (what the worker's outage handling reads),
+    the dead connection leaves the pool, and the next claim gets the job."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+    job_id = add(db)
+    with db.engine.connect() as conn:   # the one pooled connection the claim will check out
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    killer = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        with killer.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), dict(pid=pid)).scalar_one()
+    finally:
+        killer.dispose()
+    with pytest.raises(DBAPIError) as raised:
+        claim(db, 1)
+    assert raised.value.connection_invalidated
+    assert db.dialect.is_transient(raised.value)
+    assert [row.id for row in claim(db, 1)] == [job_id]
+
+
+@pytest.mark.backends("postgresql")
+def test_an_error_in_a_driver_statement_leaves_its_connection_transactional(db, backend, database_url):
+    """After a failed statement in autocommit the pooled connection is switched back: the next
+    transaction on it rolls back as a whole."""
+    from sqlalchemy import bindparam, create_engine, literal
+    from sqlalchemy.exc import DBAPIError
+    from mqueue.dialects.driver import DriverStatement
+    engine = create_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        divide = DriverStatement(select((literal(1) / bindparam("by")).label("quotient")), ("by",))
+        assert divide.run(engine, dict(by=1))[0].quotient == 1
+        with pytest.raises(DBAPIError) as raised:
+            divide.run(engine, dict(by=0))
+        assert not raised.value.connection_invalidated
+        with engine.connect() as conn:
+            assert conn.connection.dbapi_connection.autocommit is False
+            conn.execute(insert(task_table).values(queue=QUEUE, name="claims.job", args="{}"))
+            conn.rollback()
+        with db.engine.connect() as conn:
+            assert conn.execute(select(task_table.c.id)).all() == []
+    finally:
+        engine.dispose()
