@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import (DDL, JSON, BigInteger, Integer, Text, and_, bindparam, cast, event, exists, func, insert,
-                        literal, or_, select, true, update)
-from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
+from sqlalchemy import (DDL, JSON, BigInteger, Integer, Text, bindparam, cast, event, exists, func, insert, literal,
+                        or_, select, true, tuple_, update)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -101,27 +101,33 @@ def _claim_alone():
 CLAIM_ALONE = DriverStatement(_claim_alone(), ("from_queue", "limit", "new_owner", "lease_seconds"))
 
 
-def _complete_alone():
-    """``PostgreSQLDialect.complete_many``'s statement: how many jobs of the batch it completed.
+def _complete_alone(size: int) -> DriverStatement:
+    """``PostgreSQLDialect.complete_many``'s statement for a batch of ``size``: how many jobs it completed.
 
-    The batch is two arrays, ``:ids`` and their ``:tokens`` (one parameter
-    each, so the statement text is the same for every batch size).  It
-    locks the batch's rows still running under the caller's tokens and
-    without dependents, by primary key in id order (as heartbeats lock
-    them), and completes them only if that is all ``:wanted`` of them.
+    The batch is ``:id_0``, ``:token_0`` ... one parameter per value, so
+    the server plans each batch size once (a prepared statement's generic
+    plan).  Given as two arrays, the statement was planned anew at every
+    completion, its arrays' lengths unknown to a generic plan (measured:
+    about 0.19 ms more per completion).  It locks the batch's rows still
+    running under the caller's tokens and without dependents, by primary
+    key in id order (as heartbeats lock them), and completes them only if
+    that is all ``:wanted`` of them.
     """
-    batch = (func.unnest(bindparam("ids", type_=ARRAY(BigInteger)), bindparam("tokens", type_=ARRAY(BigInteger)))
-             .table_valued("id", "token").render_derived(name="mqueue_batch"))
-    ours = (select(t.c.id).join(batch, and_(t.c.id == batch.c.id, t.c.token == batch.c.token))
-            .where(t.c.state == RUNNING, t.c.has_dependents == 0).order_by(t.c.id).with_for_update(of=t)
+    ids = [bindparam(f"id_{n}", type_=BigInteger) for n in range(size)]
+    pairs = [tuple_(job_id, bindparam(f"token_{n}", type_=BigInteger)) for n, job_id in enumerate(ids)]
+    ours = (select(t.c.id).where(t.c.id.in_(ids), tuple_(t.c.id, t.c.token).in_(pairs), t.c.state == RUNNING,
+                                 t.c.has_dependents == 0)
+            .order_by(t.c.id).with_for_update()
             .cte("mqueue_ours").prefix_with("MATERIALIZED", dialect="postgresql"))
     every_one = select(func.count()).select_from(ours).scalar_subquery() == bindparam("wanted", type_=Integer)
     done = (update(t).where(t.c.id.in_(select(ours.c.id)), every_one).values(**SUCCESS_VALUES)
             .returning(t.c.id).cte("mqueue_done"))
-    return select(func.count()).select_from(done)
+    names = [f"id_{n}" for n in range(size)] + [f"token_{n}" for n in range(size)] + ["wanted"]
+    return DriverStatement(select(func.count()).select_from(done), names)
 
 
-COMPLETE_ALONE = DriverStatement(_complete_alone(), ("ids", "tokens", "wanted"))
+#: ``_complete_alone`` of each batch size met so far.
+_COMPLETE_ALONE: dict[int, DriverStatement] = {}
 
 
 #: ``psycopg.pq.TransactionStatus.IDLE``: no transaction open (libpq's PQTRANS_IDLE).
@@ -196,7 +202,7 @@ class PostgreSQLDialect(Dialect):
         return claimed
 
     def complete_many(self, engine, jobs, tracked=()):
-        """``COMPLETE_ALONE`` on its own (autocommit): one round trip where ``complete_jobs`` takes four.
+        """``_complete_alone`` on its own (autocommit): one round trip where ``complete_jobs`` takes four.
 
         It completes every job of the batch or none: a job whose lease was
         lost, one that has dependents to release, or a tracked one (its
@@ -204,8 +210,13 @@ class PostgreSQLDialect(Dialect):
         one transaction, which sorts them out.
         """
         if not tracked:
-            params = dict(ids=[job_id for job_id, _ in jobs], tokens=[token for _, token in jobs], wanted=len(jobs))
-            if COMPLETE_ALONE.run(engine, params)[0][0] == len(jobs):
+            statement = _COMPLETE_ALONE.get(len(jobs))
+            if statement is None:
+                statement = _COMPLETE_ALONE.setdefault(len(jobs), _complete_alone(len(jobs)))
+            params = {"wanted": len(jobs)}
+            for n, (job_id, token) in enumerate(jobs):
+                params[f"id_{n}"], params[f"token_{n}"] = job_id, token
+            if statement.run(engine, params)[0][0] == len(jobs):
                 return [], []
         with engine.begin() as conn:
             return self.complete_jobs(conn, jobs, tracked)
