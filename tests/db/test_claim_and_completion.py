@@ -212,3 +212,17 @@ def test_an_error_in_a_driver_statement_leaves_its_connection_transactional(db, 
             assert conn.execute(select(task_table.c.id)).all() == []
     finally:
         engine.dispose()
+
+
+def test_a_driver_statement_runs_through_sqlalchemy_on_other_drivers(db, backend, database_url):
+    """Only psycopg's cursor is used directly; elsewhere the statement goes through ``Connection.execute``."""
+    from types import SimpleNamespace
+    from sqlalchemy import bindparam, create_engine, literal
+    from mqueue.dialects.driver import DriverStatement
+    engine = create_engine(database_url)
+    try:
+        divide = DriverStatement(select((literal(6) / bindparam("by")).label("quotient")), ("by",))
+        rows, executed = count_statements(SimpleNamespace(engine=engine), lambda: divide.run(engine, dict(by=3)))
+        assert rows[0].quotient == 2 and len(executed) == 1
+    finally:
+        engine.dispose()
