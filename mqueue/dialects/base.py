@@ -26,6 +26,7 @@ from ..schema import (CANCELED, EXPIRED, FAILED, FINISHED, QUEUED, RUNNING, STAT
                       cron_table, dependency_table, event_table, queue_table, task_table)
 from .functions import due_now, seconds_since, utc_now
 from .control import ControlStatements
+from .driver import DriverStatement
 from .history import HistoryStatements
 
 t = task_table
@@ -73,8 +74,9 @@ SUCCESS_VALUES = dict(state=SUCCEEDED, finished_at=utc_now(), run_seconds=second
 #: that got a dependent while it ran does not match, and ``complete_job``
 #: takes the path that releases dependents (so a job without any never
 #: looks for them: no extra statement).
-COMPLETE = (update(t).where(_FENCE, t.c.has_dependents == bindparam("seen_dependents", type_=Integer))
-            .values(**SUCCESS_VALUES))
+#: Sent to the driver's cursor (``driver.py``): it runs once for every job whose task wrote.
+COMPLETE = DriverStatement(update(t).where(_FENCE, t.c.has_dependents == bindparam("seen_dependents", type_=Integer))
+                           .values(**SUCCESS_VALUES), ("job_id", "job_token", "seen_dependents"))
 #: One job row; its columns are the keys of the parameters it is executed with.
 INSERT_JOB = insert(t)
 #: Many completions: lock the rows (by primary key, in id order like
@@ -84,12 +86,7 @@ LOCK_JOBS = (select(t.c.id, t.c.token, t.c.state, t.c.has_dependents)
              .where(t.c.id.in_(bindparam("job_ids", expanding=True)))
              .order_by(t.c.id).with_for_update())
 COMPLETE_MANY = update(t).where(t.c.id.in_(bindparam("job_ids", expanding=True))).values(**SUCCESS_VALUES)
-#: The jobs of ``:pairs`` (id, token; ``:job_ids`` their ids) still running under those tokens,
-#: without dependents: a batch ``complete_many`` completes by one statement.
-HELD_WITHOUT_DEPENDENTS = (t.c.id.in_(bindparam("job_ids", expanding=True)),
-                           tuple_(t.c.id, t.c.token).in_(bindparam("pairs", expanding=True)),
-                           t.c.state == RUNNING, t.c.has_dependents == 0)
-COMPLETE_HELD = update(t).where(*HELD_WITHOUT_DEPENDENTS).values(**SUCCESS_VALUES)
+#: (``complete_held``: the batched completion's one UPDATE; defined below.)
 HEARTBEAT = update(t).where(_FENCE).values(lease_expires_at=_LEASE)
 # The run-ending transitions below keep ``owner`` and ``started_at``: the
 # event they write next reads the run's worker and start from the row.
@@ -242,6 +239,38 @@ PRIORITY_LEVELS = _priority_levels()
 def _time_key(value) -> dt.datetime:
     """A claimed row's eta for sorting; an unreadable one (None) sorts first, as the database ran it."""
     return value if isinstance(value, dt.datetime) else dt.datetime.min
+
+
+def batch_names(size: int) -> list[str]:
+    """The parameters of a batch of ``size`` jobs: ``id_0`` ... then ``token_0`` ...."""
+    return [f"id_{n}" for n in range(size)] + [f"token_{n}" for n in range(size)]
+
+
+def batch_params(jobs: Sequence[tuple[int, int]]) -> dict[str, int]:
+    """``batch_names``' values for ``(id, token)`` pairs."""
+    params = {}
+    for n, (job_id, token) in enumerate(jobs):
+        params[f"id_{n}"], params[f"token_{n}"] = job_id, token
+    return params
+
+
+def held_without_dependents(size: int) -> tuple:
+    """The jobs of a batch (``batch_names``) still running under their tokens, without dependents.
+
+    One parameter per value, not an expanding list: the statement's text
+    is fixed for each batch size, so it can go to the driver directly and
+    PostgreSQL plans it once.
+    """
+    ids = [bindparam(f"id_{n}", type_=t.c.id.type) for n in range(size)]
+    pairs = [tuple_(job_id, bindparam(f"token_{n}", type_=t.c.token.type)) for n, job_id in enumerate(ids)]
+    return (t.c.id.in_(ids), tuple_(t.c.id, t.c.token).in_(pairs), t.c.state == RUNNING, t.c.has_dependents == 0)
+
+
+@functools.cache
+def complete_held(size: int) -> DriverStatement:
+    """Complete a batch of ``size`` held jobs (``held_without_dependents``): one UPDATE, its rowcount."""
+    return DriverStatement(update(t).where(*held_without_dependents(size)).values(**SUCCESS_VALUES),
+                           batch_names(size))
 
 
 class Dialect(HistoryStatements, ControlStatements):
@@ -546,9 +575,9 @@ class Dialect(HistoryStatements, ControlStatements):
         (``release_dependents``).
         """
         params = dict(job_id=job_id, job_token=token, seen_dependents=int(has_dependents))
-        done = conn.execute(COMPLETE, params).rowcount == 1
+        done = COMPLETE.run_in(conn, params) == 1
         if not done and not has_dependents:
-            has_dependents = done = conn.execute(COMPLETE, dict(params, seen_dependents=1)).rowcount == 1
+            has_dependents = done = COMPLETE.run_in(conn, dict(params, seen_dependents=1)) == 1
         if done and has_dependents:
             self.release_dependents(conn, [job_id])
         if done and tracked:
@@ -586,7 +615,7 @@ class Dialect(HistoryStatements, ControlStatements):
                       tracked: Sequence[int] = ()) -> tuple[list[int], list[int]]:
         """``complete_jobs`` for the worker's batches, committed when this returns.
 
-        First one guarded UPDATE (``COMPLETE_HELD``), committed only if it
+        First one guarded UPDATE (``complete_held``), committed only if it
         completed every job of the batch: all still held, untracked and
         without dependents, the common case (one statement where
         ``complete_jobs`` takes two).  Otherwise it is rolled back and
@@ -595,8 +624,7 @@ class Dialect(HistoryStatements, ControlStatements):
         with engine.connect() as conn:
             if not tracked:
                 with conn.begin() as transaction:
-                    params = dict(job_ids=[job_id for job_id, _ in jobs], pairs=list(jobs))
-                    if conn.execute(COMPLETE_HELD, params).rowcount == len(jobs):
+                    if complete_held(len(jobs)).run_in(conn, batch_params(jobs)) == len(jobs):
                         return [], []
                     transaction.rollback()
             with conn.begin():

@@ -25,13 +25,16 @@ import collections
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 
-#: The driver whose cursor is used directly (measured and tested with it); any other runs the
-#: statement through ``Connection.execute``, in autocommit too.
-DIRECT_DRIVER = "psycopg"
+#: Drivers whose cursor is used directly (measured and tested with them); with any other the
+#: statement goes through ``Connection.execute``.
+DIRECT_DRIVERS = frozenset({"psycopg", "pymysql"})
+#: The driver whose connections ``run`` switches to autocommit by an attribute (PyMySQL's
+#: ``autocommit()`` costs a round trip each way).
+AUTOCOMMIT_DRIVER = "psycopg"
 
 
 class _Compiled:
@@ -64,23 +67,25 @@ class _Compiled:
 
 
 class DriverStatement:
-    """A Core statement run in autocommit on the driver's cursor of a pooled connection (``DIRECT_DRIVER``).
-
-    The connection is switched to autocommit by the driver's own attribute
-    and back before it returns to the pool (SQLAlchemy's ``isolation_level``
-    option did the same at twice the CPU of the statement itself).
+    """A Core statement sent to the driver's cursor of a connection (``DIRECT_DRIVERS``).
 
     ``names``: the statement's bound parameters given at each call (the
-    others are the literal values compiled into it).  ``run`` returns the
-    rows as named tuples (attribute access like SQLAlchemy's rows).
-    Only for statements that return rows and are complete on their own:
-    each call is one statement in a transaction of its own, committed when
-    it returns.
+    others are the literal values compiled into it).  A statement that
+    returns rows gives them as named tuples (attribute access like
+    SQLAlchemy's rows); one that does not gives its rowcount.
+
+    ``run`` sends it on a pooled connection of its own in autocommit (for
+    statements complete on their own: committed when it returns); the
+    connection is switched by psycopg's own attribute and back before it
+    returns to the pool (SQLAlchemy's ``isolation_level`` option did the
+    same at twice the CPU of the statement itself).  ``run_in`` sends it
+    in the transaction of a ``Connection`` (a session's, a worker's).
     """
 
     def __init__(self, statement, names: Sequence[str]) -> None:
         self.statement = statement
         self.names = tuple(names)
+        self.returns_rows = bool(statement.exported_columns)
         self._by_dialect: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def compiled(self, dialect) -> _Compiled:
@@ -89,43 +94,68 @@ class DriverStatement:
             found = self._by_dialect.setdefault(dialect, _Compiled(self.statement, dialect, self.names))
         return found
 
-    def run(self, engine: Engine, params: Mapping[str, Any]) -> list:
-        dialect = engine.dialect
-        if dialect.driver != DIRECT_DRIVER:
+    def run(self, engine: Engine, params: Mapping[str, Any]):
+        if engine.dialect.driver != AUTOCOMMIT_DRIVER:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                return conn.execute(self.statement, params).all()
-        compiled = self.compiled(dialect)
-        sql, values = compiled.sql, compiled.values(params)
+                return self._through_sqlalchemy(conn, params)
         with engine.connect() as conn:
             dbapi_connection = conn.connection.dbapi_connection
-            cursor = None
             try:
                 dbapi_connection.autocommit = True
-                cursor = dbapi_connection.cursor()
-                conn.dispatch.before_cursor_execute(conn, cursor, sql, values, None, False)
-                cursor.execute(sql, values)
-                rows = cursor.fetchall()
-                conn.dispatch.after_cursor_execute(conn, cursor, sql, values, None, False)
-                if compiled.row_class is None:  # psycopg builds ``description`` anew at each reading
-                    compiled.row_class = collections.namedtuple(
-                        "DriverRow", [column[0] for column in cursor.description], rename=True)
-                cursor.close()
-                dbapi_connection.autocommit = False
-            except dialect.loaded_dbapi.Error as error:
-                # Never back to the pool in autocommit: a lost connection is invalidated, any other
-                # error leaves it idle (autocommit), so it can be switched back.
-                invalidated = dialect.is_disconnect(error, dbapi_connection, cursor)
-                if not invalidated:
+            except BaseException:
+                conn.invalidate()
+                raise
+            try:
+                return self._send(conn, params)
+            finally:
+                # Never back to the pool in autocommit.  After an error too: a failed
+                # statement leaves no transaction open, so it can be switched back.
+                if not conn.invalidated:
                     try:
                         dbapi_connection.autocommit = False
-                    except dialect.loaded_dbapi.Error:
-                        invalidated = True
-                if invalidated:
-                    conn.invalidate(error)
-                raise DBAPIError.instance(sql, values, error, dialect.loaded_dbapi.Error,
-                                          connection_invalidated=invalidated, dialect=dialect) from error
-            except BaseException:
-                conn.invalidate()  # interrupted (e.g. KeyboardInterrupt): the state is unknown
-                raise
+                    except BaseException:
+                        conn.invalidate()
+                        raise
+
+    def run_in(self, conn, params: Mapping[str, Any]):
+        """In the transaction of ``conn``: a ``Connection``, or a ``Session`` (its connection)."""
+        if not isinstance(conn, Connection):
+            conn = conn.connection()
+        if conn.dialect.driver not in DIRECT_DRIVERS:
+            return self._through_sqlalchemy(conn, params)
+        return self._send(conn, params)
+
+    def _through_sqlalchemy(self, conn: Connection, params: Mapping[str, Any]):
+        result = conn.execute(self.statement, params)
+        return result.all() if self.returns_rows else result.rowcount
+
+    def _send(self, conn: Connection, params: Mapping[str, Any]):
+        """Execute on ``conn``'s driver connection as ``Connection.execute`` would: events, errors, invalidation."""
+        dialect = conn.dialect
+        compiled = self.compiled(dialect)
+        sql, values = compiled.sql, compiled.values(params)
+        dbapi_connection = conn.connection.dbapi_connection
+        cursor = None
+        try:
+            cursor = dbapi_connection.cursor()
+            conn.dispatch.before_cursor_execute(conn, cursor, sql, values, None, False)
+            cursor.execute(sql, values)
+            result = cursor.fetchall() if self.returns_rows else cursor.rowcount
+            conn.dispatch.after_cursor_execute(conn, cursor, sql, values, None, False)
+            if self.returns_rows and compiled.row_class is None:  # psycopg builds ``description`` at each read
+                compiled.row_class = collections.namedtuple(
+                    "DriverRow", [column[0] for column in cursor.description], rename=True)
+            cursor.close()
+        except dialect.loaded_dbapi.Error as error:
+            invalidated = dialect.is_disconnect(error, dbapi_connection, cursor)
+            if invalidated:
+                conn.invalidate(error)
+            raise DBAPIError.instance(sql, values, error, dialect.loaded_dbapi.Error,
+                                      connection_invalidated=invalidated, dialect=dialect) from error
+        except BaseException:
+            conn.invalidate()  # interrupted (e.g. KeyboardInterrupt): the state is unknown
+            raise
+        if not self.returns_rows:
+            return result
         make = compiled.row_class._make
-        return [make(row) for row in rows]
+        return [make(row) for row in result]

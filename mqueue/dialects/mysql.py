@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, select, update
@@ -20,10 +21,13 @@ from sqlalchemy.exc import DBAPIError
 
 from ..schema import QUEUED
 from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, t
+from .driver import DriverStatement
 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
 #: (params ``from_queue``, ``level``, ``limit``); tests EXPLAIN it.
 CLAIM_SELECT = due_jobs(*CLAIM_COLUMNS).with_for_update(skip_locked=True)
+#: The same, sent to PyMySQL's cursor (``driver.py``), as are the level probes and the claim's UPDATE.
+_CLAIM_SELECT = DriverStatement(CLAIM_SELECT, ("from_queue", "level", "limit"))
 #: The ids of the worker's own window of one level's due jobs (param ``skip``: rows passed over),
 #: a plain read: no lock on the rows passed over (see ``claim_window``).
 WINDOW_IDS = due_jobs(t.c.id).offset(bindparam("skip", type_=Integer))
@@ -35,7 +39,22 @@ _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
 #: The next priority level with a queued job, after ``:after`` (None: the first; none while paused).
 FIRST_LEVEL = select(t.c.neg_priority).where(*_QUEUED_IN, NOT_PAUSED).order_by(t.c.neg_priority).limit(1)
 NEXT_LEVEL = FIRST_LEVEL.where(t.c.neg_priority > bindparam("after", type_=Integer))
+_FIRST_LEVEL = DriverStatement(FIRST_LEVEL, ("from_queue",))
+_NEXT_LEVEL = DriverStatement(NEXT_LEVEL, ("from_queue", "after"))
 CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).values(**CLAIM_VALUES)
+
+
+@functools.cache
+def _claim_update(size: int) -> DriverStatement:
+    """``CLAIM_UPDATE`` of ``size`` ids (``:id_0`` ...), so that its text is fixed for the driver."""
+    ids = [f"id_{n}" for n in range(size)]
+    statement = update(t).where(t.c.id.in_([bindparam(name, type_=t.c.id.type) for name in ids]))
+    return DriverStatement(statement.values(**CLAIM_VALUES), [*ids, "new_owner", "lease_seconds"])
+
+
+def _first(rows):
+    """The first column of the first row, or None: a scalar query's value."""
+    return rows[0][0] if rows else None
 
 # Errors that say "try again", not "this task is broken".
 TRANSIENT_CODES = {
@@ -111,7 +130,7 @@ class MySQLDialect(Dialect):
         statements of a few handler reads each, however many jobs wait.
         """
         claimed: list[ClaimedRow] = []
-        level = conn.execute(FIRST_LEVEL, dict(from_queue=queue)).scalar()
+        level = _first(_FIRST_LEVEL.run_in(conn, dict(from_queue=queue)))
         if skip and level is not None:
             claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
             if claimed:
@@ -122,7 +141,7 @@ class MySQLDialect(Dialect):
                 break
             claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
             if len(claimed) < limit:
-                level = conn.execute(NEXT_LEVEL, dict(from_queue=queue, after=level)).scalar()
+                level = _first(_NEXT_LEVEL.run_in(conn, dict(from_queue=queue, after=level)))
         else:
             if level is not None and len(claimed) < limit:  # more priorities than walked
                 claimed += self.claim_at_level(conn, queue, None, limit - len(claimed), owner, lease_seconds)
@@ -157,11 +176,15 @@ class MySQLDialect(Dialect):
         exactly, so InnoDB reads rows in index order and locks only the
         ``limit`` rows it returns (a filesort would lock every candidate).
         """
-        select_rows = CLAIM_SELECT if level is not None else CLAIM_SELECT_ANY_LEVEL
-        rows = conn.execute(select_rows, dict(from_queue=queue, level=level, limit=limit)).all()
+        params = dict(from_queue=queue, level=level, limit=limit)
+        if level is not None:
+            rows = _CLAIM_SELECT.run_in(conn, params)
+        else:
+            rows = conn.execute(CLAIM_SELECT_ANY_LEVEL, params).all()
         if not rows:
             return []
-        conn.execute(CLAIM_UPDATE, dict(ids=[r.id for r in rows], new_owner=owner, lease_seconds=lease_seconds))
+        claim = {f"id_{n}": row.id for n, row in enumerate(rows)}
+        _claim_update(len(rows)).run_in(conn, dict(claim, new_owner=owner, lease_seconds=lease_seconds))
         return self._popped(conn, self._rows(rows, token_offset=1))
 
     def set_lock_wait(self, dbapi_connection, seconds: float) -> None:

@@ -11,19 +11,20 @@ minutes and more).  A stall that the network itself keeps acknowledging
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
-from sqlalchemy import (DDL, JSON, BigInteger, Integer, Text, bindparam, cast, event, exists, func, insert, literal,
-                        or_, select, true, tuple_, update)
+from sqlalchemy import (DDL, JSON, Integer, Text, bindparam, cast, event, exists, func, insert, literal, or_, select,
+                        true, update)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..schema import QUEUED, RUNNING, event_table
+from ..schema import QUEUED, event_table
 from ..wakeup import JOBS_CHANNEL
 from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, MAX_LEVELS, PRIORITY_LEVELS, SUCCESS_VALUES, Dialect,
-                   chosen_for_claim, due_jobs, t)
+                   batch_names, batch_params, chosen_for_claim, due_jobs, held_without_dependents, t)
 from .driver import DriverStatement
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
@@ -101,6 +102,7 @@ def _claim_alone():
 CLAIM_ALONE = DriverStatement(_claim_alone(), ("from_queue", "limit", "new_owner", "lease_seconds"))
 
 
+@functools.cache
 def _complete_alone(size: int) -> DriverStatement:
     """``PostgreSQLDialect.complete_many``'s statement for a batch of ``size``: how many jobs it completed.
 
@@ -113,21 +115,13 @@ def _complete_alone(size: int) -> DriverStatement:
     key in id order (as heartbeats lock them), and completes them only if
     that is all ``:wanted`` of them.
     """
-    ids = [bindparam(f"id_{n}", type_=BigInteger) for n in range(size)]
-    pairs = [tuple_(job_id, bindparam(f"token_{n}", type_=BigInteger)) for n, job_id in enumerate(ids)]
-    ours = (select(t.c.id).where(t.c.id.in_(ids), tuple_(t.c.id, t.c.token).in_(pairs), t.c.state == RUNNING,
-                                 t.c.has_dependents == 0)
-            .order_by(t.c.id).with_for_update()
+    ours = (select(t.c.id).where(*held_without_dependents(size)).order_by(t.c.id).with_for_update()
             .cte("mqueue_ours").prefix_with("MATERIALIZED", dialect="postgresql"))
     every_one = select(func.count()).select_from(ours).scalar_subquery() == bindparam("wanted", type_=Integer)
     done = (update(t).where(t.c.id.in_(select(ours.c.id)), every_one).values(**SUCCESS_VALUES)
             .returning(t.c.id).cte("mqueue_done"))
-    names = [f"id_{n}" for n in range(size)] + [f"token_{n}" for n in range(size)] + ["wanted"]
-    return DriverStatement(select(func.count()).select_from(done), names)
+    return DriverStatement(select(func.count()).select_from(done), [*batch_names(size), "wanted"])
 
-
-#: ``_complete_alone`` of each batch size met so far.
-_COMPLETE_ALONE: dict[int, DriverStatement] = {}
 
 
 #: ``psycopg.pq.TransactionStatus.IDLE``: no transaction open (libpq's PQTRANS_IDLE).
@@ -210,13 +204,8 @@ class PostgreSQLDialect(Dialect):
         one transaction, which sorts them out.
         """
         if not tracked:
-            statement = _COMPLETE_ALONE.get(len(jobs))
-            if statement is None:
-                statement = _COMPLETE_ALONE.setdefault(len(jobs), _complete_alone(len(jobs)))
-            params = {"wanted": len(jobs)}
-            for n, (job_id, token) in enumerate(jobs):
-                params[f"id_{n}"], params[f"token_{n}"] = job_id, token
-            if statement.run(engine, params)[0][0] == len(jobs):
+            statement = _complete_alone(len(jobs))
+            if statement.run(engine, dict(batch_params(jobs), wanted=len(jobs)))[0][0] == len(jobs):
                 return [], []
         with engine.begin() as conn:
             return self.complete_jobs(conn, jobs, tracked)
