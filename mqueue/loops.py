@@ -59,7 +59,10 @@ class OutageLog:
 
     Every loop backs off on its own, on the same schedule (``outage_delay``),
     so the first loop to reach attempt N logs it and the others stay quiet
-    about N; the first success after that logs that the database is back.
+    about N; the first success after that logs that the database is back,
+    and the other loops still backing off retry at once rather than sleep
+    out their backoff (up to 5 s: a worker whose heartbeat saw the database
+    return would otherwise claim nothing for that long).
     ``describe(error)`` may word an error better than "database unavailable"
     (e.g. "table mqueue_task missing ...; run: python -m mqueue migrate").
 
@@ -75,9 +78,12 @@ class OutageLog:
         self._lock = threading.Lock()
         self._logged = 0                    # the highest attempt logged in this outage
         self._since: float | None = None    # monotonic time of its first failure
+        self._backing_off: set[Loop] = set()
 
-    def failed(self, activity: str, attempt: int, delay: float, error: BaseException) -> None:
+    def failed(self, loop: "Loop", attempt: int, delay: float, error: BaseException) -> None:
+        activity = loop.activity
         with self._lock:
+            self._backing_off.add(loop)
             if attempt <= self._logged:
                 return
             self._logged = attempt
@@ -93,12 +99,16 @@ class OutageLog:
             log.warning("database unavailable while %s (attempt %d), retrying in %.2fs: %s",
                         activity, attempt, delay, first_line(error))
 
-    def recovered(self, activity: str) -> None:
+    def recovered(self, loop: "Loop") -> None:
+        """``loop`` succeeded after failing: log the end of the outage once, cut the others' backoff."""
         with self._lock:
-            if self._since is None:
-                return
+            self._backing_off.discard(loop)
+            others, self._backing_off = self._backing_off, set()
             since, self._since, self._logged = self._since, None, 0
-        log.info("database available again (%s) after %.1fs", activity, time.monotonic() - since)
+        if since is not None:
+            log.info("database available again (%s) after %.1fs", loop.activity, time.monotonic() - since)
+        for other in others:
+            other.retry_now()
 
 
 class Loop:
@@ -140,7 +150,7 @@ class Loop:
             try:
                 delay = self._step()
                 if failures and not self._stopping.is_set():  # a step that stops may not have queried
-                    self._outages.recovered(self.activity)
+                    self._outages.recovered(self)
                 failures = 0
             except UNAVAILABLE as error:
                 if self._conflict(error):
@@ -152,7 +162,7 @@ class Loop:
                     continue
                 failures += 1
                 delay = outage_delay(failures)
-                self._outages.failed(self.activity, failures, delay, error)
+                self._outages.failed(self, failures, delay, error)
             except Exception:  # never let a duty die silently
                 failures += 1
                 delay = outage_delay(failures)
@@ -171,6 +181,10 @@ class Loop:
                 self._wake.clear()
                 return
             remaining -= slice_seconds
+
+    def retry_now(self) -> None:
+        """End the current wait (another loop found the database back): the next step runs at once."""
+        self._wake.set()
 
     def stop(self) -> None:
         """Finish the current step, then end (``join`` waits for that)."""

@@ -8,7 +8,9 @@ import time
 
 from sqlalchemy.exc import OperationalError
 
-from mqueue.loops import CONFLICT_JITTER_SECONDS, Loop, outage_delay
+from helpers import wait_for
+
+from mqueue.loops import CONFLICT_JITTER_SECONDS, Loop, OutageLog, outage_delay
 
 
 def failing_step(errors: int, error: Exception, calls: list[float], done: threading.Event):
@@ -55,3 +57,39 @@ def test_the_same_error_without_a_conflict_rule_is_an_outage(caplog):
     assert loop.conflicts == 0
     assert calls[1] - calls[0] >= outage_delay(1) - 0.01
     assert any("database unavailable while claiming" in r.getMessage() for r in caplog.records)
+
+
+def test_a_loop_that_sees_the_database_back_ends_the_backoff_of_the_others(caplog):
+    """The claiming loop, deep in its backoff, claims as soon as the heartbeat finds the database back."""
+    up = threading.Event()
+    claims: list[float] = []
+    beat_wake = threading.Event()
+
+    def claim() -> float:
+        claims.append(time.monotonic())
+        if not up.is_set():
+            raise lost_race()
+        return 60.0
+
+    def beat() -> float:
+        if not up.is_set():
+            raise lost_race()
+        return 60.0
+
+    outages = OutageLog()
+    claiming = Loop("claiming", claim, outages=outages)
+    heartbeating = Loop("heartbeating", beat, wake=beat_wake, outages=outages)
+    with caplog.at_level(logging.INFO, logger="mqueue.worker"):
+        claiming.start("test-claim")
+        heartbeating.start("test-beat")
+        wait_for(lambda: len(claims) == 4, timeout=5)   # now sleeping outage_delay(4) = 2 s
+        up.set()
+        back = time.monotonic()
+        beat_wake.set()                                  # the heartbeat's next step succeeds
+        wait_for(lambda: len(claims) == 5, timeout=5)
+        for loop in (claiming, heartbeating):
+            loop.stop()
+            assert loop.join(5)
+    assert outage_delay(4) == 2.0
+    assert claims[4] - back < 0.5, claims[4] - back
+    assert sum("database available again (heartbeating)" in r.getMessage() for r in caplog.records) == 1
