@@ -397,6 +397,24 @@ class Dialect(HistoryStatements, ControlStatements):
             result = conn.execute(INSERT_JOB, values)
         return int(result.inserted_primary_key[0])
 
+    @staticmethod
+    def shared_values(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+        """The values every row has alike, ``args`` left out; None if the rows differ in more than ``args``.
+
+        The rows of one ``enqueue_many`` come from one ``TaskCall``, so only
+        ``args`` differs: a dialect then sends the others once and the
+        ``args`` as one JSON array (``insert_jobs``), not one parameter per
+        row and column.
+        """
+        first = rows[0]
+        if "args" not in first or any(isinstance(value, ClauseElement) for value in first.values()):
+            return None
+        shared = {key: value for key, value in first.items() if key != "args"}
+        for row in rows:
+            if len(row) != len(first) or any(key not in row or row[key] != value for key, value in shared.items()):
+                return None
+        return shared
+
     def insert_jobs(self, conn, rows: Sequence[dict[str, Any]]) -> list[int]:
         """Insert many rows in one statement batch; ids in input order.  Locks only the new rows."""
         if not rows:

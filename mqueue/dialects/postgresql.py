@@ -224,15 +224,13 @@ class PostgreSQLDialect(Dialect):
         """
         if not rows:
             return []
-        first = rows[0]
-        keys = set(first)
-        if "args" not in keys or any(set(row) != keys or any(row[k] != first[k] for k in keys if k != "args")
-                                     for row in rows):
+        shared = self.shared_values(rows)
+        if shared is None:
             return super().insert_jobs(conn, rows)
-        constants = [k for k in first if k != "args"]
+        constants = list(shared)
         unnested = func.json_array_elements_text(cast(bindparam("args_list", type_=Text), JSON)).table_valued(
             "args", with_ordinality="position").render_derived(name="mqueue_batch")
-        chosen = select(*[literal(first[k], type_=t.c[k].type) for k in constants], unnested.c.args) \
+        chosen = select(*[literal(shared[k], type_=t.c[k].type) for k in constants], unnested.c.args) \
             .order_by(unnested.c.position)
         stmt = insert(t).from_select([*constants, "args"], chosen).returning(t.c.id)
         ids = conn.execute(stmt, {"args_list": json.dumps([row["args"] for row in rows])}).scalars().all()

@@ -14,11 +14,11 @@ import traceback
 
 import pytest
 from helpers import free_port, run_python, wait_for
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 
 import mqueue
 from mqueue.config import settings
-from mqueue.encoding import decode_args
+from mqueue.encoding import decode_args, encode_args
 from mqueue.migrate import upgrade
 from mqueue.schema import task_table as t
 
@@ -301,6 +301,38 @@ def test_enqueue_many_of_a_thousand_returns_ids_in_order(db, observer):
         r = stored[job_id]
         assert decode_args(r.args) == {"n": n}
         assert (r.name, r.queue, r.priority, r.max_retries, r.state) == ("tenq.tuned", "tenq-tuned", 9, 4, "queued")
+
+
+def test_enqueue_many_of_text_larger_than_one_statement_stores_every_character(db, observer):
+    """Over a megabyte of arguments (MariaDB sends them in several statements of at most 512 KiB of
+    text, as one JSON array each): quotes, backslashes, control characters and 4-byte UTF-8 come back
+    as stored by a single enqueue, and the ids are in input order."""
+    odd = 'quote " backslash \\ newline \n tab \t nul-ish \\u0000 é ß 中文 😀 '
+    calls = [{"to": f"{n}:" + odd * (40 + n % 7), "subject": "é" * (n % 3)} for n in range(400)]
+    assert sum(len(encode_args(call, "tenq.mail")) for call in calls) > 2 * 512 * 1024
+    with db.session():
+        ids = mail.enqueue_many(calls)
+    assert ids == sorted(ids) and len(set(ids)) == len(calls)
+    stored = {r.id: r for r in rows(observer)}
+    assert [stored[job_id].args for job_id in ids] == [encode_args(call, "tenq.mail") for call in calls]
+    assert [decode_args(stored[job_id].args) for job_id in ids] == calls
+
+
+def test_enqueue_many_on_a_handle_that_never_connected_is_one_insert_statement(db, database_url, observer):
+    """Before its first connection an engine does not know the server's version (so on MariaDB
+    whether INSERT ... RETURNING exists): the batch must still go as one statement, not 1,000."""
+    fresh = mqueue.Database(database_url)
+    inserts: list[str] = []
+    event.listen(fresh.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: inserts.append(statement)
+                 if statement.lstrip().upper().startswith("INSERT") else None)
+    try:
+        with fresh.session():
+            ids = mail.enqueue_many({"to": f"user{n}@example.com"} for n in range(1000))
+    finally:
+        fresh.dispose()
+    assert len(inserts) == 1, inserts[:3]
+    assert ids == sorted(ids) and count(observer) == 1000
 
 
 def test_enqueue_many_of_nothing_stores_nothing(db, observer):
