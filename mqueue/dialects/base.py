@@ -241,9 +241,19 @@ def _time_key(value) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.min
 
 
+def id_names(size: int) -> list[str]:
+    """One parameter per id of ``size`` ids, ``id_0`` ...: a statement text fixed for each size."""
+    return [f"id_{n}" for n in range(size)]
+
+
+def id_params(ids: Sequence[int]) -> dict[str, int]:
+    """``id_names``' values."""
+    return {f"id_{n}": job_id for n, job_id in enumerate(ids)}
+
+
 def batch_names(size: int) -> list[str]:
     """The parameters of a batch of ``size`` jobs: ``id_0`` ... then ``token_0`` ...."""
-    return [f"id_{n}" for n in range(size)] + [f"token_{n}" for n in range(size)]
+    return id_names(size) + [f"token_{n}" for n in range(size)]
 
 
 def batch_params(jobs: Sequence[tuple[int, int]]) -> dict[str, int]:
@@ -261,7 +271,7 @@ def held_without_dependents(size: int) -> tuple:
     is fixed for each batch size, so it can go to the driver directly and
     PostgreSQL plans it once.
     """
-    ids = [bindparam(f"id_{n}", type_=t.c.id.type) for n in range(size)]
+    ids = [bindparam(name, type_=t.c.id.type) for name in id_names(size)]
     pairs = [tuple_(job_id, bindparam(f"token_{n}", type_=t.c.token.type)) for n, job_id in enumerate(ids)]
     return (t.c.id.in_(ids), tuple_(t.c.id, t.c.token).in_(pairs), t.c.state == RUNNING, t.c.has_dependents == 0)
 

@@ -22,7 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ..schema import QUEUED
-from .base import CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, t
+from .base import (CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, id_names,
+                   id_params, t)
 from .driver import DriverStatement
 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
@@ -49,7 +50,7 @@ CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).val
 @functools.cache
 def _claim_update(size: int) -> DriverStatement:
     """``CLAIM_UPDATE`` of ``size`` ids (``:id_0`` ...), so that its text is fixed for the driver."""
-    ids = [f"id_{n}" for n in range(size)]
+    ids = id_names(size)
     statement = update(t).where(t.c.id.in_([bindparam(name, type_=t.c.id.type) for name in ids]))
     return DriverStatement(statement.values(**CLAIM_VALUES), [*ids, "new_owner", "lease_seconds"])
 
@@ -215,7 +216,7 @@ class MySQLDialect(Dialect):
             rows = conn.execute(CLAIM_SELECT_ANY_LEVEL, params).all()
         if not rows:
             return []
-        claim = {f"id_{n}": row.id for n, row in enumerate(rows)}
+        claim = id_params([row.id for row in rows])
         _claim_update(len(rows)).run_in(conn, dict(claim, new_owner=owner, lease_seconds=lease_seconds))
         return self._popped(conn, self._rows(rows, token_offset=1))
 
