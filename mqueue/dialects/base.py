@@ -241,6 +241,19 @@ def _time_key(value) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.min
 
 
+def insert_from_array(columns: Sequence[str], source, args, position):
+    """``INSERT INTO mqueue_task (columns..., args) SELECT :columns..., args FROM source ORDER BY position``.
+
+    ``source`` is the backend's table function over one JSON array of the
+    batch's ``args`` (parameter ``args_list``), ``args`` and ``position`` its
+    columns; the other columns are one parameter each, named after the
+    column.  Rows are inserted in array order, so their ids sorted are too.
+    """
+    chosen = select(*[bindparam(name, type_=t.c[name].type) for name in columns], args) \
+        .select_from(source).order_by(position)
+    return insert(t).from_select([*columns, "args"], chosen)
+
+
 def id_names(size: int) -> list[str]:
     """One parameter per id of ``size`` ids, ``id_0`` ...: a statement text fixed for each size."""
     return [f"id_{n}" for n in range(size)]

@@ -16,14 +16,14 @@ import functools
 import json
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, insert, literal_column, select, text, update
+from sqlalchemy import Integer, bindparam, literal_column, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ..schema import QUEUED
 from .base import (CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, id_names,
-                   id_params, t)
+                   id_params, insert_from_array, t)
 from .driver import DriverStatement
 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
@@ -63,12 +63,11 @@ BATCH_ARGS_CHARS = 512 * 1024
 
 @functools.cache
 def _batch_insert(columns: tuple[str, ...]):
-    """``INSERT INTO mqueue_task (columns..., args) SELECT :columns..., args FROM JSON_TABLE(:args_list)``."""
+    """``insert_from_array`` over ``JSON_TABLE(:args_list)``, returning the ids."""
     batch = text("JSON_TABLE(:args_list, '$[*]' COLUMNS (n FOR ORDINALITY, args LONGTEXT PATH '$')) "
                  "AS mqueue_batch")
-    chosen = select(*[bindparam(name, type_=t.c[name].type) for name in columns],
-                    literal_column("mqueue_batch.args")).select_from(batch).order_by(literal_column("mqueue_batch.n"))
-    return insert(t).from_select([*columns, "args"], chosen).returning(t.c.id)
+    return insert_from_array(columns, batch, literal_column("mqueue_batch.args"),
+                             literal_column("mqueue_batch.n")).returning(t.c.id)
 
 
 def _chunks_of_args(rows):

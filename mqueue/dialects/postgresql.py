@@ -24,7 +24,8 @@ from sqlalchemy.sql.elements import ClauseElement
 from ..schema import QUEUED, event_table
 from ..wakeup import JOBS_CHANNEL
 from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, MAX_LEVELS, PRIORITY_LEVELS, SUCCESS_VALUES, Dialect,
-                   batch_names, batch_params, chosen_for_claim, due_jobs, held_without_dependents, t)
+                   batch_names, batch_params, chosen_for_claim, due_jobs, held_without_dependents,
+                   insert_from_array, t)
 from .driver import DriverStatement
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
@@ -128,6 +129,15 @@ def _complete_alone(size: int) -> DriverStatement:
 _IDLE = 0
 
 
+
+@functools.cache
+def _batch_insert(columns: tuple[str, ...]):
+    """``insert_from_array`` over ``json_array_elements_text(:args_list) WITH ORDINALITY``, returning the ids."""
+    unnested = func.json_array_elements_text(cast(bindparam("args_list", type_=Text), JSON)).table_valued(
+        "args", with_ordinality="position").render_derived(name="mqueue_batch")
+    return insert_from_array(columns, unnested, unnested.c.args, unnested.c.position).returning(t.c.id)
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
     default_port = 5432
@@ -227,13 +237,8 @@ class PostgreSQLDialect(Dialect):
         shared = self.shared_values(rows)
         if shared is None:
             return super().insert_jobs(conn, rows)
-        constants = list(shared)
-        unnested = func.json_array_elements_text(cast(bindparam("args_list", type_=Text), JSON)).table_valued(
-            "args", with_ordinality="position").render_derived(name="mqueue_batch")
-        chosen = select(*[literal(shared[k], type_=t.c[k].type) for k in constants], unnested.c.args) \
-            .order_by(unnested.c.position)
-        stmt = insert(t).from_select([*constants, "args"], chosen).returning(t.c.id)
-        ids = conn.execute(stmt, {"args_list": json.dumps([row["args"] for row in rows])}).scalars().all()
+        ids = conn.execute(_batch_insert(tuple(shared)),
+                           dict(shared, args_list=json.dumps([row["args"] for row in rows]))).scalars().all()
         return sorted(int(job_id) for job_id in ids)
 
     def insert_if_key_free(self, conn, values):

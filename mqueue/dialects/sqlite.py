@@ -11,16 +11,19 @@ RETURNING``, serialized by that lock.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import sqlite3
 from typing import Any
 
-from sqlalchemy import DDL, event, insert, text
+from sqlalchemy import DDL, Text, bindparam, event, func, insert, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import task_table
-from .base import Dialect
+from .base import Dialect, insert_from_array
 
 #: Longer than any heartbeat interval: a task holding the write lock must
 #: delay, not fail, other workers' heartbeats.
@@ -84,6 +87,17 @@ NORMALIZE_ETA_TRIGGERS = (_normalize_eta("AFTER INSERT", "mqueue_task_eta_on_ins
                           _normalize_eta("AFTER UPDATE OF eta", "mqueue_task_eta_on_update"))
 for _trigger in NORMALIZE_ETA_TRIGGERS:
     event.listen(task_table, "after_create", DDL(_trigger.replace("%", "%%")).execute_if(dialect="sqlite"))
+
+
+#: JSON functions are part of every SQLite from 3.38 (before, a compile-time option).
+JSON_BUILT_IN = sqlite3.sqlite_version_info >= (3, 38)
+
+
+@functools.cache
+def _batch_insert(columns: tuple[str, ...]):
+    """``insert_from_array`` over ``json_each(:args_list)`` (its ``key`` is the array position)."""
+    elements = func.json_each(bindparam("args_list", type_=Text)).table_valued("key", "value", name="mqueue_batch")
+    return insert_from_array(columns, elements, elements.c.value, elements.c.key)
 
 
 class SQLiteDialect(Dialect):
@@ -169,7 +183,10 @@ class SQLiteDialect(Dialect):
         return engine.execution_options(**{READ_ONLY_OPTION: True})
 
     def insert_jobs(self, conn, rows):
-        """One executemany, ids from ``last_insert_rowid()``.
+        """One ``INSERT ... SELECT ... FROM json_each(:args)`` (as on the servers), ids from ``last_insert_rowid()``.
+
+        Rows that differ in more than ``args`` go as one executemany, as do all
+        rows on an SQLite older than 3.38 (JSON functions optional there).
 
         Consecutive by construction: the transaction holds the only write
         lock (BEGIN IMMEDIATE) and ``AUTOINCREMENT`` numbers new rows one
@@ -178,7 +195,12 @@ class SQLiteDialect(Dialect):
         """
         if not rows:
             return []
-        conn.execute(insert(task_table), list(rows))
+        shared = self.shared_values(rows) if JSON_BUILT_IN else None
+        if shared is None:
+            conn.execute(insert(task_table), list(rows))
+        else:
+            conn.execute(_batch_insert(tuple(shared)),
+                         dict(shared, args_list=json.dumps([row["args"] for row in rows], ensure_ascii=False)))
         last = conn.execute(text("SELECT last_insert_rowid()")).scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
 
