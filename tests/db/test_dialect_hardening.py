@@ -385,3 +385,19 @@ def test_hand_written_etas_on_sqlite_keep_their_meaning(db, backend):
     assert admin.get_job(db, 4).state == FAILED
     assert admin.retry_job(db, 4).eta <= db_now(db)  # retry makes it due now, in the layout SQLite compares
     assert claim(db)[0].id == 4
+
+
+def test_insert_jobs_of_rows_that_differ_in_more_than_args_keeps_each_rows_values_and_order(db):
+    """``insert_jobs`` sends the columns other than ``args`` once when every row shares them; rows
+    that do not (not one TaskCall's) take the row-by-row batch, each with its own values."""
+    rows = [dict(queue=QUEUE, name="thard.ok", args=json.dumps({"n": n}), priority=n % 3) for n in range(30)]
+    rows[7]["queue"] = "thard-other"
+    with db.session() as session:
+        ids = db.dialect.insert_jobs(session, rows)
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    with db.engine.connect() as conn:
+        stored = {r.id: r for r in conn.execute(select(t.c.id, t.c.queue, t.c.args, t.c.priority))}
+    assert [(stored[i].queue, json.loads(stored[i].args)["n"], stored[i].priority) for i in ids] == \
+        [(row["queue"], n, n % 3) for n, row in enumerate(rows)]
+    assert db.dialect.shared_values(rows) is None
+    assert db.dialect.shared_values(rows[9:10]) == dict(queue=QUEUE, name="thard.ok", priority=0)
