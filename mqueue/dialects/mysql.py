@@ -226,7 +226,7 @@ class MySQLDialect(Dialect):
         cursor.close()
 
     def insert_jobs(self, conn, rows):
-        """MariaDB: ``INSERT ... SELECT ... FROM JSON_TABLE(:args) ... RETURNING id`` per megabyte of ``args``.
+        """MariaDB: ``INSERT ... SELECT ... FROM JSON_TABLE(:args) ... RETURNING id`` per 512 KiB of ``args``.
 
         As on PostgreSQL, the rows of one ``enqueue_many`` differ only in
         ``args``: they go as one JSON array of strings (one C-speed

@@ -129,7 +129,6 @@ def _complete_alone(size: int) -> DriverStatement:
 _IDLE = 0
 
 
-
 @functools.cache
 def _batch_insert(columns: tuple[str, ...]):
     """``insert_from_array`` over ``json_array_elements_text(:args_list) WITH ORDINALITY``, returning the ids."""
