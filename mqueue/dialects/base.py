@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import json
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (Float, Integer, String, Text, and_, bindparam, case, cast, delete, event, exists, func,
@@ -252,6 +253,11 @@ def insert_from_array(columns: Sequence[str], source, args, position):
     chosen = select(*[bindparam(name, type_=t.c[name].type) for name in columns], args) \
         .select_from(source).order_by(position)
     return insert(t).from_select([*columns, "args"], chosen)
+
+
+def array_params(shared: dict[str, Any], args: Iterable[str]) -> dict[str, Any]:
+    """The parameters of an ``insert_from_array`` statement: ``shared`` plus ``args_list``, one JSON array."""
+    return dict(shared, args_list=json.dumps(list(args), ensure_ascii=False))
 
 
 def id_names(size: int) -> list[str]:

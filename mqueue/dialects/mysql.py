@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, literal_column, select, text, update
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..schema import QUEUED
 from .base import (CLAIM_COLUMNS, CLAIM_VALUES, MAX_LEVELS, NOT_PAUSED, ClaimedRow, Dialect, due_jobs, id_names,
-                   id_params, insert_from_array, t)
+                   id_params, insert_from_array, array_params, t)
 from .driver import DriverStatement
 
 #: The claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` of one priority level
@@ -250,8 +249,7 @@ class MySQLDialect(Dialect):
         statement = _batch_insert(tuple(shared))
         ids: list[int] = []
         for chunk in _chunks_of_args(rows):
-            params = dict(shared, args_list=json.dumps(chunk, ensure_ascii=False))
-            ids += (int(row[0]) for row in conn.execute(statement, params))
+            ids += (int(row[0]) for row in conn.execute(statement, array_params(shared, chunk)))
         return sorted(ids)
 
     def is_transient(self, error: BaseException) -> bool:

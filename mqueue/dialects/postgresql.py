@@ -12,7 +12,6 @@ minutes and more).  A stall that the network itself keeps acknowledging
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 from sqlalchemy import (DDL, JSON, Integer, Text, bindparam, cast, event, exists, func, insert, literal, or_, select,
@@ -25,7 +24,7 @@ from ..schema import QUEUED, event_table
 from ..wakeup import JOBS_CHANNEL
 from .base import (CLAIM_COLUMNS, CLAIM_VALUES, EXPIRED_NOW, MAX_LEVELS, PRIORITY_LEVELS, SUCCESS_VALUES, Dialect,
                    batch_names, batch_params, chosen_for_claim, due_jobs, held_without_dependents,
-                   insert_from_array, t)
+                   insert_from_array, array_params, t)
 from .driver import DriverStatement
 
 #: ``admin.events(follow=True)`` listens here; a published event notifies it at its commit.
@@ -237,7 +236,7 @@ class PostgreSQLDialect(Dialect):
         if shared is None:
             return super().insert_jobs(conn, rows)
         ids = conn.execute(_batch_insert(tuple(shared)),
-                           dict(shared, args_list=json.dumps([row["args"] for row in rows]))).scalars().all()
+                           array_params(shared, (row["args"] for row in rows))).scalars().all()
         return sorted(int(job_id) for job_id in ids)
 
     def insert_if_key_free(self, conn, values):

@@ -12,7 +12,6 @@ RETURNING``, serialized by that lock.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 from typing import Any
@@ -23,7 +22,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..schema import task_table
-from .base import Dialect, insert_from_array
+from .base import Dialect, array_params, insert_from_array
 
 #: Longer than any heartbeat interval: a task holding the write lock must
 #: delay, not fail, other workers' heartbeats.
@@ -199,8 +198,7 @@ class SQLiteDialect(Dialect):
         if shared is None:
             conn.execute(insert(task_table), list(rows))
         else:
-            conn.execute(_batch_insert(tuple(shared)),
-                         dict(shared, args_list=json.dumps([row["args"] for row in rows], ensure_ascii=False)))
+            conn.execute(_batch_insert(tuple(shared)), array_params(shared, (row["args"] for row in rows)))
         last = conn.execute(text("SELECT last_insert_rowid()")).scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
 
