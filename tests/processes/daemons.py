@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from helpers import python_env, sqlite_write_lock_free, wait_for, whole_lines
@@ -372,7 +374,7 @@ def stopped(pid: int) -> bool:
     return process_state(pid) == "T"
 
 
-def pause(daemon, db, job_id, attempts=10) -> None:
+def pause(daemon, db, job_id, attempts=30) -> None:
     """SIGSTOP ``daemon`` at a moment it holds no database lock others need.
 
     A worker stopped inside one of its few-millisecond transactions (a claim
@@ -386,4 +388,5 @@ def pause(daemon, db, job_id, attempts=10) -> None:
             return
         daemon.send(signal.SIGCONT)
         wait_for(lambda: not stopped(daemon.pid), timeout=5)
+        time.sleep(random.uniform(0.0, 0.02))  # land elsewhere in the worker's cycle next time
     raise AssertionError(f"could not pause {daemon} outside a transaction in {attempts} attempts")
