@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, literal_column, select, text, update
+from sqlalchemy import Integer, bindparam, func, literal_column, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -38,10 +38,15 @@ CLAIM_BY_ID = (select(*CLAIM_COLUMNS).where(t.c.id.in_(bindparam("ids", expandin
                .order_by(t.c.id).with_for_update(skip_locked=True))
 CLAIM_SELECT_ANY_LEVEL = due_jobs(*CLAIM_COLUMNS, at_level=False).with_for_update(skip_locked=True)
 _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
-#: The next priority level with a queued job, after ``:after`` (None: the first; none while paused).
-FIRST_LEVEL = select(t.c.neg_priority).where(*_QUEUED_IN, NOT_PAUSED).order_by(t.c.neg_priority).limit(1)
-NEXT_LEVEL = FIRST_LEVEL.where(t.c.neg_priority > bindparam("after", type_=Integer))
-_FIRST_LEVEL = DriverStatement(FIRST_LEVEL, ("from_queue",))
+#: The first and last priority levels with a queued job (None, None: none, or paused): two index
+#: dives ("Select tables optimized away").  When they are equal, a claim that the first level
+#: cannot fill needs no probe for a next one.
+LEVEL_RANGE = select(func.min(t.c.neg_priority), func.max(t.c.neg_priority)).where(*_QUEUED_IN, NOT_PAUSED)
+#: The next priority level with a queued job after ``:after`` (none while paused).
+NEXT_LEVEL = (select(t.c.neg_priority)
+              .where(*_QUEUED_IN, NOT_PAUSED, t.c.neg_priority > bindparam("after", type_=Integer))
+              .order_by(t.c.neg_priority).limit(1))
+_LEVEL_RANGE = DriverStatement(LEVEL_RANGE, ("from_queue",))
 _NEXT_LEVEL = DriverStatement(NEXT_LEVEL, ("from_queue", "after"))
 CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).values(**CLAIM_VALUES)
 
@@ -155,13 +160,14 @@ class MySQLDialect(Dialect):
         The portable recursive CTE does not work here: MariaDB 10.11 runs
         its correlated probes as ``ref`` lookups on ``(queue, state)`` and
         reads every row of the queue (measured: 50,000 handler reads with
-        20,000 scheduled jobs).  With constants, ``FIRST_LEVEL``/``NEXT_LEVEL``
-        are one index descent each, and the claim's SELECT an index range
-        that ends at the level's first future row: an idle poll is three
-        statements of a few handler reads each, however many jobs wait.
+        20,000 scheduled jobs).  With constants, ``LEVEL_RANGE``/``NEXT_LEVEL``
+        are one or two index descents each, and the claim's SELECT an index range
+        that ends at the level's first future row: a poll that finds only
+        scheduled jobs is two statements (three with more than one level) of a
+        few handler reads each, however many jobs wait.
         """
         claimed: list[ClaimedRow] = []
-        level = _first(_FIRST_LEVEL.run_in(conn, dict(from_queue=queue)))
+        level, last_level = _LEVEL_RANGE.run_in(conn, dict(from_queue=queue))[0]
         if skip and level is not None:
             claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
             if claimed:
@@ -172,7 +178,8 @@ class MySQLDialect(Dialect):
                 break
             claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
             if len(claimed) < limit:
-                level = _first(_NEXT_LEVEL.run_in(conn, dict(from_queue=queue, after=level)))
+                level = None if level == last_level else _first(
+                    _NEXT_LEVEL.run_in(conn, dict(from_queue=queue, after=level)))
         else:
             if level is not None and len(claimed) < limit:  # more priorities than walked
                 claimed += self.claim_at_level(conn, queue, None, limit - len(claimed), owner, lease_seconds)
