@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, literal_column, select, text, update
+from sqlalchemy import Integer, bindparam, func, literal_column, null, select, text, union_all, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -47,6 +47,18 @@ NEXT_LEVEL = (select(t.c.neg_priority)
               .where(*_QUEUED_IN, NOT_PAUSED, t.c.neg_priority > bindparam("after", type_=Integer))
               .order_by(t.c.neg_priority).limit(1))
 _LEVEL_RANGE = DriverStatement(LEVEL_RANGE, ("from_queue",))
+_RANGE_LABELS = (func.min(t.c.neg_priority).label("first_level"), func.max(t.c.neg_priority).label("last_level"))
+#: The claim's first statement: ``LEVEL_RANGE`` as one row (its ``id`` NULL) and, in the same
+#: round trip, ``CLAIM_SELECT`` of the first level (found by a scalar subquery, another two index
+#: dives: EXPLAIN "Select tables optimized away", so the locking read is still one range of the
+#: claim index).  A claim that the first level fills is then this SELECT, the UPDATE and COMMIT;
+#: an idle poll is still one statement.
+HEAD_CLAIM = union_all(
+    select(*_RANGE_LABELS, *(null().label(column.name) for column in CLAIM_COLUMNS)).where(*_QUEUED_IN, NOT_PAUSED),
+    due_jobs(null().label("first_level"), null().label("last_level"), *CLAIM_COLUMNS,
+             level=select(func.min(t.c.neg_priority)).where(*_QUEUED_IN, NOT_PAUSED).scalar_subquery())
+    .with_for_update(skip_locked=True))
+_HEAD_CLAIM = DriverStatement(HEAD_CLAIM, ("from_queue", "limit"))
 _NEXT_LEVEL = DriverStatement(NEXT_LEVEL, ("from_queue", "after"))
 CLAIM_UPDATE = update(t).where(t.c.id.in_(bindparam("ids", expanding=True))).values(**CLAIM_VALUES)
 
@@ -160,28 +172,37 @@ class MySQLDialect(Dialect):
         The portable recursive CTE does not work here: MariaDB 10.11 runs
         its correlated probes as ``ref`` lookups on ``(queue, state)`` and
         reads every row of the queue (measured: 50,000 handler reads with
-        20,000 scheduled jobs).  With constants, ``LEVEL_RANGE``/``NEXT_LEVEL``
-        are one or two index descents each, and the claim's SELECT an index range
-        that ends at the level's first future row: a poll that finds only
-        scheduled jobs is two statements (three with more than one level) of a
-        few handler reads each, however many jobs wait.
+        20,000 scheduled jobs).  With constants, the level probes are one or
+        two index descents each, and the claim's SELECT an index range that
+        ends at the level's first future row.  ``HEAD_CLAIM`` reads the first
+        and last levels and locks the first level's due jobs in one
+        statement: an idle poll, or a claim that the first level fills or
+        that takes the last jobs of the only level, is that statement (and
+        the UPDATE); each further level costs a ``NEXT_LEVEL`` probe and its
+        locking read, a few handler reads each, however many jobs wait.
+
+        ``skip`` (a worker that lost a claim race on Galera) reads the level
+        range alone first: the head's locking read would lock the very rows
+        its window is there to leave to the other node.
         """
-        claimed: list[ClaimedRow] = []
-        level, last_level = _LEVEL_RANGE.run_in(conn, dict(from_queue=queue))[0]
-        if skip and level is not None:
-            claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
-            if claimed:
-                return claimed
+        if skip:
+            level, _last = _LEVEL_RANGE.run_in(conn, dict(from_queue=queue))[0]
+            if level is not None:
+                claimed = self.claim_window(conn, queue, level, limit, owner, lease_seconds, skip)
+                if claimed:
+                    return claimed
             # An empty window (the level has fewer due jobs): the head, as usual.
-        for _ in range(MAX_LEVELS):
-            if level is None or len(claimed) >= limit:
+        rows = _HEAD_CLAIM.run_in(conn, dict(from_queue=queue, limit=limit))
+        [(level, last_level)] = [(row.first_level, row.last_level) for row in rows if row.id is None]
+        claimed = self._claim_locked(conn, [row for row in rows if row.id is not None], owner, lease_seconds)
+        for _ in range(MAX_LEVELS - 1):
+            if level is None or level == last_level or len(claimed) >= limit:
                 break
-            claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
-            if len(claimed) < limit:
-                level = None if level == last_level else _first(
-                    _NEXT_LEVEL.run_in(conn, dict(from_queue=queue, after=level)))
+            level = _first(_NEXT_LEVEL.run_in(conn, dict(from_queue=queue, after=level)))
+            if level is not None:
+                claimed += self.claim_at_level(conn, queue, level, limit - len(claimed), owner, lease_seconds)
         else:
-            if level is not None and len(claimed) < limit:  # more priorities than walked
+            if level is not None and level != last_level and len(claimed) < limit:  # more levels than walked
                 claimed += self.claim_at_level(conn, queue, None, limit - len(claimed), owner, lease_seconds)
         claimed.sort(key=lambda row: row.sort_key)
         return claimed
@@ -219,6 +240,10 @@ class MySQLDialect(Dialect):
             rows = _CLAIM_SELECT.run_in(conn, params)
         else:
             rows = conn.execute(CLAIM_SELECT_ANY_LEVEL, params).all()
+        return self._claim_locked(conn, rows, owner, lease_seconds)
+
+    def _claim_locked(self, conn, rows, owner: str, lease_seconds: float) -> list[ClaimedRow]:
+        """Claim ``rows`` read (and locked) by a claim's SELECT: UPDATE by primary key."""
         if not rows:
             return []
         claim = id_params([row.id for row in rows])

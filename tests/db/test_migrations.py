@@ -193,7 +193,7 @@ def test_the_unique_key_is_enforced_by_the_database(db):
             conn.execute(insert(task_table).values(queue="q", name="n", args="{}", unique_key="same"))
 
 
-from mqueue.dialects.mysql import CLAIM_SELECT  # noqa: E402 - the statement the claim runs
+from mqueue.dialects.mysql import CLAIM_SELECT, HEAD_CLAIM  # noqa: E402 - the statements the claim runs
 
 
 def explain(conn, statement) -> list[dict]:
@@ -225,6 +225,20 @@ def test_mariadb_claim_walks_the_claim_index_without_filesort(db):
         wrong = claim.order_by(None).order_by(task_table.c.priority.desc(), task_table.c.eta)
         [bad_plan] = explain(conn, wrong)
         assert "filesort" in (bad_plan["Extra"] or "").lower(), bad_plan
+
+        # The claim's first statement: the level range (two index dives) and the first level's
+        # locking read (the same index range; its level a scalar subquery read the same way).
+        head = HEAD_CLAIM.params(from_queue="mail", limit=10)
+        plans = explain(conn, head)
+        [locking] = [plan for plan in plans if plan["table"] == "mqueue_task"]
+        assert locking["key"] == CLAIM_INDEX and locking["type"] == "range", plans
+        assert "filesort" not in (locking["Extra"] or "").lower(), plans
+        assert "temporary" not in (locking["Extra"] or "").lower(), plans
+        # Every other part reads no rows: the MIN/MAX dives are done while planning, and the
+        # paused-queue checks are primary-key lookups.
+        others = [plan for plan in plans if plan is not locking and plan["select_type"] != "UNION RESULT"]
+        assert "Select tables optimized away" in {plan["Extra"] for plan in others}, plans
+        assert all(plan["type"] in (None, "const", "system") for plan in others), plans
 
 
 def test_import_alembic_from_the_repository_root_is_the_library():
