@@ -118,6 +118,8 @@ class Running:
         self.error: BaseException | None = None
         #: What the task returned (``mqueue.testing.perform_job`` hands it back).
         self.value: Any = None
+        #: A claim's transaction tried to complete this deferred job and failed: its COMMIT may have landed.
+        self.completion_tried = False
 
     def __repr__(self) -> str:
         return f"<Running job={self.row.id} {self._state}{' lost' if self._lost else ''}>"
@@ -418,7 +420,9 @@ class Executor:
         Logs each job's outcome line, as ``execute`` does for the others.
         """
         pairs = [(r.row.id, r.row.token) for r in batch]
-        attempts = 0
+        # A batch whose completion with a claim failed (``claim_and_complete``) may have been
+        # completed by that claim's COMMIT: as after a failed attempt here.
+        attempts = 1 if any(r.completion_tried for r in batch) else 0
 
         def write(engine) -> list[int]:
             nonlocal attempts
@@ -429,7 +433,11 @@ class Executor:
             # every attempt starts while all the leases hold.
             return lost if attempts == 1 else [job_id for job_id in lost if job_id not in gone]
 
-        lost = self._retrying(write, *batch, own_transaction=True)
+        return self.settle_deferred(batch, self._retrying(write, *batch, own_transaction=True))
+
+    def settle_deferred(self, batch: list[Running], lost) -> list[Outcome]:
+        """The outcomes of a completed batch of deferred jobs (``lost``: ids not completed, or
+        ``_GAVE_UP``), each logged."""
         outcomes = []
         now = time.monotonic()
         for running in batch:

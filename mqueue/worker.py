@@ -5,9 +5,11 @@
   worker holds is a job it is running, so a crash charges no job that never
   started and a busy worker never sits on work another worker could run;
 * ``concurrency`` *executor* loops run one job each (``executor.py``);
-* the *completer* completes, many per transaction, the jobs whose task
-  returned without touching its session (a task that wrote is completed
-  inside its own transaction by the executor);
+* the *completer* completes, many per statement, the jobs whose task
+  returned without touching its session; on SQLite the producer's next
+  claim completes them in its own transaction (one turn of the write lock
+  for both), and the completer writes only those it leaves.  A task that
+  wrote is completed inside its own transaction by the executor;
 * the *heartbeat* loop extends the leases of every job this worker holds,
   on a thread of its own so no rescue, cron tick or slow statement delays it;
 * the *rescuer* re-queues jobs whose worker died; the *scheduler* enqueues
@@ -33,6 +35,7 @@ e.g.::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -70,6 +73,10 @@ DEFAULT_GRACE_SECONDS = 30.0
 MAX_RESCUE_INTERVAL_SECONDS = 5.0
 #: At most this many jobs completed by one statement of the completer.
 MAX_COMPLETION_BATCH = 500
+#: How long a job whose task returned without writing waits for the producer's next claim to
+#: complete it in the claim's transaction before the completer writes it alone.  The producer
+#: claims as soon as a thread frees up, so it takes them first unless it is not claiming.
+COMPLETION_HANDOFF_SECONDS = 0.02
 #: How often the watchdog looks for runs past their ``timeout=``.
 WATCHDOG_SECONDS = 0.05
 CRON_TICK_SECONDS = 1.0
@@ -106,6 +113,56 @@ CLAIM_WINDOWS = 8
 CLAIM_WINDOW_SECONDS = 10.0
 #: How often a serving worker logs what it did (one info line, only when it did something).
 SUMMARY_SECONDS = 60.0
+
+
+class FinishedJobs:
+    """Held jobs whose task returned without writing, until a transaction completes them.
+
+    The producer takes every one into its next claim (``claim_and_complete``:
+    one transaction, one commit for both).  The completer takes those the
+    producer left for ``COMPLETION_HANDOFF_SECONDS`` (a worker that is not
+    claiming: paused, at ``max_runs``, in an outage), all of them once the
+    producer has ended or where the producer does not complete them
+    (``Dialect.completes_with_claim``), and at once those handed to it
+    ``apart``: a batch whose claim failed.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: "collections.deque[tuple[float, Running]]" = collections.deque()
+        self._apart: "collections.deque[Running]" = collections.deque()
+        self._changed = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._jobs) + len(self._apart)
+
+    def put(self, running: Running) -> None:
+        with self._changed:
+            self._jobs.append((time.monotonic(), running))
+            self._changed.notify()
+
+    def put_apart(self, batch: list[Running]) -> None:
+        """For the completer alone, at once."""
+        with self._changed:
+            self._apart.extend(batch)
+            self._changed.notify()
+
+    def take(self, limit: int, waited: float = 0.0, apart: bool = False) -> list[Running]:
+        """Up to ``limit`` jobs, oldest first, if the oldest has waited ``waited`` seconds
+        (``apart``: those handed apart first, whatever their wait)."""
+        with self._changed:
+            batch = [self._apart.popleft() for _ in range(min(limit, len(self._apart)))] if apart else []
+            if self._jobs and time.monotonic() - self._jobs[0][0] >= waited:
+                batch += [self._jobs.popleft()[1] for _ in range(min(limit - len(batch), len(self._jobs)))]
+            return batch
+
+    def wait(self, waited: float, timeout: float) -> float:
+        """Seconds until a ``take(waited=waited, apart=True)`` can return a job; waits ``timeout`` for one if none."""
+        with self._changed:
+            if not self._jobs and not self._apart:
+                self._changed.wait(timeout)
+            if self._apart or not self._jobs:
+                return 0.0
+            return max(0.0, self._jobs[0][0] + waited - time.monotonic())
 
 
 @dataclasses.dataclass
@@ -187,8 +244,9 @@ class Worker:
         if self.command is not None:
             self.command.abort.clear()
         self._ready: "queue_module.Queue[Running]" = queue_module.Queue()
-        self._finished: "queue_module.Queue[Running]" = queue_module.Queue()  # for the completer
-        self._completing = 0   # held jobs whose task returned, waiting for the completer
+        self._finished = FinishedJobs()   # for the producer's next claim, else the completer
+        self._completing = 0   # held jobs whose task returned, waiting in ``_finished``
+        self._producer_completes = False   # while the producer runs: it completes them with its claims
         self._result = RunResult()
         self._until_empty = False
         self._with_scheduled = False
@@ -346,9 +404,11 @@ class Worker:
         log.info("worker %s serving %s with %d thread(s), lease %s%s%s", self.owner, ",".join(self.queues),
                  self.concurrency, self._describe_leases(), "" if self.order == PRIORITY else ", in turn",
                  "" if self.command is None else f", running {self.command.argv[0]} for every job")
+        self._producer_completes = self.db.dialect.completes_with_claim
         try:
             self._producer.run()
         finally:
+            self._producer_completes = False
             self._stop.set()
             for loop in (rescuer, crons, pruner, summary):
                 loop.stop()
@@ -473,9 +533,7 @@ class Worker:
             if self._window and time.monotonic() > self._window_until:
                 self._window = 0
             try:
-                rows = self.db.dialect.claim(self.db.engine, queue_name, limit, self.owner, lease,
-                                             skip=self._window * self.claim_batch)
-                return self._hand_over(rows, lease)
+                return self._claim_completing(queue_name, limit, lease, skip=self._window * self.claim_batch)
             except DBAPIError as error:
                 if not self.db.dialect.is_conflict(error):
                     raise
@@ -487,6 +545,33 @@ class Worker:
                 time.sleep(jitter())
         self._claim_raced = True
         return 0
+
+    def _claim_completing(self, queue_name: str, limit: int, lease: float, skip: int) -> int:
+        """Claim, completing the jobs finished since the last claim in the same transaction; hand over.
+
+        Where the dialect ``completes_with_claim`` (SQLite: one transaction
+        holds the write lock where two took turns for it).  The completion
+        is written as the completer would write it, and each job's outcome
+        logged once the claimed rows are handed over.  If the claim fails,
+        the batch goes to the completer (``put_apart``), marked: its COMMIT
+        may have landed.
+        """
+        finished = self._finished.take(MAX_COMPLETION_BATCH) if self._producer_completes else []
+        if not finished:
+            return self._hand_over(self.db.dialect.claim(self.db.engine, queue_name, limit, self.owner, lease,
+                                                         skip=skip), lease)
+        try:
+            rows, lost = self.db.dialect.claim_and_complete(
+                self.db.engine, queue_name, limit, self.owner, lease, [(r.row.id, r.row.token) for r in finished],
+                [r.row.id for r in finished if r.row.tracked], skip=skip)
+        except BaseException:
+            for running in finished:
+                running.completion_tried = True
+            self._finished.put_apart(finished)
+            raise
+        claimed = self._hand_over(rows, lease)
+        self._completed(finished, self.executor.settle_deferred(finished, lost))
+        return claimed
 
     def _hand_over(self, rows, lease: float) -> int:
         """Give claimed rows to the executor threads: only after the claim committed.
@@ -566,31 +651,31 @@ class Worker:
         return 0.0
 
     def _complete_step(self) -> float:
-        """Complete jobs whose task wrote nothing: every one finished so far in one transaction.
+        """Complete the jobs whose task wrote nothing that no claim took: all of them in one transaction.
 
-        No waiting for a batch to fill: under load jobs finish while the
-        previous batch commits, so batches grow by themselves; when idle a
-        job is completed at once.
+        Where the producer's next claim completes them (a thread that frees
+        up wakes it), this writes those it left for
+        ``COMPLETION_HANDOFF_SECONDS`` and those handed apart.  No waiting
+        for a batch to fill: batches grow by themselves under load.
         """
-        try:
-            batch = [self._finished.get(timeout=0.25)]
-        except queue_module.Empty:
-            return 0.0
-        while len(batch) < MAX_COMPLETION_BATCH:
-            try:
-                batch.append(self._finished.get_nowait())
-            except queue_module.Empty:
-                break
+        waited = COMPLETION_HANDOFF_SECONDS if self._producer_completes else 0.0
+        batch = self._finished.take(MAX_COMPLETION_BATCH, waited, apart=True)
+        if not batch:
+            return self._finished.wait(waited, timeout=0.25)
         try:
             outcomes = self.executor.complete_deferred(batch)
         except Exception:  # the leases expire and the jobs are rescued
             log.exception("completing %d job(s) failed", len(batch))
             outcomes = [LOST] * len(batch)
+        self._completed(batch, outcomes)
+        return 0.0
+
+    def _completed(self, batch: list[Running], outcomes) -> None:
+        """Forget a batch of deferred jobs whose completion was written (or given up)."""
         with self._held_lock:
             self._completing -= len(batch)
         for running, outcome in zip(batch, outcomes):
             self._finish(running, outcome)
-        return 0.0
 
     def _finish(self, running: Running, outcome) -> None:
         """Count an outcome and forget the job: only this run's entry.
@@ -802,7 +887,7 @@ class Worker:
         # The completer writes what the executors finished, then ends.
         completer.stop()
         completer.join(max(5.0, deadline - time.monotonic()))
-        while not self._finished.empty():
+        while self._finished:
             self._complete_step()
         with self._held_lock:
             unfinished = list(self._held.values())

@@ -271,15 +271,15 @@ def id_params(ids: Sequence[int]) -> dict[str, int]:
 
 
 def batch_names(size: int) -> list[str]:
-    """The parameters of a batch of ``size`` jobs: ``id_0`` ... then ``token_0`` ...."""
-    return id_names(size) + [f"token_{n}" for n in range(size)]
+    """The parameters of a batch of ``size`` jobs: ``id_0`` ... then ``held_token_0`` ..."""
+    return id_names(size) + [f"held_token_{n}" for n in range(size)]
 
 
 def batch_params(jobs: Sequence[tuple[int, int]]) -> dict[str, int]:
     """``batch_names``' values for ``(id, token)`` pairs."""
     params = {}
     for n, (job_id, token) in enumerate(jobs):
-        params[f"id_{n}"], params[f"token_{n}"] = job_id, token
+        params[f"id_{n}"], params[f"held_token_{n}"] = job_id, token
     return params
 
 
@@ -291,7 +291,7 @@ def held_without_dependents(size: int) -> tuple:
     PostgreSQL plans it once.
     """
     ids = [bindparam(name, type_=t.c.id.type) for name in id_names(size)]
-    pairs = [tuple_(job_id, bindparam(f"token_{n}", type_=t.c.token.type)) for n, job_id in enumerate(ids)]
+    pairs = [tuple_(job_id, bindparam(f"held_token_{n}", type_=t.c.token.type)) for n, job_id in enumerate(ids)]
     return (t.c.id.in_(ids), tuple_(t.c.id, t.c.token).in_(pairs), t.c.state == RUNNING, t.c.has_dependents == 0)
 
 
@@ -312,6 +312,9 @@ class Dialect(HistoryStatements, ControlStatements):
     name = "base"
     #: Whether ``SELECT ... FOR UPDATE SKIP LOCKED`` exists (else writes are serialized).
     skip_locked = True
+    #: Whether the worker's producer completes the jobs whose task wrote nothing in its next
+    #: claim's transaction (``claim_and_complete``) rather than leaving them to the completer.
+    completes_with_claim = False
     #: The server's port when a URL names none.
     default_port: int | None = None
 
@@ -545,6 +548,29 @@ class Dialect(HistoryStatements, ControlStatements):
         """``claim_jobs`` in a transaction of its own, committed when this returns (the worker's claim)."""
         with engine.begin() as conn:
             return self.claim_jobs(conn, queue, limit, owner, lease_seconds, skip=skip)
+
+    def claim_and_complete(self, engine: Engine, queue: str, limit: int, owner: str, lease_seconds: float,
+                           jobs: Sequence[tuple[int, int]], tracked: Sequence[int] = (),
+                           skip: int = 0) -> tuple[list[ClaimedRow], list[int]]:
+        """``complete_many`` of ``jobs`` and ``claim``, committed together: the claimed rows and the lost ids.
+
+        Where ``completes_with_claim``, the worker's producer completes the
+        jobs whose task returned without writing with its next claim, so both
+        take one transaction (one write lock on SQLite) where they took two.  The
+        completion comes first, as ``complete_many`` would do it (one guarded
+        UPDATE when every job is still held, untracked and without
+        dependents, else ``complete_jobs``); a job of ``jobs`` is lost if
+        its lease was lost before this completion.  Nothing of either is
+        written if this raises.
+        """
+        with engine.begin() as conn:
+            if tracked or complete_held(len(jobs)).run_in(conn, batch_params(jobs)) != len(jobs):
+                # Those completed by the guarded UPDATE are succeeded under their tokens now ("done").
+                lost, done = self.complete_jobs(conn, jobs, tracked)
+                lost = [job_id for job_id in lost if job_id not in set(done)]
+            else:
+                lost = []
+            return self.claim_jobs(conn, queue, limit, owner, lease_seconds, skip=skip), lost
 
     def claim_at_level(self, conn, queue: str, level: int | None, limit: int, owner: str,
                        lease_seconds: float) -> list[ClaimedRow]:

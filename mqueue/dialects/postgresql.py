@@ -106,7 +106,7 @@ CLAIM_ALONE = DriverStatement(_claim_alone(), ("from_queue", "limit", "new_owner
 def _complete_alone(size: int) -> DriverStatement:
     """``PostgreSQLDialect.complete_many``'s statement for a batch of ``size``: how many jobs it completed.
 
-    The batch is ``:id_0``, ``:token_0`` ... one parameter per value, so
+    The batch is ``:id_0``, ``:held_token_0`` ... one parameter per value, so
     the server plans each batch size once (a prepared statement's generic
     plan).  Given as two arrays, the statement was planned anew at every
     completion, its arrays' lengths unknown to a generic plan (measured:

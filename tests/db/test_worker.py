@@ -562,3 +562,27 @@ def test_enqueue_in_the_workers_process_wakes_it_at_once(db):
 
 
 IDLE_GAP_SECONDS = 0.35
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_completes_jobs_that_wrote_nothing_in_the_next_claims_transaction(db):
+    """One writer at a time: the producer's claim completes the jobs finished since the last claim.
+
+    Apart, each no-op job took two turns of the write lock (its claim, its
+    completion); together about one.  A job the producer leaves (it was not
+    claiming for ``COMPLETION_HANDOFF_SECONDS``) is still completed by the
+    completer: hence a margin, not an exact count.
+    """
+    jobs = 30
+    with db.session():
+        ids = [record_order.enqueue(str(n)) for n in range(jobs)]
+    w = mqueue.Worker(db, queues=["default"], concurrency=1)
+    write_transactions = []
+    event.listen(w.db.engine, "before_cursor_execute",
+                 lambda *args: write_transactions.append(1) if args[2] == "BEGIN IMMEDIATE" else None)
+    result = w.run_until_empty(timeout=60)
+    assert (result.succeeded, result.total) == (jobs, jobs)
+    assert [job_row(db, job_id).state for job_id in ids] == ["succeeded"] * jobs
+    assert sorted(seen) == sorted(str(n) for n in range(jobs))
+    # A claim per job (and one that finds the queue empty), a few of the worker's own writes.
+    assert len(write_transactions) < 1.5 * jobs, len(write_transactions)
