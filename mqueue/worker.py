@@ -118,13 +118,13 @@ SUMMARY_SECONDS = 60.0
 class FinishedJobs:
     """Held jobs whose task returned without writing, until a transaction completes them.
 
-    The producer takes every one into its next claim (``claim_and_complete``:
-    one transaction, one commit for both).  The completer takes those the
-    producer left for ``COMPLETION_HANDOFF_SECONDS`` (a worker that is not
-    claiming: paused, at ``max_runs``, in an outage), all of them once the
-    producer has ended or where the producer does not complete them
-    (``Dialect.completes_with_claim``), and at once those handed to it
-    ``apart``: a batch whose claim failed.
+    Where the dialect ``completes_with_claim`` (SQLite), the producer takes
+    every one into its next claim (``claim_and_complete``: one transaction
+    for both), and the completer takes those the producer left for
+    ``COMPLETION_HANDOFF_SECONDS`` (a worker that is not claiming: paused,
+    at ``max_runs``, in an outage).  Elsewhere, and once the producer has
+    ended, the completer takes them all at once, as it does those handed to
+    it ``apart``: a batch whose claim failed.
     """
 
     def __init__(self) -> None:

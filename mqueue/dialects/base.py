@@ -555,10 +555,10 @@ class Dialect(HistoryStatements, ControlStatements):
         """``complete_many`` of ``jobs`` and ``claim``, committed together: the claimed rows and the lost ids.
 
         Where ``completes_with_claim``, the worker's producer completes the
-        jobs whose task returned without writing with its next claim, so both
-        take one transaction (one write lock on SQLite) where they took two.  The
-        completion comes first, as ``complete_many`` would do it (one guarded
-        UPDATE when every job is still held, untracked and without
+        jobs whose task returned without writing with its next claim: one
+        transaction (one turn of SQLite's write lock) where they took two.
+        The completion comes first, as ``complete_many`` would do it (one
+        guarded UPDATE when every job is still held, untracked and without
         dependents, else ``complete_jobs``); a job of ``jobs`` is lost if
         its lease was lost before this completion.  Nothing of either is
         written if this raises.
@@ -567,7 +567,7 @@ class Dialect(HistoryStatements, ControlStatements):
             if tracked or complete_held(len(jobs)).run_in(conn, batch_params(jobs)) != len(jobs):
                 # Those completed by the guarded UPDATE are succeeded under their tokens now ("done").
                 lost, done = self.complete_jobs(conn, jobs, tracked)
-                lost = [job_id for job_id in lost if job_id not in set(done)]
+                lost = sorted(set(lost) - set(done))
             else:
                 lost = []
             return self.claim_jobs(conn, queue, limit, owner, lease_seconds, skip=skip), lost
