@@ -41,20 +41,20 @@ _QUEUED_IN = (t.c.queue == bindparam("from_queue"), t.c.state == QUEUED)
 #: The first and last priority levels with a queued job (None, None: none, or paused): two index
 #: dives ("Select tables optimized away").  When they are equal, a claim that the first level
 #: cannot fill needs no probe for a next one.
-LEVEL_RANGE = select(func.min(t.c.neg_priority), func.max(t.c.neg_priority)).where(*_QUEUED_IN, NOT_PAUSED)
+LEVEL_RANGE = select(func.min(t.c.neg_priority).label("first_level"),
+                     func.max(t.c.neg_priority).label("last_level")).where(*_QUEUED_IN, NOT_PAUSED)
 #: The next priority level with a queued job after ``:after`` (none while paused).
 NEXT_LEVEL = (select(t.c.neg_priority)
               .where(*_QUEUED_IN, NOT_PAUSED, t.c.neg_priority > bindparam("after", type_=Integer))
               .order_by(t.c.neg_priority).limit(1))
 _LEVEL_RANGE = DriverStatement(LEVEL_RANGE, ("from_queue",))
-_RANGE_LABELS = (func.min(t.c.neg_priority).label("first_level"), func.max(t.c.neg_priority).label("last_level"))
 #: The claim's first statement: ``LEVEL_RANGE`` as one row (its ``id`` NULL) and, in the same
 #: round trip, ``CLAIM_SELECT`` of the first level (found by a scalar subquery, another two index
 #: dives: EXPLAIN "Select tables optimized away", so the locking read is still one range of the
 #: claim index).  A claim that the first level fills is then this SELECT, the UPDATE and COMMIT;
 #: an idle poll is still one statement.
 HEAD_CLAIM = union_all(
-    select(*_RANGE_LABELS, *(null().label(column.name) for column in CLAIM_COLUMNS)).where(*_QUEUED_IN, NOT_PAUSED),
+    LEVEL_RANGE.add_columns(*(null().label(column.name) for column in CLAIM_COLUMNS)),
     due_jobs(null().label("first_level"), null().label("last_level"), *CLAIM_COLUMNS,
              level=select(func.min(t.c.neg_priority)).where(*_QUEUED_IN, NOT_PAUSED).scalar_subquery())
     .with_for_update(skip_locked=True))
