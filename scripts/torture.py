@@ -391,11 +391,14 @@ class Run:
         tracebacks = {name: lines for name, lines in tracebacks.items() if lines}
         warnings = database_warnings(all_logs)
         surfaced = []
-        for match in re.finditer(r"job=(\d+) task=fault\.work \S+ duration=\S+ outcome=(retried|failed)", all_logs):
+        surfaced_lines = []   # their log lines (with ``error=``), printed when the check fails
+        for match in re.finditer(r"job=(\d+) task=fault\.work \S+ duration=\S+ outcome=(retried|failed).*",
+                                 all_logs):
             job_id = int(match.group(1))
             kind = self.kinds.get(job_id)
             if kind in ("ok", "quiet") or (kind == "raise" and match.group(2) == "failed"):
                 surfaced.append(job_id)
+                surfaced_lines.append(match.group(0))
         kill_recovery = orphan_recoveries(self.harness, self.killed)  # runs cut short
         starts = self.harness.starts()
         for killed_at, job_ids in self.orphans:  # claimed or running when the worker died
@@ -468,6 +471,7 @@ class Run:
         failures = books.violations()
         if surfaced:
             failures.append(f"jobs retried or failed by a database error: {sorted(set(surfaced))[:10]}")
+            failures += [f"  {line[:600]}" for line in surfaced_lines[:5]]
         if any(r > RECOVERY_BAR for r in kill_recovery):
             failures.append(f"recovery after a worker kill over {RECOVERY_BAR:g}s: {max(kill_recovery):.2f}s")
         if hung:
