@@ -108,6 +108,7 @@ from sqlalchemy.engine import URL, make_url  # noqa: E402
 import mqueue  # noqa: E402
 from mqueue.encoding import encode_args  # noqa: E402
 from mqueue.migrate import upgrade  # noqa: E402
+from mqueue.worker import worker_database  # noqa: E402
 from mqueue import admin, history  # noqa: E402
 from mqueue.schema import FINISHED, NAMING_CONVENTION, event_table, stats_table, task_table  # noqa: E402
 
@@ -493,8 +494,32 @@ class Bench:
                 self.clean()
             results[(processes, threads, task)] = dict(raw=raws[(processes, threads)], raw1=raws[(1, 1)],
                                                        **self.drain_once(processes, threads, run, task=task))
+        results["claim"] = self.claim_round_trip()
         self.clean()
         return results
+
+    def claim_round_trip(self, claims: int = 500, size: int = 4) -> float:
+        """Median wall seconds of one claim of ``size`` jobs, sent back to back as a busy producer sends them.
+
+        A worker holds no more jobs than it has free threads (no prefetch), so
+        a 1 x ``size`` drain runs at most ``size`` jobs per claim, and claims
+        follow one another: ``size / this`` jobs/s bounds it, however fast
+        the jobs and their (batched) completions are.
+        """
+        self.clean()
+        with self.db.session():
+            self.tasks.noop.enqueue_many([{"n": n} for n in range(claims * size)])
+        claimer = worker_database(self.database.url_text, size, 60.0)
+        times = []
+        try:
+            for _ in range(claims):
+                started = time.perf_counter()
+                claimer.dialect.claim(claimer.engine, DRAIN_QUEUE, size, "bench:claims", 60.0)
+                times.append(time.perf_counter() - started)
+        finally:
+            claimer.dispose()
+        self.clean()
+        return median(times)
 
     def raw_commit_rate(self, processes: int, threads: int, seconds: float) -> float:
         """Commits/s of P processes x C threads looping single-row INSERT + COMMIT."""
@@ -819,7 +844,7 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
         f"raw = single-row INSERT+COMMIT over PxC connections for {args.raw_seconds:.0f}s (raw1: 1x1); "
         "targets on steady")
     rows = []
-    medians = {}
+    medians: dict = {}
     for config in DRAIN_CONFIGS:
         for number, r in enumerate(runs, 1):
             rows.append(_drain_row(backend, str(number), config, r[config]))
@@ -831,6 +856,13 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
     say(table(["run", "PxC task", "raw/s", "wall/s", f"steady/s (2x4 noop >={TARGETS['drain_rate']:,.0f})", "",
                f"steady/raw (2x4 noop >={TARGETS['drain_vs_raw']}, 2x4 write >={TARGETS['write_vs_raw']})", "",
                f"steady/raw1 (1x4 noop >={TARGETS['noop_1x4_vs_raw_1x1']})", ""], rows))
+    claim = median([r["claim"] for r in runs])
+    ceiling = 4 / claim
+    raw1 = medians[(1, 4, "noop")]["raw1"]
+    medians["claim"] = claim
+    say(f"  claim of 4 jobs, back to back: {claim * 1000:.2f} ms (median) -> a 1x4 drain runs at most "
+        f"{rate(ceiling)} jobs/s = {_per(ceiling, raw1):.2f} x raw1 (no prefetch: 4 jobs per claim); "
+        f"the 1x4 drain reached {_per(medians[(1, 4, 'noop')]['steady'], ceiling):.2f} of that")
     return medians
 
 
@@ -915,6 +947,9 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             rows.append([backend, "drain 1x4 noop steady / raw 1x1", f"{n['ratio1']:.2f} ({rate(n['steady'])})",
                          f">= {TARGETS['noop_1x4_vs_raw_1x1']}" if server else "-",
                          verdict(at_least(n["ratio1"], TARGETS["noop_1x4_vs_raw_1x1"])) if server else ""])
+            ceiling = 4 / parts["drain"]["claim"]
+            rows.append([backend, "  its bound: 4 jobs per claim round trip / raw 1x1",
+                         f"{_per(ceiling, n['raw1']):.2f} ({rate(ceiling)})", "-", ""])
             w = parts["drain"][(2, 4, "write")]
             rows.append([backend, "drain 2x4 write steady / raw 2x4", f"{w['ratio']:.2f} ({rate(w['steady'])})",
                          f">= {TARGETS['write_vs_raw']}" if server else "-",
