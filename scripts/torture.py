@@ -472,6 +472,8 @@ class Run:
         if surfaced:
             failures.append(f"jobs retried or failed by a database error: {sorted(set(surfaced))[:10]}")
             failures += [f"  {line[:600]}" for line in surfaced_lines[:5]]
+            first = re.compile(rf"\bjobs?=[^ ]*\b{surfaced[0]}\b")   # what its worker logged about it
+            failures += [f"  {line[:600]}" for line in all_logs.splitlines() if first.search(line)][:12]
         if any(r > RECOVERY_BAR for r in kill_recovery):
             failures.append(f"recovery after a worker kill over {RECOVERY_BAR:g}s: {max(kill_recovery):.2f}s")
         if hung:
