@@ -554,15 +554,17 @@ class Bench:
                           extra_env={**(extra_env or {}), **({} if url is None else {"MQUEUE_DATABASE_URL": url})})
                    for n, url in enumerate(urls or [None])]
         first_finished = None
+        meter = CpuMeter(self.backend, self.database.url, daemons)
         try:
             tick = started
             while True:
                 left = self.database.unfinished()
                 now = time.monotonic()
                 if first_finished is None and left < jobs:
-                    first_finished = now
+                    first_finished, left_then, cpu_then = now, left, meter.sample()
                 if left == 0:
                     finished = now
+                    daemon_cpu, server_cpu = meter.since(cpu_then, meter.sample())
                     break
                 for daemon in daemons:
                     daemon.check_alive()
@@ -575,8 +577,10 @@ class Bench:
                 daemon.stop()
         steady = max(finished - first_finished, POLL_SECONDS)
         conflicts = sum(claim_conflicts(daemon.log_path) for daemon in daemons)
+        # CPU per job over the steady part (the daemons' start-up left out): the jobs left at its start.
         return {"wall": jobs / (finished - started), "steady": jobs / steady, "seconds": finished - started,
-                "conflicts": 1000 * conflicts / jobs}
+                "conflicts": 1000 * conflicts / jobs, "daemon_cpu": daemon_cpu / max(left_then, 1),
+                "server_cpu": server_cpu / max(left_then, 1)}
 
     # -- latency ----------------------------------------------------------------
     def latency(self, run: int) -> dict[str, float]:
@@ -753,6 +757,72 @@ def claim_conflicts(log_path: Path) -> int:
     return int(found[-1]) if found else 0
 
 
+#: The server's process name, by backend (its CPU is read from /proc when it runs on this machine).
+SERVER_PROCESS = {"mariadb": "mariadbd", "postgresql": "postgres"}
+
+
+def _process_table() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, name) of every process, from /proc (empty where there is none)."""
+    table = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                head, tail = stat.read().rsplit(")", 1)
+            table.append((int(entry), int(tail.split()[1]), head.split("(", 1)[1]))
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return table
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads) so far; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds spent by the daemons (their process trees) and by a local database server.
+
+    ``sample()`` reads both; ``since(earlier)`` gives what each group spent
+    in between, counting processes started meanwhile from zero (a server
+    forks a backend per connection).  The server is counted only when it
+    runs on this machine (``--mariadb-url``/``--postgresql-url`` on
+    loopback, or the default): otherwise its figure is NaN.
+    """
+
+    def __init__(self, backend: str, url: URL, daemons: list["Daemon"]) -> None:
+        local = url.host in (None, "", "127.0.0.1", "localhost", "::1")
+        self.server_name = SERVER_PROCESS.get(backend) if local else None
+        self.roots = {daemon.process.pid for daemon in daemons}
+
+    def sample(self) -> tuple[dict[int, float], dict[int, float]]:
+        table = _process_table()
+        children: dict[int, list[int]] = {}
+        for pid, parent, _name in table:
+            children.setdefault(parent, []).append(pid)
+        daemon_pids, stack = set(), list(self.roots)
+        while stack:
+            pid = stack.pop()
+            if pid not in daemon_pids:
+                daemon_pids.add(pid)
+                stack += children.get(pid, [])
+        server_pids = {pid for pid, _parent, name in table if name == self.server_name}
+        read = lambda pids: {pid: cpu for pid in pids if (cpu := _cpu_seconds(pid)) is not None}  # noqa: E731
+        return read(daemon_pids), read(server_pids)
+
+    def since(self, earlier, later) -> tuple[float, float]:
+        """(daemon, server) CPU seconds from ``earlier`` to ``later`` (two samples)."""
+        spent = [sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+                 for before, after in zip(earlier, later)]
+        return spent[0], (spent[1] if self.server_name else float("nan"))
+
+
 #: (threads per daemon, task) of the Galera drains; three daemons each time.
 GALERA_CONFIGS = (("noop",), ("write",))
 
@@ -855,7 +925,8 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
         rows.append(_drain_row(backend, "median", config, med))
     say(table(["run", "PxC task", "raw/s", "wall/s", f"steady/s (2x4 noop >={TARGETS['drain_rate']:,.0f})", "",
                f"steady/raw (2x4 noop >={TARGETS['drain_vs_raw']}, 2x4 write >={TARGETS['write_vs_raw']})", "",
-               f"steady/raw1 (1x4 noop >={TARGETS['noop_1x4_vs_raw_1x1']})", ""], rows))
+               f"steady/raw1 (1x4 noop >={TARGETS['noop_1x4_vs_raw_1x1']})", "",
+               "CPU us/job daemons / server"], rows))
     claim = median([r["claim"] for r in runs])
     ceiling = 4 / claim
     raw1 = medians[(1, 4, "noop")]["raw1"]
@@ -863,6 +934,14 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
     say(f"  claim of 4 jobs, back to back: {claim * 1000:.2f} ms (median) -> a 1x4 drain runs at most "
         f"{rate(ceiling)} jobs/s = {_per(ceiling, raw1):.2f} x raw1 (no prefetch: 4 jobs per claim); "
         f"the 1x4 drain reached {_per(medians[(1, 4, 'noop')]['steady'], ceiling):.2f} of that")
+    one_by_four = medians[(1, 4, "noop")]
+    cpu = one_by_four["daemon_cpu"] + one_by_four["server_cpu"]
+    if not math.isnan(cpu):
+        cores = os.cpu_count() or 1
+        say(f"  1x4 no-op CPU per job: daemon {one_by_four['daemon_cpu'] * 1e6:,.0f} us + server "
+            f"{one_by_four['server_cpu'] * 1e6:,.0f} us -> {cores} cores run at most {rate(cores / cpu)} jobs/s "
+            f"= {_per(cores / cpu, raw1):.2f} x raw1; its one process runs Python one thread at a time: at most "
+            f"{rate(1 / one_by_four['daemon_cpu'])} jobs/s = {_per(1 / one_by_four['daemon_cpu'], raw1):.2f} x raw1")
     return medians
 
 
@@ -884,7 +963,8 @@ def _drain_row(backend: str, label: str, config: tuple[int, int, str], r: dict) 
         ratio_ok = at_least(ratio, TARGETS["write_vs_raw"])
     ratio1_ok = at_least(ratio1, TARGETS["noop_1x4_vs_raw_1x1"]) if config == (1, 4, "noop") and server else None
     return [label, f"{config[0]}x{config[1]} {config[2]}", rate(r["raw"]), rate(r["wall"]), rate(r["steady"]),
-            verdict(rate_ok), f"{ratio:.2f}", verdict(ratio_ok), f"{ratio1:.2f}", verdict(ratio1_ok)]
+            verdict(rate_ok), f"{ratio:.2f}", verdict(ratio_ok), f"{ratio1:.2f}", verdict(ratio1_ok),
+            f"{rate(r['daemon_cpu'] * 1e6)} / {rate(r['server_cpu'] * 1e6)}"]
 
 
 def report_latency(backend: str, args, runs: list[dict]) -> dict:
@@ -950,6 +1030,13 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             ceiling = 4 / parts["drain"]["claim"]
             rows.append([backend, "  its bound: 4 jobs per claim round trip / raw 1x1",
                          f"{_per(ceiling, n['raw1']):.2f} ({rate(ceiling)})", "-", ""])
+            cpu = n["daemon_cpu"] + n["server_cpu"]
+            if not math.isnan(cpu):
+                cores = os.cpu_count() or 1
+                rows.append([backend, f"  its bound: {cores} cores / CPU per job (daemon+server) / raw 1x1",
+                             f"{_per(cores / cpu, n['raw1']):.2f} ({rate(cores / cpu)})", "-", ""])
+                rows.append([backend, "  its bound: 1 process / its CPU per job / raw 1x1",
+                             f"{_per(1 / n['daemon_cpu'], n['raw1']):.2f} ({rate(1 / n['daemon_cpu'])})", "-", ""])
             w = parts["drain"][(2, 4, "write")]
             rows.append([backend, "drain 2x4 write steady / raw 2x4", f"{w['ratio']:.2f} ({rate(w['steady'])})",
                          f">= {TARGETS['write_vs_raw']}" if server else "-",
