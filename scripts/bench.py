@@ -786,10 +786,15 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _cpu_by_pid(pids) -> dict[int, float]:
+    """CPU seconds so far of each of ``pids`` still running."""
+    return {pid: cpu for pid in pids if (cpu := _cpu_seconds(pid)) is not None}
+
+
 class CpuMeter:
     """CPU seconds spent by the daemons (their process trees) and by a local database server.
 
-    ``sample()`` reads both; ``since(earlier)`` gives what each group spent
+    ``sample()`` reads both; ``since(earlier, later)`` gives what each group spent
     in between, counting processes started meanwhile from zero (a server
     forks a backend per connection).  The server is counted only when it
     runs on this machine (``--mariadb-url``/``--postgresql-url`` on
@@ -813,11 +818,10 @@ class CpuMeter:
                 daemon_pids.add(pid)
                 stack += children.get(pid, [])
         server_pids = {pid for pid, _parent, name in table if name == self.server_name}
-        read = lambda pids: {pid: cpu for pid in pids if (cpu := _cpu_seconds(pid)) is not None}  # noqa: E731
-        return read(daemon_pids), read(server_pids)
+        return _cpu_by_pid(daemon_pids), _cpu_by_pid(server_pids)
 
     def since(self, earlier, later) -> tuple[float, float]:
-        """(daemon, server) CPU seconds from ``earlier`` to ``later`` (two samples)."""
+        """(daemons, server) CPU seconds from sample ``earlier`` to sample ``later``."""
         spent = [sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
                  for before, after in zip(earlier, later)]
         return spent[0], (spent[1] if self.server_name else float("nan"))
@@ -927,22 +931,45 @@ def report_drain(backend: str, args, runs: list[dict]) -> dict:
                f"steady/raw (2x4 noop >={TARGETS['drain_vs_raw']}, 2x4 write >={TARGETS['write_vs_raw']})", "",
                f"steady/raw1 (1x4 noop >={TARGETS['noop_1x4_vs_raw_1x1']})", "",
                "CPU us/job daemons / server"], rows))
-    claim = median([r["claim"] for r in runs])
-    ceiling = 4 / claim
-    raw1 = medians[(1, 4, "noop")]["raw1"]
-    medians["claim"] = claim
-    say(f"  claim of 4 jobs, back to back: {claim * 1000:.2f} ms (median) -> a 1x4 drain runs at most "
-        f"{rate(ceiling)} jobs/s = {_per(ceiling, raw1):.2f} x raw1 (no prefetch: 4 jobs per claim); "
-        f"the 1x4 drain reached {_per(medians[(1, 4, 'noop')]['steady'], ceiling):.2f} of that")
-    one_by_four = medians[(1, 4, "noop")]
-    cpu = one_by_four["daemon_cpu"] + one_by_four["server_cpu"]
-    if not math.isnan(cpu):
-        cores = os.cpu_count() or 1
+    medians["claim"] = median([r["claim"] for r in runs])
+    medians["bounds"] = bounds = drain_bounds(medians)
+    one_by_four, write = medians[(1, 4, "noop")], medians[(2, 4, "write")]
+    raw1 = one_by_four["raw1"]
+    say(f"  claim of 4 jobs, back to back: {medians['claim'] * 1000:.2f} ms (median) -> a 1x4 drain runs at most "
+        f"{rate(bounds['claim'])} jobs/s = {_per(bounds['claim'], raw1):.2f} x raw1 (no prefetch: 4 jobs per "
+        f"claim); the 1x4 drain reached {_per(one_by_four['steady'], bounds['claim']):.2f} of that")
+    if "cores" in bounds:
         say(f"  1x4 no-op CPU per job: daemon {one_by_four['daemon_cpu'] * 1e6:,.0f} us + server "
-            f"{one_by_four['server_cpu'] * 1e6:,.0f} us -> {cores} cores run at most {rate(cores / cpu)} jobs/s "
-            f"= {_per(cores / cpu, raw1):.2f} x raw1; its one process runs Python one thread at a time: at most "
-            f"{rate(1 / one_by_four['daemon_cpu'])} jobs/s = {_per(1 / one_by_four['daemon_cpu'], raw1):.2f} x raw1")
+            f"{one_by_four['server_cpu'] * 1e6:,.0f} us -> {CORES} cores run at most {rate(bounds['cores'])} jobs/s "
+            f"= {_per(bounds['cores'], raw1):.2f} x raw1; its one process runs Python one thread at a time: at most "
+            f"{rate(bounds['process'])} jobs/s = {_per(bounds['process'], raw1):.2f} x raw1")
+        say(f"  2x4 write CPU per job: daemons {write['daemon_cpu'] * 1e6:,.0f} us + server "
+            f"{write['server_cpu'] * 1e6:,.0f} us -> {CORES} cores run at most {rate(bounds['write cores'])} "
+            f"jobs/s = {_per(bounds['write cores'], write['raw']):.2f} x raw 2x4")
     return medians
+
+
+#: The cores this machine has: what the daemons and a local server share.
+CORES = os.cpu_count() or 1
+
+
+def drain_bounds(medians: dict) -> dict[str, float]:
+    """Jobs/s no drain can pass on this machine, from what the same run measured.
+
+    ``claim``: a 1x4 worker holds no more jobs than free threads, so it
+    runs at most 4 jobs per claim round trip.  With a local server's CPU
+    known: ``cores``, the cores over the daemon's and the server's CPU per
+    1x4 job; ``process``, one daemon process's Python runs one thread at a
+    time (its CPU per job bounds it); ``write cores``, the same as
+    ``cores`` for the 2x4 write drain.
+    """
+    one_by_four, write = medians[(1, 4, "noop")], medians[(2, 4, "write")]
+    bounds = {"claim": 4 / medians["claim"]}
+    if not math.isnan(one_by_four["server_cpu"]):
+        bounds["cores"] = CORES / (one_by_four["daemon_cpu"] + one_by_four["server_cpu"])
+        bounds["process"] = 1 / one_by_four["daemon_cpu"]
+        bounds["write cores"] = CORES / (write["daemon_cpu"] + write["server_cpu"])
+    return bounds
 
 
 def _per(value: float, base: float) -> float:
@@ -1027,20 +1054,21 @@ def report_summary(summary: dict[str, dict[str, Any]]) -> None:
             rows.append([backend, "drain 1x4 noop steady / raw 1x1", f"{n['ratio1']:.2f} ({rate(n['steady'])})",
                          f">= {TARGETS['noop_1x4_vs_raw_1x1']}" if server else "-",
                          verdict(at_least(n["ratio1"], TARGETS["noop_1x4_vs_raw_1x1"])) if server else ""])
-            ceiling = 4 / parts["drain"]["claim"]
+            bounds = parts["drain"]["bounds"]
             rows.append([backend, "  its bound: 4 jobs per claim round trip / raw 1x1",
-                         f"{_per(ceiling, n['raw1']):.2f} ({rate(ceiling)})", "-", ""])
-            cpu = n["daemon_cpu"] + n["server_cpu"]
-            if not math.isnan(cpu):
-                cores = os.cpu_count() or 1
-                rows.append([backend, f"  its bound: {cores} cores / CPU per job (daemon+server) / raw 1x1",
-                             f"{_per(cores / cpu, n['raw1']):.2f} ({rate(cores / cpu)})", "-", ""])
+                         f"{_per(bounds['claim'], n['raw1']):.2f} ({rate(bounds['claim'])})", "-", ""])
+            if "cores" in bounds:
+                rows.append([backend, f"  its bound: {CORES} cores / CPU per job (daemon+server) / raw 1x1",
+                             f"{_per(bounds['cores'], n['raw1']):.2f} ({rate(bounds['cores'])})", "-", ""])
                 rows.append([backend, "  its bound: 1 process / its CPU per job / raw 1x1",
-                             f"{_per(1 / n['daemon_cpu'], n['raw1']):.2f} ({rate(1 / n['daemon_cpu'])})", "-", ""])
+                             f"{_per(bounds['process'], n['raw1']):.2f} ({rate(bounds['process'])})", "-", ""])
             w = parts["drain"][(2, 4, "write")]
             rows.append([backend, "drain 2x4 write steady / raw 2x4", f"{w['ratio']:.2f} ({rate(w['steady'])})",
                          f">= {TARGETS['write_vs_raw']}" if server else "-",
                          verdict(at_least(w["ratio"], TARGETS["write_vs_raw"])) if server else ""])
+            if "write cores" in bounds:
+                rows.append([backend, f"  its bound: {CORES} cores / CPU per job (daemons+server) / raw 2x4",
+                             f"{_per(bounds['write cores'], w['raw']):.2f} ({rate(bounds['write cores'])})", "-", ""])
         if "latency" in parts:
             lat = parts["latency"]
             p50 = TARGETS["latency_daemon_p50_by_backend"][backend]
