@@ -464,6 +464,8 @@ class Worker:
         if self._claim_raced:
             return jitter()  # every attempt lost a race: there are due jobs, try again soon
         if self._until_empty and held == 0:
+            if self._due_but_locked():
+                return jitter()  # held by another transaction for now: not empty yet
             if self._with_scheduled and self._hasten():
                 return 0.0
             self._producer.stop()
@@ -616,6 +618,11 @@ class Worker:
                      self._describe(delta))
         self._summarized, self._summarized_at = counts, now
         return SUMMARY_SECONDS
+
+    def _due_but_locked(self) -> bool:
+        """``run_until_empty`` after a claim that got nothing: are due jobs still there, locked by others?"""
+        with self.db.engine.connect() as conn:
+            return self.db.dialect.has_due_jobs(conn, self.queues)
 
     def _hasten(self) -> int:
         """``with_scheduled``: make the next scheduled jobs of these queues due now; how many."""

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from server_ports import port_free, unused_port
+
 MARIADBD = "/usr/sbin/mariadbd"
 INSTALL_DB = "/usr/bin/mariadb-install-db"
 PROVIDER = "/usr/lib/galera/libgalera_smm.so"
@@ -42,29 +44,14 @@ START_TIMEOUT = 90.0
 EVS_OPTIONS = ("evs.suspect_timeout=PT2S; evs.inactive_timeout=PT4S; evs.keepalive_period=PT0.5S; "
                "evs.inactive_check_period=PT0.5S; evs.install_timeout=PT4S")
 #: Preferred ports (client, group communication, IST, SST) of node 1; nodes 2 and 3 add 1 and 2.
-BASE_PORTS = (43306, 44567, 44577, 44587)
+#: Below the ephemeral range (``server_ports``): no outgoing connection takes one while the cluster starts.
+BASE_PORTS = (23306, 24567, 24577, 24587)
 
 
 def missing_packages() -> list[str]:
     """Debian packages the cluster needs that are not installed."""
     wanted = {"mariadb-server": MARIADBD, "galera-4": PROVIDER, "rsync": "/usr/bin/rsync"}
     return [name for name, path in wanted.items() if not os.path.exists(path)]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mariadbd binds: TIME_WAIT is no obstacle
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -199,9 +186,17 @@ class GaleraCluster:
     def _choose_ports(nodes: int) -> list[tuple[int, int, int, int]]:
         """The preferred ports when all are free (another cluster may hold them), else free ones."""
         preferred = [tuple(base + index for base in BASE_PORTS) for index in range(nodes)]
-        if all(_port_free(port) for ports in preferred for port in ports):
+        if all(port_free(port) for ports in preferred for port in ports):
             return preferred
-        return [tuple(_free_port() for _ in BASE_PORTS) for _ in range(nodes)]
+        chosen: set[int] = set()
+        result = []
+        for _ in range(nodes):
+            node_ports = []
+            for _ in BASE_PORTS:
+                node_ports.append(unused_port(avoid=chosen))
+                chosen.add(node_ports[-1])
+            result.append(tuple(node_ports))
+        return result
 
     @property
     def urls(self) -> list[str]:

@@ -7,7 +7,6 @@ this directory on ``sys.path``).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(REPO_ROOT / "scripts"))
+
+from server_ports import unused_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -66,10 +69,9 @@ def attempts_possible(elapsed: float) -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port on ``host`` that nothing listens on, below the ephemeral range (``scripts/server_ports.py``):
+    a server a test starts on it later finds it still free."""
+    return unused_port(host)
 
 
 def python_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1040,21 +1040,27 @@ class Dialect(HistoryStatements, ControlStatements):
         become ``expired``; how many.
 
         ``now`` (naive UTC) replaces the database's clock in the test of
-        expiry (tests look ahead without waiting).  Reads the ``expires_at`` index
-        (only jobs past their expiry are in its range), without ORDER BY, so InnoDB locks only the rows it returns;
-        rows a claim holds are skipped (SKIP LOCKED; SQLite: the write lock).
+        expiry (tests look ahead without waiting).  The jobs past their expiry
+        are found by a plain read (no locks), then only they are locked, by
+        primary key (SKIP LOCKED: rows a claim holds are left to it; SQLite:
+        the write lock), and expired.  A locking read of the first step kept
+        every queued row of the queues locked until this transaction ended on
+        MariaDB (its plan reads the ``expires_at`` index filtered by the row
+        ids of the claim index's ``(queue, state)`` range, and locks that
+        range too, measured): claims in the meantime passed over them all.
         """
         moment = utc_now() if now is None else now
-        query = select(t.c.id).where(t.c.state.in_((QUEUED, WAITING)), t.c.expires_at <= moment).limit(limit)
+        past_expiry = (t.c.state.in_((QUEUED, WAITING)), t.c.expires_at <= moment)
+        query = select(t.c.id).where(*past_expiry).limit(limit)
         if queues is not None:
             query = query.where(t.c.queue.in_(list(queues)))
-        if self.skip_locked:
-            query = query.with_for_update(skip_locked=True)
         ids = list(conn.execute(query).scalars())
+        if ids and self.skip_locked:
+            ids = list(conn.execute(select(t.c.id).where(t.c.id.in_(ids), *past_expiry)
+                                    .with_for_update(skip_locked=True)).scalars())
         if not ids:
             return 0
-        count = conn.execute(update(t).where(t.c.id.in_(ids), t.c.state.in_((QUEUED, WAITING))).values(
-            **EXPIRY_VALUES)).rowcount
+        count = conn.execute(update(t).where(t.c.id.in_(ids), *past_expiry).values(**EXPIRY_VALUES)).rowcount
         self.emit_tracked(conn, ids, "expired")
         return count
 
@@ -1096,6 +1102,19 @@ class Dialect(HistoryStatements, ControlStatements):
         return True
 
     # For tests: ``Worker.run_until_empty(with_scheduled=True)`` and ``mqueue.testing.perform_job``.
+
+    def has_due_jobs(self, conn, queues: Sequence[str]) -> bool:
+        """Whether a queue of ``queues`` not paused has a due queued job, by a plain read (no locks).
+
+        A claim passes over rows another transaction holds (SKIP LOCKED):
+        another worker's claim, a housekeeping scan, an application's own
+        ``SELECT ... FOR UPDATE``.  Its empty answer is not an empty queue;
+        this read, which waits for no lock and skips none, says whether one is.
+        """
+        paused = exists().where(queue_table.c.name == t.c.queue, queue_table.c.paused == 1)
+        due = select(t.c.id).where(t.c.queue.in_(list(queues)), t.c.state == QUEUED, t.c.eta <= due_now(),
+                                   ~paused).limit(1)
+        return conn.execute(due).first() is not None
 
     def hasten_scheduled(self, conn, queues: Sequence[str]) -> int:
         """Make the queued jobs of ``queues`` with the earliest future eta due now; how many.

@@ -307,6 +307,32 @@ def test_expiry_sweep_with_an_injected_clock(db):
     assert sorted(ran) == [3, 5]
 
 
+@pytest.mark.backends("mariadb", "postgresql")
+def test_the_expiry_sweep_leaves_the_jobs_it_does_not_expire_to_claims(db):
+    """Before the fix, the sweep's locking read kept the queued rows of its queues locked until its
+    transaction ended (MariaDB): a claim meanwhile passed over them, and a worker's ``run_until_empty``
+    that started beside its own sweep returned with a due job never run (seen once in CI)."""
+    now = db_now(db)
+    with db.session():
+        for n in range(4):
+            step.options(queue="elsewhere").enqueue(n)
+        first = step.enqueue(4)
+    assert sweep_then_claim(db, expired=0) == [first]
+    with db.session():  # one past its expiry, beside one that is not
+        gone = step.options(expires=now - dt.timedelta(seconds=1)).enqueue(5)
+        second = step.enqueue(6)
+    assert sweep_then_claim(db, expired=1) == [second]
+    assert state(db, gone) == EXPIRED
+
+
+def sweep_then_claim(db, expired: int) -> list[int]:
+    """What a claim gets while the sweep's transaction is still open."""
+    with db.engine.connect() as sweep, sweep.begin():
+        assert db.dialect.expire_jobs(sweep, [QUEUE], 100) == expired
+        with db.engine.begin() as conn:
+            return [row.id for row in db.dialect.claim_jobs(conn, QUEUE, 10, "host:1:a", 30)]
+
+
 def test_a_claimed_job_past_its_expiry_is_not_run(db):
     now = db_now(db)
     with db.session():

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from helpers import wait_for
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, event, func, insert, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, event, func, insert, select, update
 from sqlalchemy.orm import registry as orm_registry
 
 import mqueue
@@ -223,6 +223,28 @@ def test_run_until_empty_counts_outcomes(db):
     result = worker(db, concurrency=2).run_until_empty(timeout=30)
     assert (result.succeeded, result.retried, result.failed) == (3, 2, 1)
     assert sorted(seen) == [0, 1, 2]
+
+
+def test_run_until_empty_waits_for_a_due_job_that_another_transaction_holds(db, observer):
+    """A claim passes over a row another transaction has locked (SKIP LOCKED): that is not an empty
+    queue.  Before the fix, a worker starting while its own housekeeping scan held a due row returned
+    with the job never run (seen once on MariaDB)."""
+    with db.session():
+        job_id = ok.enqueue(1)
+    results = []
+    with observer.connect() as conn:
+        transaction = conn.begin()
+        # An UPDATE locks the row on every backend (on SQLite, the whole database).
+        conn.execute(update(task_table).where(task_table.c.id == job_id).values(name=task_table.c.name))
+        thread = threading.Thread(target=lambda: results.append(worker(db).run_until_empty(timeout=30)))
+        thread.start()
+        thread.join(0.5)
+        waited = thread.is_alive()
+        transaction.commit()
+    thread.join(30)
+    assert waited, "run_until_empty returned while the due job was locked"
+    assert results[0].succeeded == 1 and seen == [1]
+    assert job_row(db, job_id).state == "succeeded"
 
 
 def test_success_commits_the_task_writes_with_the_completion(db):

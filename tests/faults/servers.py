@@ -25,17 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 MARIADBD = "/usr/sbin/mariadbd"
 MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "mqueue_faults"
 START_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -61,7 +57,7 @@ class PrivateServer:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.port = _free_port()
+        self.port = free_port()  # below the ephemeral range: free again when the server restarts
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root / "server.log"
 
