@@ -291,6 +291,9 @@ class Worker:
         until none is left.  A task that always retries then runs until it
         fails for good, one that enqueues itself forever until ``max_runs``:
         at most that many jobs are claimed, and the ones running finish.
+
+        A due job that another transaction holds locked (a claim passes over
+        it) is waited for: "empty" is a plain read that finds no due job.
         """
         if max_runs is not None and (not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1):
             raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
