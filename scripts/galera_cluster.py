@@ -188,15 +188,11 @@ class GaleraCluster:
         preferred = [tuple(base + index for base in BASE_PORTS) for index in range(nodes)]
         if all(port_free(port) for ports in preferred for port in ports):
             return preferred
-        chosen: set[int] = set()
-        result = []
-        for _ in range(nodes):
-            node_ports = []
-            for _ in BASE_PORTS:
-                node_ports.append(unused_port(avoid=chosen))
-                chosen.add(node_ports[-1])
-            result.append(tuple(node_ports))
-        return result
+        chosen: list[int] = []
+        while len(chosen) < nodes * len(BASE_PORTS):
+            chosen.append(unused_port(avoid=set(chosen)))
+        width = len(BASE_PORTS)
+        return [tuple(chosen[index * width:(index + 1) * width]) for index in range(nodes)]
 
     @property
     def urls(self) -> list[str]:

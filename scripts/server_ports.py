@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 #: The lowest port handed out; the range up to the ephemeral one is several thousand ports wide.
@@ -40,7 +41,7 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
-def unused_port(host: str = "127.0.0.1", avoid: frozenset[int] | set[int] = frozenset()) -> int:
+def unused_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
     """A free port below the ephemeral range, chosen at random (two test processes rarely pick the same)."""
     below = ephemeral_start()
     lowest = LOWEST if below > LOWEST + 1000 else 1024
