@@ -761,29 +761,30 @@ def claim_conflicts(log_path: Path) -> int:
 SERVER_PROCESS = {"mariadb": "mariadbd", "postgresql": "postgres"}
 
 
+def _stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """A process's name and the fields of ``/proc/PID/stat`` after it; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            head, tail = stat.read().rsplit(")", 1)
+        return head.split("(", 1)[1], tail.split()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _process_table() -> list[tuple[int, int, str]]:
     """(pid, parent pid, name) of every process, from /proc (empty where there is none)."""
     table = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                head, tail = stat.read().rsplit(")", 1)
-            table.append((int(entry), int(tail.split()[1]), head.split("(", 1)[1]))
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
+        if entry.isdigit() and (stat := _stat(entry)) is not None:
+            name, fields = stat
+            table.append((int(entry), int(fields[1]), name))
     return table
 
 
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads) so far; None once it has exited."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+    stat = _stat(pid)
+    return None if stat is None else (int(stat[1][11]) + int(stat[1][12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_by_pid(pids) -> dict[int, float]:

@@ -26,13 +26,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from server_ports import port_free, unused_port
+from server_ports import port_free, port_open, unused_port
 
 MARIADBD = "/usr/sbin/mariadbd"
 INSTALL_DB = "/usr/bin/mariadb-install-db"
@@ -52,14 +51,6 @@ def missing_packages() -> list[str]:
     """Debian packages the cluster needs that are not installed."""
     wanted = {"mariadb-server": MARIADBD, "galera-4": PROVIDER, "rsync": "/usr/bin/rsync"}
     return [name for name, path in wanted.items() if not os.path.exists(path)]
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
@@ -141,7 +132,7 @@ class Node:
 
     def synced(self, size: int | None = None) -> bool:
         """Ready for application use (and in a cluster of ``size`` nodes)."""
-        if not self.running() or not _port_open(self.port):
+        if not self.running() or not port_open(self.port):
             return False
         try:
             status = self.status("wsrep_ready", "wsrep_local_state_comment", "wsrep_cluster_size")
@@ -161,7 +152,7 @@ class Node:
         if self.running():
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
-        _wait(lambda: not _port_open(self.port), 30, f"{self.name} to stop listening")
+        _wait(lambda: not port_open(self.port), 30, f"{self.name} to stop listening")
 
     def stop(self) -> None:
         if self.running():

@@ -41,6 +41,15 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server accepts connections on ``port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def unused_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
     """A free port below the ephemeral range, chosen at random (two test processes rarely pick the same)."""
     below = ephemeral_start()

@@ -19,27 +19,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from helpers import free_port
+from server_ports import port_open
 
 MARIADBD = "/usr/sbin/mariadbd"
 MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "mqueue_faults"
 START_TIMEOUT = 60.0
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -75,7 +67,7 @@ class PrivateServer:
             os.kill(pid, signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(30)
-        _wait(lambda: not _port_open(self.port), 30, f"{self.backend} to stop listening")
+        _wait(lambda: not port_open(self.port), 30, f"{self.backend} to stop listening")
 
     def server_pid(self) -> int | None:
         return self.proc.pid if self.running() else None
@@ -119,7 +111,7 @@ class PrivateMariaDB(PrivateServer):
                             "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"],
                            check=True, capture_output=True, timeout=120)
         self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: _port_open(self.port) or not self.running(), START_TIMEOUT, "mariadbd to listen")
+        _wait(lambda: port_open(self.port) or not self.running(), START_TIMEOUT, "mariadbd to listen")
         if not self.running():
             raise RuntimeError(f"mariadbd exited at start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
         if fresh:
@@ -135,7 +127,7 @@ class PrivateMariaDB(PrivateServer):
         if self.running():
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
-        _wait(lambda: not _port_open(self.port), 30, "mariadbd to stop listening")
+        _wait(lambda: not port_open(self.port), 30, "mariadbd to stop listening")
 
 
 class PrivatePostgreSQL(PrivateServer):
@@ -204,14 +196,14 @@ class PrivatePostgreSQL(PrivateServer):
                 except ProcessLookupError:
                     pass
             self.proc.wait(30)
-        _wait(lambda: not _port_open(self.port), 30, "postgres to stop listening")
+        _wait(lambda: not port_open(self.port), 30, "postgres to stop listening")
 
     def stop(self) -> None:
         """Clean shutdown (SIGINT is PostgreSQL's "fast" mode: sessions ended, data flushed)."""
         if self.running():
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(60)
-        _wait(lambda: not _port_open(self.port), 30, "postgres to stop listening")
+        _wait(lambda: not port_open(self.port), 30, "postgres to stop listening")
 
 
 def _world_readable_tmp() -> str:
